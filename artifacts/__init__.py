@@ -1,0 +1,1 @@
+"""The bundle contract: manifest schema, writing, loading and verification."""

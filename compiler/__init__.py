@@ -1,0 +1,1 @@
+"""Compiler: model.yaml schema, checkpoint import, the model IR, the build pipeline, emitters."""

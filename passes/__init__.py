@@ -1,0 +1,1 @@
+"""Compiler passes, one per file (quantization, paged attention, speculative pairing...)."""

@@ -1,0 +1,1 @@
+"""Serving runtime: engines, KV pool, block manager, scheduler, sampler, LLM API."""
