@@ -1,0 +1,124 @@
+"""Emit the onnxruntime engine: one step graph implementing the engine step contract.
+
+Inputs  input_ids int64 [T], positions int64 [T], block_tables int32 [S, M], context_lens int32 [S],
+        query_start int32 [S+1], logits_index int64 [N], key_pool_{i}/value_pool_{i} [NB, B, KVH, D]
+Outputs logits float32 [N, vocab], new_keys/new_values [layers, T, KVH, D] (the runtime writes
+        them into its pools at slot_mapping: onnxruntime cannot update an input in place).
+Weights are stored as external data next to the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from llmc.compiler import onnx_paged_attention as pa
+from llmc.compiler.model import LlamaModel
+from llmc.compiler.onnx_builder import GraphBuilder
+
+log = logging.getLogger(__name__)
+
+OPSET = 21
+GRAPH_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().contiguous().numpy()
+
+
+def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
+    # The Pow/ReduceMean/Add/Sqrt/Div/Mul pattern that onnxruntime fuses into SimplifiedLayerNormalization.
+    mean_sq = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, np.float32)), g.const([-1]), keepdims=1)
+    denom = g.op("Sqrt", g.op("Add", mean_sq, g.const(eps, np.float32)))
+    return g.op("Mul", g.op("Div", x, denom), weight)
+
+
+def _linear(g: GraphBuilder, x: str, name: str, linear: torch.nn.Linear) -> str:
+    # Gemm with transB keeps the [out, in] weight as stored: no transposed copy.
+    inputs = [x, g.weight(f"{name}.weight", _np(linear.weight))]
+    if linear.bias is not None:
+        inputs.append(g.weight(f"{name}.bias", _np(linear.bias)))
+    return g.op("Gemm", *inputs, transB=1)
+
+
+def _rope(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
+    lo, hi = g.op("Split", x, g.const([half, half]), axis=-1, outputs=2)
+    rotated = g.op("Concat", g.op("Neg", hi), lo, axis=-1)
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))  # [T, H, D]
+
+
+def build_graph(model: LlamaModel) -> onnx.ModelProto:
+    """Translate llmc's torch model into the step graph (weights inline; saved as external data)."""
+    geo = model.geo
+    g = GraphBuilder()
+    embed = g.weight("embed.weight", _np(model.embed.weight))
+    cos_table = g.weight("rope.cos", _np(model.rope_cos))
+    sin_table = g.weight("rope.sin", _np(model.rope_sin))
+    one = g.const([1])
+    x = g.op("Gather", embed, "input_ids", axis=0)  # [T, hidden]
+    cos = g.op("Unsqueeze", g.op("Gather", cos_table, "positions", axis=0), one)  # [T, 1, D]
+    sin = g.op("Unsqueeze", g.op("Gather", sin_table, "positions", axis=0), one)
+    q_shape = g.const([0, geo.num_heads, geo.head_dim])
+    kv_shape = g.const([0, geo.num_kv_heads, geo.head_dim])
+    new_keys, new_values = [], []
+    for i, layer in enumerate(model.layers):
+        p = f"layers.{i}"
+        h = _rms_norm(g, x, g.weight(f"{p}.attn_norm", _np(layer.attn_norm)), geo.rms_norm_eps)
+        q = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.q_proj", layer.q_proj), q_shape), cos, sin, geo.head_dim // 2)
+        k = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.k_proj", layer.k_proj), kv_shape), cos, sin, geo.head_dim // 2)
+        v = g.op("Reshape", _linear(g, h, f"{p}.v_proj", layer.v_proj), kv_shape)  # [T, KVH, D]
+        attn = g.op(pa.OP_TYPE, q, k, v, f"key_pool_{i}", f"value_pool_{i}", "block_tables", "context_lens",
+                    "query_start", "positions", domain=pa.DOMAIN, name=f"{p}.paged_attention",
+                    scale=float(geo.head_dim ** -0.5))
+        x = g.op("Add", x, _linear(g, attn, f"{p}.o_proj", layer.o_proj))
+        h = _rms_norm(g, x, g.weight(f"{p}.mlp_norm", _np(layer.mlp_norm)), geo.rms_norm_eps)
+        gate = _linear(g, h, f"{p}.gate_proj", layer.gate_proj)
+        mlp = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), _linear(g, h, f"{p}.up_proj", layer.up_proj))
+        x = g.op("Add", x, _linear(g, mlp, f"{p}.down_proj", layer.down_proj))
+        new_keys.append(g.op("Unsqueeze", k, g.const([0])))
+        new_values.append(g.op("Unsqueeze", v, g.const([0])))
+    h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
+    head = embed if model.lm_head is None else g.weight("lm_head.weight", _np(model.lm_head.weight))
+    g.op_to("Gemm", [h, head], "logits", transB=1)
+    g.op_to("Concat", new_keys, "new_keys", axis=0)
+    g.op_to("Concat", new_values, "new_values", axis=0)
+
+    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    pool_shape = ["num_blocks", "block_size", geo.num_kv_heads, geo.head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["T"]),
+              helper.make_tensor_value_info("positions", i64, ["T"]),
+              helper.make_tensor_value_info("block_tables", i32, ["S", "M"]),
+              helper.make_tensor_value_info("context_lens", i32, ["S"]),
+              helper.make_tensor_value_info("query_start", i32, ["S_plus_1"]),
+              helper.make_tensor_value_info("logits_index", i64, ["N"])]
+    for i in range(geo.num_layers):
+        inputs.append(helper.make_tensor_value_info(f"key_pool_{i}", f32, pool_shape))
+        inputs.append(helper.make_tensor_value_info(f"value_pool_{i}", f32, pool_shape))
+    kv_out = [geo.num_layers, "T", geo.num_kv_heads, geo.head_dim]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["N", geo.vocab_size]),
+               helper.make_tensor_value_info("new_keys", f32, kv_out),
+               helper.make_tensor_value_info("new_values", f32, kv_out)]
+    graph = helper.make_graph(g.nodes, "llmc_step", inputs, outputs, g.initializers)
+    return helper.make_model(
+        graph, functions=[pa.build_function()], producer_name="llmc",
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(pa.DOMAIN, 1)])
+
+
+def emit_onnx(model: LlamaModel, out_dir: Path) -> dict:
+    """Write model.onnx + model.onnx.data into out_dir; return the engine's manifest entry."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("building the ONNX step graph (%d layers)", model.geo.num_layers)
+    proto = build_graph(model)
+    log.info("writing %s with external weights", out_dir / GRAPH_FILE)
+    onnx.save_model(proto, str(out_dir / GRAPH_FILE), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
+    onnx.checker.check_model(str(out_dir / GRAPH_FILE))
+    return {"format": "onnx", "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
+            "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "kv_update": "returned",
+            "outputs": ["logits", "new_keys", "new_values"]}

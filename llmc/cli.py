@@ -1,0 +1,159 @@
+"""The `llmc` command line. Thin: parse options, call the library, print results.
+
+Build-side modules (torch, transformers, onnx) are imported inside the commands that need
+them, so `llmc run` / `llmc inspect` stay on the light serving path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from llmc import __version__
+from llmc.errors import LlmcError
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(level=level, format="[llmc] %(message)s", stream=sys.stderr)
+
+
+def _human(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if num_bytes < 1024 or unit == "TiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
+        num_bytes /= 1024
+    return ""
+
+
+@click.group()
+@click.version_option(__version__, prog_name="llmc")
+def cli() -> None:
+    """llmc: compile a Hugging Face checkpoint into a verified bundle, then serve it."""
+
+
+@cli.command()
+@click.argument("model_yaml", type=click.Path(path_type=Path))
+@click.option("-q", "--quiet", is_flag=True, help="Only print the bundle path.")
+def build(model_yaml: Path, quiet: bool) -> None:
+    """Build a bundle from MODEL_YAML (import, passes, engines, manifest)."""
+    _setup_logging(0 if quiet else 1)
+    from llmc.compiler.pipeline import build as run_build
+    from llmc.compiler.spec import load_spec
+
+    start = time.perf_counter()
+    out = run_build(load_spec(model_yaml))
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    if quiet:
+        click.echo(str(out))
+    else:
+        click.echo(f"built {out} ({_human(size)}) in {time.perf_counter() - start:.1f}s")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+def inspect(bundle: Path, as_json: bool) -> None:
+    """Show what is inside BUNDLE and verify every file's checksum."""
+    from llmc.artifacts.bundle import load_bundle
+
+    loaded = load_bundle(bundle, verify=True)
+    m = loaded.manifest
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    geo = m["model"]
+    kv = m["kv_cache"]
+    click.echo(f"bundle    {loaded.path}")
+    click.echo(f"name      {m['name']}  (llmc {m['llmc_version']}, schema {m['schema_version']}, {m['created_at']})")
+    for f in m["source"]["files"]:
+        click.echo(f"source    {m['source']['kind']}: {f['name']}  sha256 {f['sha256'][:16]}…  {_human(f['size'])}")
+    click.echo(f"model     {geo['architecture']}: {geo['num_layers']} layers, hidden {geo['hidden_size']}, "
+               f"{geo['num_heads']} heads / {geo['num_kv_heads']} KV heads x {geo['head_dim']}, "
+               f"vocab {geo['vocab_size']}, context {geo['max_position']}")
+    click.echo(f"kv cache  block {kv['block_size']} tokens, {kv['dtype']}, {kv['bytes_per_token']:,} bytes/token")
+    for target, engine in m["engines"].items():
+        click.echo(f"engine    {target}: {engine['dir']}/{engine['graph']} (attention op {engine['attention_op']})")
+    click.echo(f"passes    {', '.join(p['name'] for p in m['passes']) or 'none'}")
+    click.echo("timings   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
+    total = sum(f["size"] for f in m["files"].values())
+    for rel, meta in m["files"].items():
+        click.echo(f"  {meta['sha256'][:12]}  {_human(meta['size']):>10}  {rel}")
+    click.echo(f"verified  {len(m['files'])} files, {_human(total)}: all sha256 checksums match")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", required=True, help="The prompt (or the user message with --chat).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the bundle's chat template.")
+@click.option("--system", default=None, help="System message (with --chat).")
+@click.option("--max-tokens", default=128, show_default=True, type=int)
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int)
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=None, type=int)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--kv-cache-memory", default="256MiB", show_default=True, help="KV-cache pool size.")
+@click.option("-v", "--verbose", count=True)
+def run(bundle: Path, prompt: str, chat: bool, system: str | None, max_tokens: int, temperature: float,
+        top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], kv_cache_memory: str,
+        verbose: int) -> None:
+    """Generate from BUNDLE, streaming tokens to the terminal."""
+    _setup_logging(verbose)
+    from llmc.runtime.llm import LLM
+    from llmc.runtime.sequence import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop=stop)
+    llm = LLM(bundle, kv_cache_memory=kv_cache_memory, max_num_seqs=1)
+    if chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompt = llm.tokenizer.apply_chat_template(messages)
+    for chunk in llm.stream(prompt, params):
+        click.echo(chunk.text, nl=False)
+        sys.stdout.flush()
+    click.echo()
+
+
+@cli.command("kv-size")
+@click.argument("target", required=False, type=click.Path(path_type=Path))
+@click.option("--layers", type=int, help="Number of layers (explicit geometry).")
+@click.option("--heads", type=int, help="Query heads (explicit geometry; informative).")
+@click.option("--kv-heads", type=int, help="KV heads (= heads for multi-head attention).")
+@click.option("--head-dim", type=int, help="Head dimension.")
+@click.option("--dtype", default=None, help="KV dtype: fp16, bf16, fp32, fp8, int8 (default: the target's, else fp16).")
+@click.option("--context", type=int, help="Tokens per request (default: the model's context, else 4096).")
+@click.option("--batch", default=1, show_default=True, type=int, help="Concurrent requests.")
+@click.option("--block-size", type=int, help="Round each request up to whole KV blocks.")
+def kv_size(target: Path | None, layers, heads, kv_heads, head_dim, dtype, context, batch, block_size) -> None:
+    """KV-cache bytes per token, per request and per batch, for TARGET or explicit geometry.
+
+    TARGET is a model.yaml, a bundle directory, an HF config.json or checkpoint directory.
+    """
+    from llmc.runtime.kv_report import kv_report, resolve_geometry
+
+    geo = resolve_geometry(target, layers, heads, kv_heads, head_dim, dtype, context, block_size)
+    click.echo(kv_report(geo, batch))
+
+
+def main() -> None:
+    """Console entry point: user errors print one paragraph and exit non-zero, no traceback."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except LlmcError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

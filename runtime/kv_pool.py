@@ -1,0 +1,58 @@
+"""The KV-cache pools: allocated once from a memory budget, owned by the runtime."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from llmc.artifacts.geometry import ModelGeometry, kv_bytes_per_token
+from llmc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+         "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def parse_bytes(text: str | int) -> int:
+    """'2GiB', '512MiB', '1e9' or an int -> bytes."""
+    if isinstance(text, int):
+        return text
+    raw = str(text).strip().lower()
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number):].strip()
+    try:
+        return int(float(number) * UNITS[unit])
+    except (ValueError, KeyError):
+        raise ConfigError(f"cannot read memory size {text!r}; use e.g. 512MiB or 2GiB") from None
+
+
+class KVPool:
+    """Per-layer K and V pools, [layers, num_blocks, block_size, kv_heads, head_dim] float32."""
+
+    def __init__(self, geo: ModelGeometry, num_blocks: int, block_size: int):
+        shape = (geo.num_layers, num_blocks, block_size, geo.num_kv_heads, geo.head_dim)
+        self.keys = np.zeros(shape, dtype=np.float32)
+        self.values = np.zeros(shape, dtype=np.float32)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        # Flat views [layers, num_blocks * block_size, kv_heads, head_dim] for slot writes.
+        self._flat_keys = self.keys.reshape(geo.num_layers, num_blocks * block_size, *shape[3:])
+        self._flat_values = self.values.reshape(geo.num_layers, num_blocks * block_size, *shape[3:])
+
+    @classmethod
+    def from_budget(cls, geo: ModelGeometry, block_size: int, budget_bytes: int) -> "KVPool":
+        """As many blocks as fit in budget_bytes (same formula as `llmc kv-size`)."""
+        per_block = kv_bytes_per_token(geo.num_layers, geo.num_kv_heads, geo.head_dim, "float32") * block_size
+        num_blocks = budget_bytes // per_block
+        if num_blocks < 1:
+            raise ConfigError(f"KV-cache budget {budget_bytes} bytes holds no block of {block_size} tokens "
+                              f"({per_block} bytes); raise --kv-cache-memory")
+        log.info("KV cache: %d blocks x %d tokens = %d tokens in %.1f MiB", num_blocks, block_size,
+                 num_blocks * block_size, num_blocks * per_block / (1 << 20))
+        return cls(geo, int(num_blocks), block_size)
+
+    def write(self, new_keys: np.ndarray, new_values: np.ndarray, slot_mapping: np.ndarray) -> None:
+        """Scatter new K/V [layers, T, kv_heads, head_dim] into their slots, in place."""
+        self._flat_keys[:, slot_mapping] = new_keys
+        self._flat_values[:, slot_mapping] = new_values

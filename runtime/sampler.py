@@ -1,0 +1,44 @@
+"""Token selection from logits: greedy, temperature, top-k, top-p; seeded per request."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmc.runtime.sequence import SamplingParams
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax over the last axis (float64)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution sampled from [vocab]: temperature, then top-k, then top-p (nucleus)."""
+    probs = np.exp(log_softmax(logits / params.temperature))
+    if 0 < params.top_k < probs.shape[-1]:
+        kth = np.partition(probs, -params.top_k)[-params.top_k]
+        probs = np.where(probs >= kth, probs, 0.0)
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order]) / probs.sum()
+        keep = cumulative - probs[order] / probs.sum() < params.top_p  # mass before this token < top_p
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+    return probs / probs.sum()
+
+
+def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Pick one token id from logits [vocab]."""
+    if params.temperature == 0.0:
+        return int(np.argmax(logits))
+    probs = filtered_probs(logits, params)
+    return int(rng.choice(probs.shape[-1], p=probs))
+
+
+def top_logprobs(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens and their log-probabilities, best first."""
+    logp = log_softmax(logits)
+    ids = np.argsort(-logp, kind="stable")[:k]
+    return [(int(i), float(logp[i])) for i in ids]

@@ -1,0 +1,120 @@
+"""Iteration-level scheduling: every step re-picks which sequences run and how many tokens each.
+
+No prefill phase and no decode phase: each running sequence's computed tokens catch up with
+its tokens, decodes first and prefill chunks after, within a token budget and a sequence cap.
+When the pool runs dry, the most recently admitted sequence is preempted (recompute).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from llmc.runtime.block_manager import BlockManager
+from llmc.runtime.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    """One sequence's share of a step: tokens [start, start + num_new_tokens)."""
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """Whether this chunk reaches the sequence's last token (so it needs logits)."""
+        return self.start + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What one step runs."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    out_of_memory: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """Total new tokens in the step."""
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """FCFS admission, decode-first steps, chunked prefill, preemption by recompute."""
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (validated by the caller)."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        """Whether any sequence is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark seq finished, remove it from the queues and free its blocks."""
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.deallocate(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
+        """Allocate blocks for seq, preempting the newest other sequences if needed."""
+        while not self.block_manager.allocate(seq, num_tokens):
+            victims = [s for s in self.running if s is not seq]
+            if not victims:
+                return False
+            victim = max(victims, key=lambda s: s.arrival)
+            out.scheduled = [s for s in out.scheduled if s.seq is not victim]
+            self._preempt(victim)
+            out.preempted.append(victim)
+        return True
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decoding + prefilling:
+            if seq not in self.running or budget == 0:
+                continue  # preempted by an earlier sequence of this step, or no budget left
+            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._grow(seq, seq.num_computed_tokens + want, out):
+                out.out_of_memory.append(seq)  # alone and still does not fit: the caller ends it
+                continue
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want))
+            budget -= want
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.block_manager.allocate(seq, seq.num_computed_tokens + want):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want))
+            budget -= want
+        return out

@@ -1,0 +1,69 @@
+"""The serving-side tokenizer: `tokenizers` for text <-> ids, jinja2 for the chat template."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from llmc.artifacts.bundle import Bundle
+from llmc.errors import RequestError
+
+
+def _raise(message: str):
+    raise RequestError(f"chat template: {message}")
+
+
+class BundleTokenizer:
+    """Encode, decode incrementally, and render the bundle's chat template."""
+
+    def __init__(self, bundle: Bundle):
+        meta = bundle.manifest["tokenizer"]
+        self._tok = Tokenizer.from_file(str(bundle.tokenizer_dir / "tokenizer.json"))
+        self.eos_token_ids: list[int] = list(meta.get("eos_token_ids") or [])
+        self._meta = meta
+        self._template = None
+        if meta.get("chat_template"):
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            self._template = env.from_string(meta["chat_template"])
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, with the tokenizer's own special-token rules."""
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids."""
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether the bundle ships a chat template."""
+        return self._template is not None
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render messages [{role, content}] into the prompt text the model was trained on."""
+        if self._template is None:
+            raise RequestError("this bundle has no chat template; send a plain prompt instead")
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self._meta.get("bos_token") or "",
+                                     eos_token=self._meta.get("eos_token") or "")
+
+
+@dataclass(slots=True)
+class IncrementalDetokenizer:
+    """Turns a growing list of ids into text deltas without re-emitting or splitting characters."""
+
+    tokenizer: BundleTokenizer
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def step(self, ids: list[int]) -> str:
+        """New text since the last call (empty while a multi-byte character is incomplete)."""
+        prefix = self.tokenizer.decode(ids[self.prefix_offset:self.read_offset])
+        full = self.tokenizer.decode(ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+            return full[len(prefix):]
+        return ""
