@@ -34,12 +34,12 @@ def _stage(timings: dict, index: int, name: str):
 
 def build(spec: BuildSpec) -> Path:
     """Run the whole build; returns the bundle directory."""
+    source = spec.source_path()  # a missing checkpoint fails before anything is written
     final = spec.output_dir()
     staging = bundle_io.staging_dir(final)
     timings: dict[str, float] = {}
     try:
         with _stage(timings, 1, "import"):
-            source = spec.source_path()
             ir = import_checkpoint(source, spec.max_context, spec.allow_pickle, work_dir=staging)
         with _stage(timings, 2, "passes"):
             passes: list[dict] = []  # quantization, speculative pairing: later passes plug in here

@@ -25,7 +25,7 @@ class _Strict(BaseModel):
 class KVCacheSpec(_Strict):
     """Paged KV-cache layout baked into the engines."""
 
-    block_size: Literal[8, 16, 32, 64, 128] = 16
+    block_size: Literal[1, 2, 4, 8, 16, 32, 64, 128] = 16
     dtype: Literal["float32", "float16"] = "float32"
 
     @field_validator("dtype")

@@ -1,0 +1,94 @@
+"""The bundle contract: complete manifest, verified checksums, atomic writes, clear refusals."""
+
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from llmc.artifacts.bundle import MANIFEST, MANIFEST_CHECKSUM, SCHEMA_VERSION, load_bundle
+from llmc.errors import BundleError
+from tests.helpers import write_yaml
+
+
+def _copy(bundle, tmp_path, name="copy"):
+    return shutil.copytree(bundle, tmp_path / name)
+
+
+def test_manifest_contents(tiny_bundle):
+    m = load_bundle(tiny_bundle).manifest
+    assert m["schema_version"] == SCHEMA_VERSION and m["llmc_version"]
+    assert m["source"]["kind"] == "hf" and all(len(f["sha256"]) == 64 for f in m["source"]["files"])
+    assert m["model"]["num_layers"] == 2 and m["model"]["num_kv_heads"] == 2
+    assert m["kv_cache"]["block_size"] == 4
+    assert m["kv_cache"]["bytes_per_token"] == 2 * 2 * 2 * 16 * 4
+    assert "engines/onnxruntime/model.onnx" in m["files"] and "tokenizer/tokenizer.json" in m["files"]
+    assert set(m["timings_s"]) >= {"import", "passes", "emit"}
+    on_disk = {p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file()}
+    assert on_disk - {MANIFEST, MANIFEST_CHECKSUM} == set(m["files"])
+
+
+def _all_files(bundle):
+    return sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+
+
+def test_every_file_tamper_detected_and_named(tiny_bundle, tmp_path):
+    for rel in _all_files(tiny_bundle):
+        copy = _copy(tiny_bundle, tmp_path, rel.replace("/", "_"))
+        path = copy / rel
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01  # flip one bit of one byte
+        path.write_bytes(bytes(data))
+        with pytest.raises(BundleError) as err:
+            load_bundle(copy)
+        named = MANIFEST if rel == MANIFEST_CHECKSUM else rel
+        assert named in str(err.value), (rel, str(err.value))
+
+
+def test_truncated_and_missing_files(tiny_bundle, tmp_path):
+    copy = _copy(tiny_bundle, tmp_path)
+    data_file = copy / "engines/onnxruntime/model.onnx.data"
+    data_file.write_bytes(data_file.read_bytes()[:-10])
+    with pytest.raises(BundleError, match="model.onnx.data is truncated"):
+        load_bundle(copy)
+    data_file.unlink()
+    with pytest.raises(BundleError, match="model.onnx.data is missing"):
+        load_bundle(copy)
+
+
+def test_newer_schema_refused(tiny_bundle, tmp_path):
+    copy = _copy(tiny_bundle, tmp_path)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["schema_version"] = SCHEMA_VERSION + 1
+    body = json.dumps(manifest).encode()
+    (copy / MANIFEST).write_bytes(body)
+    (copy / MANIFEST_CHECKSUM).write_text(hashlib.sha256(body).hexdigest())
+    with pytest.raises(BundleError, match=f"schema version {SCHEMA_VERSION + 1}.*Upgrade llmc"):
+        load_bundle(copy)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="no such bundle"):
+        load_bundle(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="not a bundle"):
+        load_bundle(tmp_path / "empty")
+
+
+def test_crashed_build_leaves_no_bundle_and_keeps_the_old_one(tiny_checkpoint, tmp_path, monkeypatch):
+    from llmc.compiler import pipeline
+    from llmc.compiler.spec import load_spec
+
+    spec = load_spec(write_yaml(tmp_path / "model.yaml", name="b", source=str(tiny_checkpoint), output="out"))
+    good = pipeline.build(spec)
+    before = (good / MANIFEST).read_bytes()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash while emitting")
+
+    monkeypatch.setattr(pipeline, "emit_onnx", crash)
+    with pytest.raises(RuntimeError):
+        pipeline.build(spec)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b"]  # no staging leftovers
+    assert (good / MANIFEST).read_bytes() == before
+    load_bundle(good)

@@ -1,0 +1,79 @@
+"""model.yaml validation: every error names the field path and what is allowed."""
+
+import pytest
+
+from llmc.compiler.spec import load_spec, parse_spec
+from llmc.errors import ConfigError
+from tests.helpers import write_yaml
+
+
+def _parse(tmp_path, **fields):
+    return parse_spec(fields, tmp_path)
+
+
+def test_valid_spec_defaults(tmp_path, tiny_checkpoint):
+    spec = _parse(tmp_path, name="m", source=str(tiny_checkpoint))
+    assert spec.kv_cache.block_size == 16 and spec.targets == ["onnxruntime"] and spec.dtype == "float32"
+    assert spec.source_path() == tiny_checkpoint.resolve()
+    assert spec.output_dir() == (tmp_path / "out" / "m").resolve()
+
+
+def test_unknown_key_names_path_and_allowed(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _parse(tmp_path, name="m", source="x", kv_cache={"block_size": 16, "blok": 1})
+    msg = str(err.value)
+    assert "kv_cache.blok" in msg and "unknown key" in msg and "block_size" in msg and "dtype" in msg
+
+
+def test_wrong_type_and_literal(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _parse(tmp_path, name="m", source="x", kv_cache={"block_size": 17})
+    assert "kv_cache.block_size" in str(err.value) and "16" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        _parse(tmp_path, name="m", source="x", max_context="long")
+    assert "max_context" in str(err.value)
+
+
+def test_missing_source(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _parse(tmp_path, name="m")
+    assert "source: required field is missing" in str(err.value)
+
+
+@pytest.mark.parametrize("field,value", [("quantization", {"method": "awq"}), ("speculative", {"num_tokens": 4}),
+                                         ("targets", ["tensorrt"]), ("dtype", "float16")])
+def test_later_features_refused_as_not_supported_yet(tmp_path, field, value):
+    with pytest.raises(ConfigError) as err:
+        _parse(tmp_path, name="m", source="x", **{field: value})
+    assert field in str(err.value) and "not supported yet" in str(err.value)
+
+
+def test_missing_source_file(tmp_path):
+    spec = _parse(tmp_path, name="m", source="nowhere/model.gguf")
+    with pytest.raises(ConfigError, match="does not exist"):
+        spec.source_path()
+
+
+def test_missing_pypi_package(tmp_path):
+    spec = _parse(tmp_path, name="m", source="pypi:no-such-llmc-model-package")
+    with pytest.raises(ConfigError, match="not installed"):
+        spec.source_path()
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_spec(tmp_path / "absent.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_spec(tmp_path / "list.yaml")
+
+
+def test_relative_source_resolves_against_yaml(tmp_path, tiny_checkpoint):
+    import shutil
+
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    spec = load_spec(write_yaml(tmp_path / "model.yaml", name="m", source="ckpt"))
+    assert spec.source_path() == (tmp_path / "ckpt").resolve()

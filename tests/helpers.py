@@ -1,0 +1,88 @@
+"""Test helpers: tiny random Llama-family checkpoints with a real (tiny) tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TEXT = ("The capital of France is Paris. The capital of Italy is Rome. Paged attention keeps the KV cache "
+        "in fixed-size blocks. Continuous batching lets new requests join between steps. ") * 20
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tiny_tokenizer(directory: Path, vocab_size: int = 320) -> int:
+    """Train a byte-level BPE on a fixed text; returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|endoftext|>", "bos_token": None, "chat_template": CHAT_TEMPLATE}))
+    return tok.get_vocab_size()
+
+
+def write_tiny_checkpoint(directory: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A random HF checkpoint (config.json + safetensors + tokenizer) of a tiny Llama-family model."""
+    import torch
+    import transformers
+
+    vocab = write_tiny_tokenizer(directory)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=0)
+    common.update(overrides)
+    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+              "mistral": transformers.MistralConfig}[arch](**common)
+    torch.manual_seed(seed)
+    model = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+             "mistral": transformers.MistralForCausalLM}[arch](config)
+    with torch.no_grad():  # larger weights than the default init, so logits are far from uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif "bias" in str(p):
+                p.normal_(0, 0.02)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def write_yaml(path: Path, **fields) -> Path:
+    """A model.yaml from keyword fields."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token, or None when one is a prefix of the other."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None
+
+
+def assert_same_or_near_tie(tokens: list[int], ref_tokens: list[int], ref_logprobs, tol: float = 1e-3) -> None:
+    """Token-for-token equality, except a divergence where the reference's top-2 logits are < tol apart."""
+    i = first_divergence(tokens, ref_tokens)
+    if i is None:
+        assert len(tokens) == len(ref_tokens), f"{len(tokens)} tokens vs {len(ref_tokens)}"
+        return
+    (_, lp1), (_, lp2) = ref_logprobs[i][:2]
+    gap = lp1 - lp2
+    assert gap < tol, f"outputs diverge at token {i} where the top-2 logit gap is {gap:.2e} (not a near-tie)"
+
+
+def top2_gap(logits: np.ndarray) -> float:
+    """Difference between the two largest values of a 1-D array."""
+    top = np.sort(logits)[-2:]
+    return float(top[1] - top[0])

@@ -1,0 +1,121 @@
+"""The runtime end to end on a tiny bundle: batching, preemption, streaming, stop rules, errors."""
+
+import numpy as np
+import pytest
+
+from llmc.errors import RequestError
+from llmc.runtime.llm import LLM
+from llmc.runtime.sequence import SamplingParams
+from tests.helpers import assert_same_or_near_tie
+
+BYTES_PER_BLOCK = 2 * 2 * 2 * 16 * 4 * 4  # K and V x layers x kv heads x head dim x fp32 x block of 4
+
+
+def _prompts(vocab, n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab, size=int(length)).tolist() for length in rng.integers(2, 40, size=n)]
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_bundle):
+    """Each prompt generated on its own (greedy), with top-2 logprobs for the near-tie check."""
+    llm = LLM(tiny_bundle, kv_cache_memory="1MiB", max_num_seqs=1)
+    params = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=2)
+    prompts = _prompts(llm.geometry.vocab_size)
+    return prompts, [llm.generate([p], params)[0] for p in prompts]
+
+
+def _check_same(outputs, reference):
+    for out, ref in zip(outputs, reference):
+        assert_same_or_near_tie(out.token_ids, ref.token_ids, ref.logprobs)
+
+
+def test_continuous_batching_equals_alone(tiny_bundle, alone):
+    prompts, reference = alone
+    llm = LLM(tiny_bundle, kv_cache_memory="1MiB", max_num_seqs=8, max_num_batched_tokens=32)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
+    _check_same(outputs, reference)
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_staggered_arrivals_join_between_steps(tiny_bundle, alone):
+    prompts, reference = alone
+    llm = LLM(tiny_bundle, kv_cache_memory="1MiB", max_num_batched_tokens=16)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    seqs = []
+    for prompt in prompts:  # a new request arrives every two steps while others decode
+        seqs.append(llm.add_request(prompt, params))
+        llm.step()
+        llm.step()
+    while any(not s.is_finished for s in seqs):
+        llm.step()
+    for seq, ref in zip(seqs, reference):
+        assert_same_or_near_tie(seq.output_ids, ref.token_ids, ref.logprobs)
+
+
+def test_preemption_under_a_tiny_pool(tiny_bundle, alone):
+    prompts, reference = alone
+    llm = LLM(tiny_bundle, kv_cache_memory=20 * BYTES_PER_BLOCK, max_num_batched_tokens=32)
+    assert llm.pool.num_blocks == 20
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
+    assert llm.scheduler.num_preemptions > 0
+    _check_same(outputs, reference)
+    assert llm.block_manager.num_free_blocks == 20 and sum(llm.block_manager.ref_counts) == 0
+
+
+def test_stream_concatenates_to_generate(tiny_bundle):
+    llm = LLM(tiny_bundle)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    full = llm.generate(["The capital of"], params)[0]
+    chunks = list(llm.stream("The capital of", params))
+    assert "".join(c.text for c in chunks) == full.text
+    assert chunks[-1].finished and chunks[-1].finish_reason == "length"
+    assert chunks[-1].token_ids == full.token_ids
+
+
+def test_stop_string_truncates_and_is_not_streamed(tiny_bundle):
+    llm = LLM(tiny_bundle)
+    base = llm.generate(["Paged"], SamplingParams(max_tokens=30, ignore_eos=True))[0].text
+    assert len(base) > 6
+    stop = base[3:6]
+    out = llm.generate(["Paged"], SamplingParams(max_tokens=30, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == base[: base.find(stop)]
+    streamed = "".join(c.text for c in llm.stream("Paged", SamplingParams(max_tokens=30, ignore_eos=True, stop=[stop])))
+    assert streamed == out.text
+
+
+def test_stop_token_and_max_tokens(tiny_bundle):
+    llm = LLM(tiny_bundle)
+    out = llm.generate(["Paged"], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    stop_id = out.token_ids[2]
+    out2 = llm.generate(["Paged"], SamplingParams(max_tokens=5, ignore_eos=True, stop_token_ids=[stop_id]))[0]
+    assert out2.token_ids == out.token_ids[: out.token_ids.index(stop_id) + 1] and out2.finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(tiny_bundle):
+    llm = LLM(tiny_bundle)
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=7, ignore_eos=True)
+    a, b = llm.generate(["The", "The"], [params, params])
+    c = llm.generate(["The"], SamplingParams(max_tokens=20, temperature=1.0, seed=8, ignore_eos=True))[0]
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_chat_template(tiny_bundle):
+    llm = LLM(tiny_bundle)
+    text = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_bad_requests(tiny_bundle):
+    llm = LLM(tiny_bundle, kv_cache_memory=4 * BYTES_PER_BLOCK)
+    with pytest.raises(RequestError, match="context is 512"):
+        llm.add_request([5] * 600)
+    with pytest.raises(RequestError, match="KV cache holds only 16"):
+        llm.add_request([5] * 40)
+    with pytest.raises(RequestError, match="empty"):
+        llm.add_request("")
+    with pytest.raises(RequestError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(RequestError, match="temperature"):
+        SamplingParams(temperature=-1)

@@ -1,0 +1,45 @@
+"""Sampler filters against direct numpy definitions."""
+
+import numpy as np
+
+from llmc.runtime.sampler import filtered_probs, sample_token, top_logprobs
+from llmc.runtime.sequence import SamplingParams
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def test_greedy_is_argmax():
+    logits = np.random.default_rng(0).normal(size=50).astype(np.float32)
+    assert sample_token(logits, SamplingParams(), np.random.default_rng()) == int(np.argmax(logits))
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = np.random.default_rng(1).normal(size=100)
+    probs = filtered_probs(logits, SamplingParams(temperature=0.7, top_k=5))
+    assert set(np.flatnonzero(probs)) == set(np.argsort(logits)[-5:])
+    expected = _softmax(logits / 0.7)[np.argsort(logits)[-5:]]
+    np.testing.assert_allclose(np.sort(probs[probs > 0]), np.sort(expected / expected.sum()), rtol=1e-9)
+
+
+def test_top_p_smallest_set_reaching_p():
+    probs_in = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
+    probs = filtered_probs(np.log(probs_in), SamplingParams(temperature=1.0, top_p=0.8))
+    assert np.flatnonzero(probs).tolist() == [0, 1, 2]  # 0.5 + 0.2 < 0.8 <= 0.85
+    np.testing.assert_allclose(probs[:3], probs_in[:3] / 0.85)
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    probs_in = np.array([0.6, 0.3, 0.1])
+    rng = np.random.default_rng(3)
+    draws = [sample_token(np.log(probs_in), SamplingParams(temperature=1.0), rng) for _ in range(6000)]
+    freq = np.bincount(draws, minlength=3) / len(draws)
+    assert np.abs(freq - probs_in).max() < 0.03  # ~5 standard errors at n=6000
+
+
+def test_top_logprobs():
+    logits = np.array([1.0, 3.0, 2.0])
+    (i1, lp1), (i2, lp2) = top_logprobs(logits, 2)
+    assert (i1, i2) == (1, 2) and abs((lp1 - lp2) - 1.0) < 1e-12
