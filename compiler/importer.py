@@ -5,7 +5,6 @@ No remote code, and no pickle unless the user opts in (`allow_pickle: true`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from llmc.artifacts.bundle import sha256_file
 from llmc.artifacts.geometry import ModelGeometry
 from llmc.compiler.hf_config import geometry_from_config
 from llmc.compiler.model import LlamaModel
@@ -46,15 +46,6 @@ class ModelIR:
     source_kind: str  # "hf" or "gguf"
     source_files: list[SourceFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hf_name_to_llmc(name: str) -> str | None:

@@ -139,9 +139,17 @@ class LLM:
         per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise RequestError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts")
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
-        while any(not s.is_finished for s in seqs):
-            self.step()
+        seqs: list[Sequence] = []
+        try:
+            for prompt, sp in zip(prompts, per_prompt):
+                seqs.append(self.add_request(prompt, sp))
+            while any(not s.is_finished for s in seqs):
+                self.step()
+        except BaseException:
+            for seq in seqs:  # a refused prompt (or Ctrl-C) leaves nothing queued behind
+                self.abort(seq)
+                self._release(seq)
+            raise
         outputs = [self._output(s) for s in seqs]
         for seq in seqs:
             self._release(seq)

@@ -44,7 +44,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Sequence:
     """One request's token stream; computed tokens catch up with the tokens (vLLM v1)."""
 

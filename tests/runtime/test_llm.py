@@ -119,3 +119,22 @@ def test_bad_requests(tiny_bundle):
         SamplingParams(top_p=0)
     with pytest.raises(RequestError, match="temperature"):
         SamplingParams(temperature=-1)
+
+
+def test_refused_prompt_leaves_nothing_queued(tiny_bundle):
+    llm = LLM(tiny_bundle)
+    with pytest.raises(RequestError, match="context is 512"):
+        llm.generate([[5] * 10, [5] * 600])
+    assert not llm.scheduler.has_unfinished()
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_abort_frees_blocks_mid_generation(tiny_bundle):
+    llm = LLM(tiny_bundle)
+    seq = llm.add_request([5] * 30, SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        llm.step()
+    assert seq.block_table and not seq.is_finished
+    llm.abort(seq)
+    assert seq.finish_reason == "abort" and not llm.scheduler.has_unfinished()
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
