@@ -28,6 +28,30 @@ def parse_bytes(text: str | int) -> int:
         raise ConfigError(f"cannot read memory size {text!r}; use e.g. 512MiB or 2GiB") from None
 
 
+def available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable), 0 if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def plan_kv_budget(memory: str | int | None, fraction: float | None) -> int:
+    """The KV budget in bytes: an explicit size, or a fraction of the memory available now."""
+    if fraction is not None:
+        if not 0 < fraction <= 0.9:
+            raise ConfigError(f"--kv-cache-fraction must be in (0, 0.9], got {fraction}")
+        available = available_memory()
+        if not available:
+            raise ConfigError("cannot read available memory here; give --kv-cache-memory instead")
+        return int(available * fraction)
+    return parse_bytes(memory if memory is not None else "1GiB")
+
+
 class KVPool:
     """Per-layer K and V pools, [layers, num_blocks, block_size, kv_heads, head_dim] float32."""
 
@@ -51,6 +75,12 @@ class KVPool:
         log.info("KV cache: %d blocks x %d tokens = %d tokens in %.1f MiB", num_blocks, block_size,
                  num_blocks * block_size, num_blocks * per_block / (1 << 20))
         return cls(geo, int(num_blocks), block_size)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks src -> dst in every layer (copy-on-write of shared blocks)."""
+        for src, dst in copies:
+            self.keys[:, dst] = self.keys[:, src]
+            self.values[:, dst] = self.values[:, src]
 
     def write(self, new_keys: np.ndarray, new_values: np.ndarray, slot_mapping: np.ndarray) -> None:
         """Scatter new K/V [layers, T, kv_heads, head_dim] into their slots, in place."""

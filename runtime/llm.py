@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from llmc.artifacts.bundle import Bundle, load_bundle
 from llmc.errors import RequestError
 from llmc.runtime.block_manager import BlockManager, blocks_needed
 from llmc.runtime.engine_ort import OrtEngine
-from llmc.runtime.kv_pool import KVPool, parse_bytes
+from llmc.runtime.kv_pool import KVPool, plan_kv_budget
 from llmc.runtime.sampler import sample_token, top_logprobs
 from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.sequence import RequestOutput, SamplingParams, Sequence
@@ -26,28 +28,50 @@ from llmc.runtime.tokenizer import BundleTokenizer, IncrementalDetokenizer
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
+class StepTiming:
+    """Cumulative wall time of steps and of the engine calls inside them (the rest is host work)."""
+
+    steps: int = 0
+    total_s: float = 0.0
+    engine_s: float = 0.0
+
+    @property
+    def host_fraction(self) -> float:
+        """Share of step time spent outside the engine: scheduling, input preparation, sampling."""
+        return 1.0 - self.engine_s / self.total_s if self.total_s else 0.0
+
+
+@dataclass(slots=True)
+class _SeqState:
+    detok: IncrementalDetokenizer
+    rng: np.random.Generator
+    streamed_chars: int = 0
+    reported_tokens: int = 0
+
+
 class LLM:
     """A bundle loaded for generation: engine, KV pool, block manager, scheduler, tokenizer."""
 
-    def __init__(self, bundle: str | Path | Bundle, kv_cache_memory: str | int = "1GiB", max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, num_threads: int | None = None, verify: bool = True):
+    def __init__(self, bundle: str | Path | Bundle, kv_cache_memory: str | int | None = "1GiB",
+                 kv_cache_fraction: float | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 enable_prefix_caching: bool = True, policy: str = "continuous", num_threads: int | None = None,
+                 verify: bool = True):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         self.geometry = self.bundle.geometry
         self.tokenizer = BundleTokenizer(self.bundle)
         self.engine = OrtEngine(self.bundle, num_threads)
-        self.pool = KVPool.from_budget(self.geometry, self.bundle.block_size, parse_bytes(kv_cache_memory))
-        self.block_manager = BlockManager(self.pool.num_blocks, self.pool.block_size)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        budget = plan_kv_budget(kv_cache_memory, kv_cache_fraction)
+        self.pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget)
+        self.block_manager = BlockManager(self.pool.num_blocks, self.pool.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, policy)
+        self.timing = StepTiming()
         self._ids = itertools.count()
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._rngs: dict[str, np.random.Generator] = {}
-        self._streamed: dict[str, int] = {}
+        self._state: dict[Sequence, _SeqState] = {}
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> Sequence:
-        """Validate and queue one request; it joins the batch at the next step."""
-        params = params or SamplingParams()
+    def validate_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt that can run here; RequestError saying why otherwise."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         context = self.geometry.max_position
         if not ids:
@@ -60,47 +84,86 @@ class LLM:
                                f"{self.pool.num_blocks * self.pool.block_size}; raise --kv-cache-memory")
         if any(not 0 <= t < self.geometry.vocab_size for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {self.geometry.vocab_size})")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        """Validate and queue one request; it joins the batch at the next step."""
+        params = params or SamplingParams()
+        ids = self.validate_prompt(prompt)
         seq = Sequence(request_id or f"req-{next(self._ids)}", ids, params, arrival=next(self._ids))
-        self._detok[seq.request_id] = IncrementalDetokenizer(self.tokenizer)
-        self._rngs[seq.request_id] = np.random.default_rng(params.seed)
-        self._streamed[seq.request_id] = 0
+        self._track(seq)
         self.scheduler.add(seq)
         return seq
 
+    def _track(self, seq: Sequence) -> None:
+        seed = seq.params.seed
+        rng = np.random.default_rng(None if seed is None else [seed, seq.index])
+        self._state[seq] = _SeqState(IncrementalDetokenizer(self.tokenizer), rng)
+
     def abort(self, seq: Sequence) -> None:
-        """Stop a request now and free its blocks."""
-        if not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
+        """Stop a request (all its samples) now and free its blocks."""
+        for s in [seq, *seq.children]:
+            if not s.is_finished:
+                self.scheduler.finish(s, "abort")
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished request's bookkeeping (its samples included)."""
+        self.abort(seq)
+        for s in [seq, *seq.children]:
+            self._state.pop(s, None)
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Run one scheduler iteration; returns the sequences that produced a token."""
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
         for seq in plan.out_of_memory:
             self.scheduler.finish(seq, "length")
         if not plan.scheduled:
             return []
+        self.pool.copy_blocks(plan.block_copies)
         inputs = build_step_inputs(plan.scheduled, self.pool.block_size)
+        engine_start = time.perf_counter()
         logits = self.engine.step(inputs, self.pool)  # [N, vocab]
+        self.timing.engine_s += time.perf_counter() - engine_start
         updated, row = [], 0
         for item in plan.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_computed_blocks(item.seq)
             if item.completes:
-                self._append_token(item.seq, logits[row])
+                updated.extend(self._append_tokens(item.seq, logits[row]))
                 row += 1
-                updated.append(item.seq)
+        self.timing.steps += 1
+        self.timing.total_s += time.perf_counter() - start
         return updated
+
+    def _append_tokens(self, seq: Sequence, logits: np.ndarray) -> list[Sequence]:
+        """Sample seq's next token; on a prompt's first token with n > 1, fork the other samples."""
+        targets = [seq]
+        if seq.params.n > 1 and not seq.output_ids and not seq.children:
+            for index in range(1, seq.params.n):
+                child = Sequence(seq.request_id, seq.prompt_ids, seq.params, arrival=seq.arrival, index=index)
+                self.block_manager.fork(seq, child)
+                self._track(child)
+                self.scheduler.add_running(child)
+                seq.children.append(child)
+                targets.append(child)
+        for target in targets:
+            self._append_token(target, logits)
+        return targets
 
     def _append_token(self, seq: Sequence, logits: np.ndarray) -> None:
         params = seq.params
-        token = sample_token(logits, params, self._rngs[seq.request_id])
+        state = self._state[seq]
+        token = sample_token(logits, params, state.rng)
         if params.logprobs is not None:
             seq.logprobs.append(top_logprobs(logits, max(params.logprobs, 1)))
         seq.output_ids.append(token)
         if token in params.stop_token_ids or (token in self.tokenizer.eos_token_ids and not params.ignore_eos):
             self.scheduler.finish(seq, "stop")
             return
-        seq.text += self._detok[seq.request_id].step(seq.output_ids)
+        seq.text += state.detok.step(seq.output_ids)
         for stop in params.stop:
             cut = seq.text.find(stop)
             if cut >= 0:
@@ -110,8 +173,10 @@ class LLM:
         if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.geometry.max_position:
             self.scheduler.finish(seq, "length")
 
-    def _delta(self, seq: Sequence) -> str:
-        """Text not yet streamed, holding back a tail that may still become a stop string."""
+    # -- results ------------------------------------------------------------------------------
+    def take_delta(self, seq: Sequence) -> RequestOutput:
+        """Text and token ids produced since the last call, holding back a tail that may become a stop string."""
+        state = self._state[seq]
         end = len(seq.text)
         if not seq.is_finished:
             for stop in seq.params.stop:
@@ -119,22 +184,26 @@ class LLM:
                     if seq.text.endswith(stop[:n]):
                         end = min(end, len(seq.text) - n)
                         break
-        start = self._streamed[seq.request_id]
-        self._streamed[seq.request_id] = max(start, end)
-        return seq.text[start:end]
+        text = seq.text[state.streamed_chars:max(state.streamed_chars, end)]
+        tokens = seq.output_ids[state.reported_tokens:]
+        state.streamed_chars = max(state.streamed_chars, end)
+        state.reported_tokens = len(seq.output_ids)
+        return RequestOutput(seq.request_id, text, tokens, seq.is_finished, seq.finish_reason, index=seq.index)
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    @staticmethod
+    def output(seq: Sequence) -> RequestOutput:
+        """The whole result of one sample so far."""
         return RequestOutput(seq.request_id, seq.text, list(seq.output_ids), seq.is_finished, seq.finish_reason,
-                             list(seq.prompt_ids), list(seq.logprobs) if seq.params.logprobs is not None else None)
-
-    def _release(self, seq: Sequence) -> None:
-        for table in (self._detok, self._rngs, self._streamed):
-            table.pop(seq.request_id, None)
+                             list(seq.prompt_ids), list(seq.logprobs) if seq.params.logprobs is not None else None,
+                             index=seq.index)
 
     # -- user API -----------------------------------------------------------------------------
     def generate(self, prompts: str | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for all prompts together (continuous batching); outputs in prompt order."""
+        """Generate for all prompts together (continuous batching).
+
+        Returns one output per prompt and sample, in prompt order (samples by index).
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(per_prompt) != len(prompts):
@@ -143,28 +212,21 @@ class LLM:
         try:
             for prompt, sp in zip(prompts, per_prompt):
                 seqs.append(self.add_request(prompt, sp))
-            while any(not s.is_finished for s in seqs):
+            while any(not s.is_finished for p in seqs for s in (p, *p.children)):
                 self.step()
-        except BaseException:
+            return [self.output(s) for p in seqs for s in (p, *p.children)]
+        finally:
             for seq in seqs:  # a refused prompt (or Ctrl-C) leaves nothing queued behind
-                self.abort(seq)
-                self._release(seq)
-            raise
-        outputs = [self._output(s) for s in seqs]
-        for seq in seqs:
-            self._release(seq)
-        return outputs
+                self.release(seq)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield text deltas of one request as they are produced (other requests keep batching)."""
+        """Yield text deltas of one request (first sample) as they are produced."""
         seq = self.add_request(prompt, params)
         try:
             while not seq.is_finished:
-                if seq in self.step() or seq.is_finished:
-                    delta = self._delta(seq)
-                    if delta or seq.is_finished:
-                        yield RequestOutput(seq.request_id, delta, list(seq.output_ids), seq.is_finished,
-                                            seq.finish_reason)
+                self.step()
+                delta = self.take_delta(seq)
+                if delta.token_ids or delta.finished:
+                    yield delta
         finally:
-            self.abort(seq)
-            self._release(seq)
+            self.release(seq)

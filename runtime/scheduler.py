@@ -35,6 +35,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     out_of_memory: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step
 
     @property
     def num_tokens(self) -> int:
@@ -42,13 +43,24 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
-class Scheduler:
-    """FCFS admission, decode-first steps, chunked prefill, preemption by recompute."""
+POLICIES = ("continuous", "static")
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048):
+
+class Scheduler:
+    """FCFS admission, decode-first steps, chunked prefill, preemption by recompute.
+
+    policy "continuous" admits new sequences at every step (Orca); "static" admits a batch only
+    when the previous one has completely finished (the baseline continuous batching beats).
+    """
+
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 policy: str = "continuous"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r}; use one of {POLICIES}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -80,22 +92,51 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    def add_running(self, seq: Sequence) -> None:
+        """Insert an already-running sequence (a forked sample) that owns its blocks."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
         """Allocate blocks for seq, preempting the newest other sequences if needed."""
-        while not self.block_manager.allocate(seq, num_tokens):
+        while (copies := self.block_manager.allocate(seq, num_tokens)) is None:
             victims = [s for s in self.running if s is not seq]
             if not victims:
                 return False
-            victim = max(victims, key=lambda s: s.arrival)
+            victim = max(victims, key=lambda s: (s.arrival, s.index))
             out.scheduled = [s for s in out.scheduled if s.seq is not victim]
             self._preempt(victim)
             out.preempted.append(victim)
+        out.block_copies.extend(copies)
         return True
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> None:
+        """Continuous policy: FCFS from the waiting queue while sequences, budget and blocks allow."""
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            hit = bm.claim_cached_prefix(seq)
+            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            copies = bm.allocate(seq, seq.num_computed_tokens + want)
+            if copies is None:
+                bm.deallocate(seq)
+                seq.num_computed_tokens = 0
+                return
+            bm.stats.queried_tokens += seq.num_tokens
+            bm.stats.hit_tokens += hit
+            out.block_copies.extend(copies)
+            self.waiting.popleft()
+            self.add_running(seq)
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want))
+            budget -= want
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        if self.policy == "static" and not self.running:
+            while self.waiting and len(self.running) < self.max_num_seqs:
+                self.add_running(self.waiting.popleft())  # blocks come as each one is scheduled
         decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decoding + prefilling:
@@ -107,14 +148,6 @@ class Scheduler:
                 continue
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want))
             budget -= want
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
-            seq = self.waiting[0]
-            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.block_manager.allocate(seq, seq.num_computed_tokens + want):
-                break
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want))
-            budget -= want
+        if self.policy == "continuous":
+            self._admit(budget, out)
         return out

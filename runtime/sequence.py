@@ -21,6 +21,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # return the top-k log-probabilities of each generated step
+    n: int = 1  # samples per prompt; they share the prompt's KV blocks (copy-on-write)
 
     def __post_init__(self):
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -30,7 +31,8 @@ class SamplingParams:
                   (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
                   (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
                   (all(s for s in self.stop), "stop strings must be non-empty"),
-                  (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]")]
+                  (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+                  (1 <= self.n <= 16, f"n must be in [1, 16], got {self.n}")]
         for ok, message in checks:
             if not ok:
                 raise RequestError(message)
@@ -52,14 +54,17 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     arrival: int = 0
+    index: int = 0  # which of the request's n samples
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks
     num_computed_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     text: str = ""
     logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_preemptions: int = 0
+    children: list["Sequence"] = field(default_factory=list)  # the other n - 1 samples, once forked
 
     @property
     def token_ids(self) -> list[int]:
@@ -88,3 +93,4 @@ class RequestOutput:
     finish_reason: str | None = None
     prompt_token_ids: list[int] = field(default_factory=list)
     logprobs: list[list[tuple[int, float]]] | None = None
+    index: int = 0

@@ -1,4 +1,4 @@
-"""Block manager and scheduler invariants under random operation sequences."""
+"""Block manager and scheduler invariants: sharing, caching, copy-on-write, no leaks, no deadlock."""
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -8,15 +8,69 @@ from llmc.runtime.scheduler import Scheduler
 from llmc.runtime.sequence import SamplingParams, Sequence
 
 
+def _seq(name, tokens, arrival=0):
+    return Sequence(name, list(tokens), SamplingParams(max_tokens=3), arrival=arrival)
+
+
+def _compute(bm, seq, num_tokens):
+    """Allocate and mark computed, as a step would."""
+    assert bm.allocate(seq, num_tokens) is not None
+    seq.num_computed_tokens = num_tokens
+    bm.cache_computed_blocks(seq)
+
+
 def test_allocate_grow_and_free():
     bm = BlockManager(num_blocks=4, block_size=4)
-    seq = Sequence("a", [1] * 5, SamplingParams())
-    assert bm.allocate(seq, 5) and len(seq.block_table) == 2
-    assert bm.allocate(seq, 8) and len(seq.block_table) == 2
-    assert not bm.allocate(seq, 17) and len(seq.block_table) == 2  # shortage: False, nothing changed
+    seq = _seq("a", [1] * 5)
+    assert bm.allocate(seq, 5) == [] and len(seq.block_table) == 2
+    assert bm.allocate(seq, 8) == [] and len(seq.block_table) == 2
+    assert bm.allocate(seq, 17) is None and len(seq.block_table) == 2  # shortage: None, nothing changed
     assert bm.slot(seq, 5) == seq.block_table[1] * 4 + 1
     bm.deallocate(seq)
     assert bm.num_free_blocks == 4 and seq.block_table == []
+
+
+def test_prefix_hit_shares_only_identical_full_blocks():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    a = _seq("a", range(10))
+    _compute(bm, a, 10)  # blocks 0-3, 4-7 full and cached; 8-9 partial
+    b = _seq("b", list(range(8)) + [99, 98, 97])
+    assert bm.claim_cached_prefix(b) == 8 and b.block_table == a.block_table[:2]
+    assert [bm.ref_counts[x] for x in a.block_table] == [2, 2, 1]
+    c = _seq("c", [0, 1, 2, 5, 4, 5, 6, 7, 8])  # differs inside the first block: no hit at all
+    assert bm.claim_cached_prefix(c) == 0
+    d = _seq("d", range(8))  # whole prompt cached: one token is still left to compute
+    assert bm.claim_cached_prefix(d) == 4
+
+
+def test_cached_free_blocks_are_evicted_least_recently_freed_first():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a, b = _seq("a", [1, 2, 3, 4]), _seq("b", [5, 6, 7, 8])
+    _compute(bm, a, 4)
+    _compute(bm, b, 4)
+    bm.deallocate(a)
+    bm.deallocate(b)  # all 4 blocks free but cached; a's were freed first
+    assert len(bm.cached) == 4
+    c = _seq("c", [9, 9, 9])
+    assert bm.allocate(c, 3) == []  # takes 2 blocks: a's (least recently freed) are evicted
+    assert bm.claim_cached_prefix(_seq("a2", [1, 2, 3, 4, 0])) == 0
+    assert bm.claim_cached_prefix(_seq("b2", [5, 6, 7, 8, 0])) == 4
+
+
+def test_fork_and_copy_on_write():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    parent = _seq("p", range(6))
+    _compute(bm, parent, 6)
+    child = _seq("p", range(6))
+    bm.fork(parent, child)
+    assert [bm.ref_counts[x] for x in parent.block_table] == [2, 2]
+    copies = bm.allocate(child, 7)  # child writes position 6 into the shared partial block
+    assert copies == [(parent.block_table[1], child.block_table[1])]
+    assert child.block_table[0] == parent.block_table[0] and child.block_table[1] != parent.block_table[1]
+    assert bm.allocate(parent, 7) == []  # parent now owns its partial block alone: writes in place
+    bm.deallocate(parent)
+    bm.deallocate(child)
+    assert bm.num_free_blocks == 6 and sum(bm.ref_counts) == 0
 
 
 def _fake_step(sched: Scheduler) -> None:
@@ -26,23 +80,41 @@ def _fake_step(sched: Scheduler) -> None:
         sched.finish(seq, "length")
     for item in plan.scheduled:
         item.seq.num_computed_tokens += item.num_new_tokens
+        sched.block_manager.cache_computed_blocks(item.seq)
         if item.completes:
-            item.seq.output_ids.append(1)
+            item.seq.output_ids.append(len(item.seq.output_ids) % 2)
             if len(item.seq.output_ids) >= 3:
                 sched.finish(item.seq, "length")
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "step", "abort"]), st.integers(1, 30)), min_size=1, max_size=60),
-       st.integers(4, 24))
-def test_scheduler_never_leaks_or_double_owns(ops, num_blocks):
-    bm = BlockManager(num_blocks, block_size=4)
-    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=16)
+def _check_invariants(sched: Scheduler, bm: BlockManager) -> None:
+    live = sched.running + list(sched.waiting)
+    owners: dict[int, int] = {}
+    for seq in live:
+        assert len(seq.block_table) == len(set(seq.block_table)), "a sequence holds a block twice"
+        for block in seq.block_table:
+            owners[block] = owners.get(block, 0) + 1
+    assert all(c >= 0 for c in bm.ref_counts)
+    assert all(bm.ref_counts[b] == n for b, n in owners.items()), "reference counts disagree with owners"
+    assert all(bm.ref_counts[b] == 0 for b in range(bm.num_blocks) if b not in owners)
+    assert bm.num_free_blocks + len(owners) == bm.num_blocks
+    for h, block in bm.cached.items():  # a cached block holds exactly the tokens its hash names
+        assert bm.block_hash[block] == h
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "add", "step", "step", "abort"]), st.integers(1, 30),
+                          st.integers(0, 3)), min_size=1, max_size=80),
+       st.integers(4, 24), st.booleans(), st.sampled_from(["continuous", "static"]))
+def test_scheduler_never_leaks_or_double_owns(ops, num_blocks, prefix_caching, policy):
+    bm = BlockManager(num_blocks, block_size=4, enable_prefix_caching=prefix_caching)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=16, policy=policy)
     seqs, arrival = [], 0
-    for op, n in ops:
-        if op == "add" and -(-(n + 1) // 4) <= num_blocks:
+    prefixes = [[7] * 12, [1, 2, 3, 4, 5, 6, 7, 8], [3] * 20, []]  # shared prefixes make cache hits likely
+    for op, n, family in ops:
+        if op == "add" and -(-(n + 13) // 4) <= num_blocks:
             arrival += 1
-            seqs.append(Sequence(f"s{arrival}", [1] * n, SamplingParams(max_tokens=3), arrival=arrival))
+            seqs.append(_seq(f"s{arrival}", prefixes[family] + [arrival % 50] * n, arrival))
             sched.add(seqs[-1])
         elif op == "abort" and seqs:
             victim = seqs[n % len(seqs)]
@@ -50,13 +122,11 @@ def test_scheduler_never_leaks_or_double_owns(ops, num_blocks):
                 sched.finish(victim, "abort")
         else:
             _fake_step(sched)
-        owned = [b for s in sched.running + list(sched.waiting) for b in s.block_table]
-        assert len(owned) == len(set(owned)), "a block is owned twice"
-        assert all(c in (0, 1) for c in bm.ref_counts)
-        assert bm.num_free_blocks + len(owned) == num_blocks
-    for _ in range(500):  # drain: everything finishes (no deadlock), every block returns
+        _check_invariants(sched, bm)
+    for _ in range(2000):  # drain: everything finishes (no deadlock, no starvation), every block returns
         if not sched.has_unfinished():
             break
         _fake_step(sched)
+        _check_invariants(sched, bm)
     assert not sched.has_unfinished()
     assert bm.num_free_blocks == num_blocks and sum(bm.ref_counts) == 0

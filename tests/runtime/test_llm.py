@@ -70,7 +70,7 @@ def test_stream_concatenates_to_generate(tiny_bundle):
     chunks = list(llm.stream("The capital of", params))
     assert "".join(c.text for c in chunks) == full.text
     assert chunks[-1].finished and chunks[-1].finish_reason == "length"
-    assert chunks[-1].token_ids == full.token_ids
+    assert [t for c in chunks for t in c.token_ids] == full.token_ids
 
 
 def test_stop_string_truncates_and_is_not_streamed(tiny_bundle):
@@ -137,4 +137,42 @@ def test_abort_frees_blocks_mid_generation(tiny_bundle):
     assert seq.block_table and not seq.is_finished
     llm.abort(seq)
     assert seq.finish_reason == "abort" and not llm.scheduler.has_unfinished()
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def _shared_prefix_prompts(vocab, seed=1):
+    rng = np.random.default_rng(seed)
+    system = rng.integers(3, vocab, size=22).tolist()  # a shared "system prompt" of 5.5 blocks
+    return [system + rng.integers(3, vocab, size=int(n)).tolist() for n in rng.integers(1, 12, size=8)]
+
+
+def test_prefix_caching_changes_nothing_but_work(tiny_bundle):
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=2)
+    prompts = _shared_prefix_prompts(300)
+    off = LLM(tiny_bundle, enable_prefix_caching=False, max_num_batched_tokens=24)
+    reference = off.generate(prompts, params)
+    on = LLM(tiny_bundle, enable_prefix_caching=True, max_num_batched_tokens=24)
+    first = on.generate(prompts[:1], params)  # warms the cache with the shared prefix
+    outputs = on.generate(prompts, params)
+    assert on.block_manager.stats.hit_tokens >= 7 * 20  # every later prompt reused >= 5 full blocks
+    _check_same(first + outputs, reference[:1] + reference)
+    assert on.block_manager.num_free_blocks == on.block_manager.num_blocks
+
+
+def test_n_samples_share_the_prompt_blocks(tiny_bundle):
+    llm = LLM(tiny_bundle, max_num_batched_tokens=64)
+    prompt = list(range(3, 33))  # 30 tokens: 7 full blocks of 4 and a partial one
+    single = llm.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    greedy = llm.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True, n=3))
+    assert [o.index for o in greedy] == [0, 1, 2] and all(o.token_ids == single.token_ids for o in greedy)
+    seq = llm.add_request(prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=3, n=3, ignore_eos=True))
+    llm.step()
+    assert len(seq.children) == 2
+    shared = set(seq.block_table) & set(seq.children[0].block_table) & set(seq.children[1].block_table)
+    assert len(shared) >= 7  # the full prompt blocks are shared, not copied
+    while not all(s.is_finished for s in (seq, *seq.children)):
+        llm.step()
+    samples = [s.output_ids for s in (seq, *seq.children)]
+    assert len({tuple(s) for s in samples}) > 1  # independent samples
+    llm.release(seq)
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
