@@ -120,6 +120,47 @@ def run(bundle: Path, prompt: str, chat: bool, system: str | None, max_tokens: i
     click.echo()
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--api-key", envvar="LLMC_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' "
+              "(env LLMC_API_KEY); /health stays open.")
+@click.option("--served-model-name", default=None, help="Model id clients send (default: the bundle name).")
+@click.option("--kv-cache-memory", default="1GiB", show_default=True, help="KV-cache pool size.")
+@click.option("--kv-cache-fraction", type=float, default=None, help="Size the pool as a fraction of available memory.")
+@click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences per step.")
+@click.option("--max-num-batched-tokens", default=2048, show_default=True, type=int, help="Tokens per step.")
+@click.option("--max-waiting", default=256, show_default=True, type=int, help="Queued requests before 429s.")
+@click.option("--policy", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True)
+@click.option("--no-prefix-caching", is_flag=True, help="Disable KV block sharing between prompts.")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=float, help="Seconds SIGTERM waits.")
+@click.option("-v", "--verbose", count=True)
+def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_name: str | None,
+          kv_cache_memory: str, kv_cache_fraction: float | None, max_num_seqs: int, max_num_batched_tokens: int,
+          max_waiting: int, policy: str, no_prefix_caching: bool, drain_timeout: float, verbose: int) -> None:
+    """Serve BUNDLE over an OpenAI-compatible HTTP API."""
+    _setup_logging(verbose)
+    from llmc.runtime.async_engine import AsyncEngine
+    from llmc.runtime.block_manager import blocks_needed
+    from llmc.runtime.llm import LLM
+    from llmc.runtime.server import serve as run_server
+
+    llm = LLM(bundle, kv_cache_memory=kv_cache_memory, kv_cache_fraction=kv_cache_fraction,
+              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+              enable_prefix_caching=not no_prefix_caching, policy=policy)
+    pool, context = llm.pool, llm.geometry.max_position
+    per_token = pool.keys[0, 0, 0].nbytes * 2 * llm.geometry.num_layers
+    click.echo(f"KV cache: {pool.num_blocks} blocks x {pool.block_size} tokens = {pool.num_blocks * pool.block_size:,} "
+               f"tokens ({_human(pool.keys.nbytes + pool.values.nbytes)}, {per_token:,} bytes/token); "
+               f"max concurrency at full context ({context:,} tokens): "
+               f"{pool.num_blocks // blocks_needed(context, pool.block_size)}")
+    name = served_model_name or llm.bundle.manifest["name"]
+    click.echo(f"serving '{name}' on http://{host}:{port}/v1 ({policy} batching, up to {max_num_seqs} sequences"
+               f"{', API key required' if api_key else ''}); Ctrl-C or SIGTERM drains and stops")
+    run_server(AsyncEngine(llm, max_waiting), name, host, port, api_key, drain_timeout)
+
+
 @cli.command("kv-size")
 @click.argument("target", required=False, type=click.Path(path_type=Path))
 @click.option("--layers", type=int, help="Number of layers (explicit geometry).")

@@ -167,6 +167,16 @@ class BlockManager:
             self._release(block)
         seq.block_table.clear()
 
+    def waste(self, seqs: list[Sequence]) -> float:
+        """Allocated-but-unfilled KV slots / allocated slots over these sequences' distinct blocks."""
+        filled: dict[int, int] = {}
+        for seq in seqs:
+            for i, block in enumerate(seq.block_table):
+                used = min(self.block_size, max(0, seq.num_computed_tokens - i * self.block_size))
+                filled[block] = max(filled.get(block, 0), used)
+        allocated = len(filled) * self.block_size
+        return 1.0 - sum(filled.values()) / allocated if allocated else 0.0
+
     def slot(self, seq: Sequence, position: int) -> int:
         """Flat pool slot of the token at `position` of seq."""
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

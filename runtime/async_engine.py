@@ -1,0 +1,168 @@
+"""Runs the LLM step loop on one thread and feeds results to asyncio request handlers.
+
+Handlers submit (tokenized, validated) requests and read deltas from an asyncio.Queue; aborts
+(client disconnects) reach the loop between steps. Only the loop thread touches the LLM's
+mutable state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from llmc.runtime.llm import LLM
+from llmc.runtime.metrics import ServingMetrics
+from llmc.runtime.sequence import RequestOutput, SamplingParams, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The waiting queue is full: the client should retry later (HTTP 429)."""
+
+
+@dataclass(slots=True)
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    arrival: float = field(default_factory=time.perf_counter)
+    last_token: dict[int, float] = field(default_factory=dict)
+    seq: Sequence | None = None
+
+    def push(self, item: RequestOutput | None) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class AsyncEngine:
+    """The bridge between HTTP handlers and the step loop."""
+
+    def __init__(self, llm: LLM, max_waiting: int = 256, metrics: ServingMetrics | None = None):
+        self.llm = llm
+        self.max_waiting = max_waiting
+        self.metrics = metrics or ServingMetrics()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: dict[str, _Request] = {}
+        self._num_active = 0
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llmc-engine", daemon=True)
+
+    @property
+    def num_active(self) -> int:
+        """Requests submitted and not yet finished."""
+        return self._num_active
+
+    def start(self) -> None:
+        """Start the loop thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop thread (after the server has drained)."""
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=10)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, asyncio.Queue]:
+        """Queue a request; returns its id and the queue its deltas (then None) arrive on."""
+        with self._lock:
+            if self._num_active >= self.llm.scheduler.max_num_seqs + self.max_waiting:
+                raise Overloaded(f"{self._num_active} requests in flight; the waiting queue is full")
+            self._num_active += 1
+        request = _Request(f"req-{next(self._ids)}", prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        self._inbox.put(("add", request))
+        return request.request_id, request.out
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (e.g. its client went away); its blocks are freed before the next step."""
+        self._inbox.put(("abort", request_id))
+
+    # -- the loop thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox(block=not self.llm.scheduler.has_unfinished())
+            if self.llm.scheduler.has_unfinished():
+                try:
+                    self._step()
+                except Exception:  # keep serving: fail the requests in this batch, not the server
+                    log.exception("engine step failed; aborting the running requests")
+                    for request_id in list(self._requests):
+                        self._finish(request_id, "aborted", error=True)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "add":
+                payload.seq = self.llm.add_request(payload.prompt_ids, payload.params, payload.request_id)
+                self._requests[payload.request_id] = payload
+                with self.metrics.lock:
+                    self.metrics.counters["llmc_prompt_tokens_total"] += len(payload.prompt_ids)
+            elif kind == "abort" and payload in self._requests:
+                self._finish(payload, "aborted")
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _step(self) -> None:
+        updated = self.llm.step()
+        now = time.perf_counter()
+        m = self.metrics
+        with m.lock:
+            for seq in updated:
+                request = self._requests.get(seq.request_id)
+                if request is None:
+                    continue
+                delta = self.llm.take_delta(seq)
+                m.counters["llmc_generation_tokens_total"] += len(delta.token_ids)
+                previous = request.last_token.get(seq.index)
+                if previous is None and seq.index == 0:
+                    m.ttft.observe(now - request.arrival)
+                elif previous is not None:
+                    m.itl.observe(now - previous)
+                request.last_token[seq.index] = now
+                request.push(delta)
+            self._update_gauges()
+        for request_id, request in list(self._requests.items()):
+            seq = request.seq
+            samples = [seq, *seq.children]
+            if all(s.is_finished for s in samples) and (len(seq.children) == seq.params.n - 1 or not seq.output_ids):
+                with m.lock:
+                    m.e2e.observe(now - request.arrival)
+                self._finish(request_id, "finished")
+
+    def _finish(self, request_id: str, status: str, error: bool = False) -> None:
+        request = self._requests.pop(request_id)
+        self.llm.release(request.seq)
+        if error:
+            request.push(RequestOutput(request_id, "", [], True, "error"))
+        request.push(None)
+        with self._lock:
+            self._num_active -= 1
+        self.metrics.count_request(status)
+        with self.metrics.lock:
+            self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        llm, m = self.llm, self.metrics
+        bm = llm.block_manager
+        m.gauges["llmc_requests_running"] = len(llm.scheduler.running)
+        m.gauges["llmc_requests_waiting"] = len(llm.scheduler.waiting)
+        m.gauges["llmc_kv_cache_usage_ratio"] = round(bm.usage(), 4)
+        m.gauges["llmc_kv_cache_waste_ratio"] = round(bm.waste(llm.scheduler.running), 4)
+        m.gauges["llmc_prefix_cache_hit_rate"] = round(bm.stats.hit_rate, 4)
+        m.counters["llmc_preemptions_total"] = llm.scheduler.num_preemptions
+        m.counters["llmc_prefix_cache_queried_tokens_total"] = bm.stats.queried_tokens
+        m.counters["llmc_prefix_cache_hit_tokens_total"] = bm.stats.hit_tokens

@@ -1,0 +1,71 @@
+"""Serving metrics in the Prometheus text format (no client library needed)."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                   20.0, 40.0, 80.0)
+
+
+class Histogram:
+    """Cumulative-bucket histogram."""
+
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...] = LATENCY_BUCKETS):
+        self.name, self.help, self.buckets = name, help_text, buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """Record one value."""
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def render(self) -> list[str]:
+        """Prometheus exposition lines."""
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        running = 0
+        for bound, n in zip(self.buckets, self.counts):
+            running += n
+            lines.append(f'{self.name}_bucket{{le="{bound}"}} {running}')
+        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
+        lines += [f"{self.name}_sum {self.total}", f"{self.name}_count {self.count}"]
+        return lines
+
+
+class ServingMetrics:
+    """Everything /metrics exposes; updated by the engine thread and the HTTP handlers."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.ttft = Histogram("llmc_time_to_first_token_seconds", "Time from arrival to the first token.")
+        self.itl = Histogram("llmc_inter_token_latency_seconds", "Time between consecutive tokens of a sequence.")
+        self.e2e = Histogram("llmc_e2e_request_latency_seconds", "Time from arrival to the last token.")
+        self.counters = {"llmc_prompt_tokens_total": 0, "llmc_generation_tokens_total": 0,
+                         "llmc_preemptions_total": 0, "llmc_prefix_cache_queried_tokens_total": 0,
+                         "llmc_prefix_cache_hit_tokens_total": 0}
+        self.requests = {"finished": 0, "aborted": 0, "rejected": 0, "invalid": 0}
+        self.gauges = {"llmc_requests_running": 0, "llmc_requests_waiting": 0, "llmc_kv_cache_usage_ratio": 0.0,
+                       "llmc_kv_cache_waste_ratio": 0.0, "llmc_prefix_cache_hit_rate": 0.0}
+
+    def count_request(self, status: str) -> None:
+        """Count one request by outcome."""
+        with self.lock:
+            self.requests[status] += 1
+
+    def render(self) -> str:
+        """The /metrics body."""
+        with self.lock:
+            lines = []
+            for hist in (self.ttft, self.itl, self.e2e):
+                lines += hist.render()
+            for name, value in self.counters.items():
+                lines += [f"# TYPE {name} counter", f"{name} {value}"]
+            lines.append("# TYPE llmc_requests_total counter")
+            lines += [f'llmc_requests_total{{status="{k}"}} {v}' for k, v in self.requests.items()]
+            for name, value in self.gauges.items():
+                lines += [f"# TYPE {name} gauge", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
