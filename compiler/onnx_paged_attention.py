@@ -5,8 +5,9 @@ Contract (all shapes dynamic):
     q [T, H, D], k_new/v_new [T, KVH, D] (already rotated), k_pool/v_pool [NB, B, KVH, D],
     block_tables int32 [S, M], context_lens int32 [S], query_start int32 [S+1],
     positions int64 [T]  ->  out [T, H*D];  attribute `scale` (float).
-The new tokens' K/V are overlaid at their positions on the gathered context, so the pools are
-only read: the runtime writes the returned K/V into its pools after the step.
+The pools are only read (the new tokens' K/V come in as k_new/v_new, and the runtime writes
+them into its pools after the step). Tokens of a sequence sit at positions
+context_len - q_len ... context_len - 1, in order.
 """
 
 from __future__ import annotations
@@ -27,57 +28,69 @@ def _dim(g: GraphBuilder, tensor: str, axis: int) -> str:
 
 
 def build_function() -> onnx.FunctionProto:
-    """The function body; see the module docstring for the contract."""
+    """The function body; see the module docstring for the contract.
+
+    Attention runs in two parts that share one softmax: the cached keys gathered from the pool
+    (positions < context_len - q_len) and the step's own new keys (causal among themselves), so
+    the gathered context is never copied to insert the new tokens.
+    """
     g = GraphBuilder("pa_")
     zero, one = g.const(0), g.const(1)
     scale = g.ref_attr_const("scale", onnx.AttributeProto.FLOAT)
+    i64 = onnx.TensorProto.INT64
 
-    # [STEP 1] per-sequence query ranges and the sequence of each token.
-    qstart = g.op("Cast", "query_start", to=onnx.TensorProto.INT64)  # [S+1]
+    # [STEP 1] per-sequence query ranges, the sequence of each token, cached lengths.
+    qstart = g.op("Cast", "query_start", to=i64)  # [S+1]
     q_begin = g.op("Slice", qstart, g.const([0]), g.const([-1]))  # [S]
     q_end = g.op("Slice", qstart, g.const([1]), g.const([np.iinfo(np.int64).max]))  # [S]
-    q_len = g.op("Sub", q_end, q_begin)
-    q_max = g.op("ReduceMax", q_len, keepdims=0)  # scalar
+    q_len = g.op("Sub", q_end, q_begin)  # [S]
+    num_cached = g.op("Sub", g.op("Cast", "context_lens", to=i64), q_len)  # [S]
+    q_max = g.op("ReduceMax", q_len, keepdims=0)  # scalar Qmax
     num_tokens = g.op("Squeeze", _dim(g, "q", 0))  # scalar T
     t_range = g.op("Range", zero, num_tokens, one)  # [T]
     after_end = g.op("GreaterOrEqual", g.op("Unsqueeze", t_range, one), g.op("Unsqueeze", q_end, zero))  # [T, S]
-    seq_of_token = g.op("ReduceSum", g.op("Cast", after_end, to=onnx.TensorProto.INT64), g.const([1]),
-                        keepdims=0)  # [T]
+    seq_of_token = g.op("ReduceSum", g.op("Cast", after_end, to=i64), g.const([1]), keepdims=0)  # [T]
 
-    # [STEP 2] gather each sequence's blocks and overlay the new tokens' K/V.
+    # [STEP 2] queries and new K/V padded per sequence: [S, Qmax, ...].
     num_kv_heads, head_dim = _dim(g, "k_new", 1), _dim(g, "k_new", 2)
-    num_seqs = _dim(g, "block_tables", 0)
-    ctx_shape = g.op("Concat", num_seqs, g.const([-1]), num_kv_heads, head_dim, axis=0)
-    scatter_idx = g.op("Concat", g.op("Unsqueeze", seq_of_token, one), g.op("Unsqueeze", "positions", one),
-                       axis=1)  # [T, 2]
-    contexts = []
-    for pool, new in (("k_pool", "k_new"), ("v_pool", "v_new")):
-        ctx = g.op("Reshape", g.op("Gather", pool, "block_tables", axis=0), ctx_shape)  # [S, L, KVH, D]
-        contexts.append(g.op("ScatterND", ctx, scatter_idx, new))
-    k_ctx, v_ctx = contexts
-
-    # [STEP 3] pad queries to [S, Qmax] and compute grouped-query attention per sequence.
-    q_idx = g.op("Add", g.op("Unsqueeze", q_begin, one),
-                 g.op("Unsqueeze", g.op("Range", zero, q_max, one), zero))  # [S, Qmax]
-    q_idx = g.op("Min", q_idx, g.op("Sub", num_tokens, one))
-    q_pad = g.op("Gather", "q", q_idx, axis=0)  # [S, Qmax, H, D]
-    pos_pad = g.op("Gather", "positions", q_idx, axis=0)  # [S, Qmax]
+    q_range = g.op("Range", zero, q_max, one)  # [Qmax]
+    q_idx = g.op("Min", g.op("Add", g.op("Unsqueeze", q_begin, one), g.op("Unsqueeze", q_range, zero)),
+                 g.op("Sub", num_tokens, one))  # [S, Qmax]
     q5_shape = g.op("Concat", g.const([0, 0]), num_kv_heads, g.const([-1]), head_dim, axis=0)
-    q5 = g.op("Transpose", g.op("Reshape", q_pad, q5_shape), perm=[0, 2, 3, 1, 4])  # [S, KVH, G, Qmax, D]
-    k5 = g.op("Unsqueeze", g.op("Transpose", k_ctx, perm=[0, 2, 3, 1]), g.const([2]))  # [S, KVH, 1, D, L]
-    v5 = g.op("Unsqueeze", g.op("Transpose", v_ctx, perm=[0, 2, 1, 3]), g.const([2]))  # [S, KVH, 1, L, D]
-    scores = g.op("Mul", g.op("MatMul", q5, k5), scale)  # [S, KVH, G, Qmax, L]
-    key_pos = g.op("Range", zero, g.op("Squeeze", _dim(g, k_ctx, 1)), one)  # [L]
-    ctx_lens = g.op("Cast", "context_lens", to=onnx.TensorProto.INT64)  # [S]
-    causal = g.op("LessOrEqual", key_pos, g.op("Unsqueeze", pos_pad, g.const([2])))  # [S, Qmax, L]
-    in_ctx = g.op("Less", key_pos, g.op("Unsqueeze", ctx_lens, g.const([1, 2])))  # [S, 1, L]
-    allowed = g.op("Unsqueeze", g.op("And", causal, in_ctx), g.const([1, 2]))  # [S, 1, 1, Qmax, L]
-    neg_inf = g.const(-np.inf, dtype=np.float32)
-    probs = g.op("Softmax", g.op("Where", allowed, scores, neg_inf), axis=-1)
-    out = g.op("Transpose", g.op("MatMul", probs, v5), perm=[0, 3, 1, 2, 4])  # [S, Qmax, KVH, G, D]
-    out = g.op("Reshape", out, g.const([0, 0, -1]))  # [S, Qmax, H*D]
+    q5 = g.op("Transpose", g.op("Reshape", g.op("Gather", "q", q_idx, axis=0), q5_shape),
+              perm=[0, 2, 3, 1, 4])  # [S, KVH, G, Qmax, D]
+    rows_shape = g.op("Concat", g.const([0, 0, -1]), head_dim, axis=0)
+    q4 = g.op("Reshape", q5, rows_shape)  # [S, KVH, G*Qmax, D]: row r = (group r // Qmax, query r % Qmax)
+    k_new = g.op("Transpose", g.op("Gather", "k_new", q_idx, axis=0), perm=[0, 2, 1, 3])  # [S, KVH, Qmax, D]
+    v_new = g.op("Transpose", g.op("Gather", "v_new", q_idx, axis=0), perm=[0, 2, 1, 3])
 
-    # [STEP 4] back to the flattened token order.
+    # [STEP 3] cached K/V of each sequence's blocks: [S, KVH, L, D].
+    ctx_shape = g.op("Concat", _dim(g, "block_tables", 0), g.const([-1]), num_kv_heads, head_dim, axis=0)
+    k_ctx, v_ctx = (g.op("Transpose", g.op("Reshape", g.op("Gather", pool, "block_tables", axis=0), ctx_shape),
+                         perm=[0, 2, 1, 3]) for pool in ("k_pool", "v_pool"))
+
+    # [STEP 4] scores of both parts, masked, one softmax over their concatenation.
+    neg_inf = g.const(-np.inf, dtype=np.float32)
+    scores_c = g.op("Mul", g.op("MatMul", q4, g.op("Transpose", k_ctx, perm=[0, 1, 3, 2])), scale)  # [S,KVH,GQ,L]
+    scores_n = g.op("Mul", g.op("MatMul", q4, g.op("Transpose", k_new, perm=[0, 1, 3, 2])), scale)  # [S,KVH,GQ,Qmax]
+    ctx_len = _dim(g, k_ctx, 2)  # [1] L
+    key_c = g.op("Range", zero, g.op("Squeeze", ctx_len), one)  # [L]
+    mask_c = g.op("Unsqueeze", g.op("Less", key_c, g.op("Unsqueeze", num_cached, one)), g.const([1, 2]))  # [S,1,1,L]
+    group = g.op("Div", _dim(g, "q", 1), num_kv_heads)  # [1] G
+    row_query = g.op("Tile", q_range, group)  # [GQ]: the query index of each row
+    causal_n = g.op("LessOrEqual", q_range, g.op("Unsqueeze", row_query, one))  # [GQ, Qmax]
+    valid_n = g.op("Less", q_range, g.op("Unsqueeze", q_len, one))  # [S, Qmax]
+    mask_n = g.op("Unsqueeze", g.op("And", causal_n, g.op("Unsqueeze", valid_n, one)), one)  # [S, 1, GQ, Qmax]
+    scores = g.op("Concat", g.op("Where", mask_c, scores_c, neg_inf), g.op("Where", mask_n, scores_n, neg_inf),
+                  axis=-1)
+    probs_c, probs_n = g.op("Split", g.op("Softmax", scores, axis=-1),
+                            g.op("Concat", ctx_len, g.op("Unsqueeze", q_max, zero), axis=0), axis=-1, outputs=2)
+    out = g.op("Add", g.op("MatMul", probs_c, v_ctx), g.op("MatMul", probs_n, v_new))  # [S, KVH, GQ, D]
+
+    # [STEP 5] back to [T, H*D] in the flattened token order.
+    out5_shape = g.op("Concat", g.const([0, 0]), group, g.op("Unsqueeze", q_max, zero), head_dim, axis=0)
+    out = g.op("Transpose", g.op("Reshape", out, out5_shape), perm=[0, 3, 1, 2, 4])  # [S, Qmax, KVH, G, D]
+    out = g.op("Reshape", out, g.const([0, 0, -1]))  # [S, Qmax, H*D]
     local = g.op("Sub", t_range, g.op("Gather", q_begin, seq_of_token, axis=0))  # [T]
     out_idx = g.op("Concat", g.op("Unsqueeze", seq_of_token, one), g.op("Unsqueeze", local, one), axis=1)
     g.nodes.append(helper.make_node("GatherND", [out, out_idx], ["out"], name="pa_GatherND_out"))

@@ -161,6 +161,92 @@ def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_
     run_server(AsyncEngine(llm, max_waiting), name, host, port, api_key, drain_timeout)
 
 
+def _range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(":")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use MIN:MAX, e.g. 30:500") from None
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--mode", type=click.Choice(["offline", "online"]), default="offline", show_default=True,
+              help="offline: Python API, all queued at once; online: HTTP streaming with Poisson arrivals.")
+@click.option("--num-requests", default=64, show_default=True, type=int)
+@click.option("--prompt-len", default="30:500", show_default=True, help="Prompt tokens MIN:MAX (uniform).")
+@click.option("--output-len", default="30:250", show_default=True, help="Output tokens MIN:MAX (uniform, EOS ignored).")
+@click.option("--rate", default="inf", show_default=True, help="Online: requests/s (Poisson), or inf.")
+@click.option("--url", default=None, help="Online: an already running OpenAI-compatible server.")
+@click.option("--max-num-seqs", default=16, show_default=True, type=int)
+@click.option("--max-num-batched-tokens", default=2048, show_default=True, type=int)
+@click.option("--kv-cache-memory", default="2GiB", show_default=True)
+@click.option("--policy", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True)
+@click.option("--no-prefix-caching", is_flag=True)
+@click.option("--sweep", default=None, help="Offline sweep, e.g. max_num_seqs=1,2,4,8,16 (writes JSON + PNG).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", "out_path", default="bench.json", show_default=True, type=click.Path(path_type=Path))
+def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_len: str, rate: str, url: str | None,
+          max_num_seqs: int, max_num_batched_tokens: int, kv_cache_memory: str, policy: str,
+          no_prefix_caching: bool, sweep: str | None, seed: int, out_path: Path) -> None:
+    """Benchmark BUNDLE: tokens/s, TTFT, TPOT, inter-token latency, KV usage and waste."""
+    _setup_logging(1)
+    from llmc.artifacts.bundle import load_bundle
+    from llmc.runtime import bench as b
+    from llmc.runtime.llm import LLM
+
+    loaded = load_bundle(bundle)
+    workload = b.make_workload(num_requests, _range(prompt_len), _range(output_len), loaded.geometry.vocab_size, seed)
+    settings = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
+    make = lambda **kw: LLM(loaded, kv_cache_memory=kv_cache_memory, policy=policy,  # noqa: E731
+                            enable_prefix_caching=not no_prefix_caching, **{**settings, **kw})
+    if sweep:
+        key, _, values = sweep.partition("=")
+        if key not in settings:
+            raise click.BadParameter(f"--sweep: {key!r} is not one of {', '.join(settings)}")
+        results = []
+        for value in (int(v) for v in values.split(",")):
+            click.echo(f"sweep {key}={value} ...", err=True)
+            results.append({key: value, **b.run_offline(make(**{key: value}), workload)})
+        plot = b.plot_sweep(results, key, str(out_path.with_suffix(".png")))
+        report = {"workload": {"requests": num_requests, "prompt_len": prompt_len, "output_len": output_len},
+                  "sweep": results, "plot": plot}
+    elif mode == "offline":
+        report = {"mode": "offline", **settings, "policy": policy, **b.run_offline(make(), workload)}
+    else:
+        report = {"mode": "online", **_online(b, make, workload, url, float(rate), loaded.manifest["name"], seed)}
+    out_path.write_text(b.to_json(report))
+    click.echo(b.to_json(report))
+    click.echo(f"wrote {out_path}", err=True)
+
+
+def _online(b, make, workload, url, rate, name, seed) -> dict:
+    if url:
+        return b.run_online(url.rstrip("/"), workload, rate, None, seed)
+    import threading
+
+    import uvicorn
+
+    from llmc.runtime.async_engine import AsyncEngine
+    from llmc.runtime.server import create_app
+
+    engine = AsyncEngine(make(), max_waiting=len(workload))
+    engine.start()
+    config = uvicorn.Config(create_app(engine, name), host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        return b.run_online(f"http://127.0.0.1:{port}", workload, rate, name, seed)
+    finally:
+        server.should_exit = True
+        thread.join()
+        engine.stop()
+
+
 @cli.command("kv-size")
 @click.argument("target", required=False, type=click.Path(path_type=Path))
 @click.option("--layers", type=int, help="Number of layers (explicit geometry).")

@@ -123,20 +123,34 @@ class LLM:
         if not plan.scheduled:
             return []
         self.pool.copy_blocks(plan.block_copies)
-        inputs = build_step_inputs(plan.scheduled, self.pool.block_size)
-        engine_start = time.perf_counter()
-        logits = self.engine.step(inputs, self.pool)  # [N, vocab]
-        self.timing.engine_s += time.perf_counter() - engine_start
-        updated, row = [], 0
-        for item in plan.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_computed_blocks(item.seq)
-            if item.completes:
-                updated.extend(self._append_tokens(item.seq, logits[row]))
-                row += 1
+        updated = []
+        for group in self._engine_calls(plan.scheduled):
+            inputs = build_step_inputs(group, self.pool.block_size)
+            engine_start = time.perf_counter()
+            logits = self.engine.step(inputs, self.pool)  # [N, vocab]
+            self.timing.engine_s += time.perf_counter() - engine_start
+            row = 0
+            for item in group:
+                item.seq.num_computed_tokens += item.num_new_tokens
+                self.block_manager.cache_computed_blocks(item.seq)
+                if item.completes:
+                    updated.extend(self._append_tokens(item.seq, logits[row]))
+                    row += 1
         self.timing.steps += 1
         self.timing.total_s += time.perf_counter() - start
         return updated
+
+    @staticmethod
+    def _engine_calls(scheduled: list) -> list[list]:
+        """Split a step into single-token work and multi-token chunks when it holds both.
+
+        The portable attention pads every sequence's queries to the longest chunk of the call, so
+        a 1-token decode batched with a 500-token prefill chunk would cost as much as 500 tokens
+        of attention; two calls (decodes, then chunks) avoid that padding.
+        """
+        decodes = [item for item in scheduled if item.num_new_tokens == 1]
+        chunks = [item for item in scheduled if item.num_new_tokens > 1]
+        return [group for group in (decodes, chunks) if group]
 
     def _append_tokens(self, seq: Sequence, logits: np.ndarray) -> list[Sequence]:
         """Sample seq's next token; on a prompt's first token with n > 1, fork the other samples."""
