@@ -19,7 +19,8 @@ from llmc.compiler.tokenizer_meta import tokenizer_manifest
 
 log = logging.getLogger(__name__)
 
-KV_LAYOUT = "[num_blocks, block_size, num_kv_heads, head_dim] per layer, separate K and V pools"
+# Head-major pools: gathering a sequence's blocks yields [KVH, S, L, D] directly (no transpose copy).
+KV_LAYOUT = "[num_kv_heads, num_blocks, block_size, head_dim] per layer, separate K and V pools"
 STAGES = 4
 
 

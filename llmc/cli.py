@@ -150,7 +150,7 @@ def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_
               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
               enable_prefix_caching=not no_prefix_caching, policy=policy)
     pool, context = llm.pool, llm.geometry.max_position
-    per_token = pool.keys[0, 0, 0].nbytes * 2 * llm.geometry.num_layers
+    per_token = (pool.keys.nbytes + pool.values.nbytes) // (pool.num_blocks * pool.block_size)
     click.echo(f"KV cache: {pool.num_blocks} blocks x {pool.block_size} tokens = {pool.num_blocks * pool.block_size:,} "
                f"tokens ({_human(pool.keys.nbytes + pool.values.nbytes)}, {per_token:,} bytes/token); "
                f"max concurrency at full context ({context:,} tokens): "

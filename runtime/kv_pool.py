@@ -53,16 +53,17 @@ def plan_kv_budget(memory: str | int | None, fraction: float | None) -> int:
 
 
 class KVPool:
-    """Per-layer K and V pools, [layers, num_blocks, block_size, kv_heads, head_dim] float32."""
+    """Per-layer K and V pools, [layers, kv_heads, num_blocks, block_size, head_dim] float32."""
 
     def __init__(self, geo: ModelGeometry, num_blocks: int, block_size: int):
-        shape = (geo.num_layers, num_blocks, block_size, geo.num_kv_heads, geo.head_dim)
+        shape = (geo.num_layers, geo.num_kv_heads, num_blocks, block_size, geo.head_dim)
         self.keys = np.zeros(shape, dtype=np.float32)
         self.values = np.zeros(shape, dtype=np.float32)
         self.num_blocks, self.block_size = num_blocks, block_size
-        # Flat views [layers, num_blocks * block_size, kv_heads, head_dim] for slot writes.
-        self._flat_keys = self.keys.reshape(geo.num_layers, num_blocks * block_size, *shape[3:])
-        self._flat_values = self.values.reshape(geo.num_layers, num_blocks * block_size, *shape[3:])
+        # Flat views [layers, kv_heads, num_blocks * block_size, head_dim] for slot writes.
+        flat = (geo.num_layers, geo.num_kv_heads, num_blocks * block_size, geo.head_dim)
+        self._flat_keys = self.keys.reshape(flat)
+        self._flat_values = self.values.reshape(flat)
 
     @classmethod
     def from_budget(cls, geo: ModelGeometry, block_size: int, budget_bytes: int) -> "KVPool":
@@ -79,10 +80,10 @@ class KVPool:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write of shared blocks)."""
         for src, dst in copies:
-            self.keys[:, dst] = self.keys[:, src]
-            self.values[:, dst] = self.values[:, src]
+            self.keys[:, :, dst] = self.keys[:, :, src]
+            self.values[:, :, dst] = self.values[:, :, src]
 
     def write(self, new_keys: np.ndarray, new_values: np.ndarray, slot_mapping: np.ndarray) -> None:
         """Scatter new K/V [layers, T, kv_heads, head_dim] into their slots, in place."""
-        self._flat_keys[:, slot_mapping] = new_keys
-        self._flat_values[:, slot_mapping] = new_values
+        self._flat_keys[:, :, slot_mapping] = new_keys.transpose(0, 2, 1, 3)  # [layers, KVH, T, D]
+        self._flat_values[:, :, slot_mapping] = new_values.transpose(0, 2, 1, 3)
