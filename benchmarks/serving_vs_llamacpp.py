@@ -83,18 +83,19 @@ def _transformers_static(hf_dir: str, workload) -> dict:
         ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
         steps = max(r.max_tokens for r in batch)
-        arrival = start
         with torch.no_grad():
             t0 = time.perf_counter()
-            model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
-            first = time.perf_counter()
+            model.generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False)  # prefill + 1 token
+            prefill = time.perf_counter() - t0
+            t1 = time.perf_counter()
             model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
             end = time.perf_counter()
-        per_token = (end - first - (first - t0)) / max(1, steps - 1)
-        shift = first - t0  # the timing run's prefill is repeated inside the full run: account for it once
+        # generate() streams nothing: place each request's tokens at the batch's measured pace
+        # (first token after one prefill, then evenly), counting the extra timing prefill as overhead.
+        per_token = max(0.0, end - t1 - prefill) / max(1, steps - 1)
         for r in batch:
-            times = [first + shift * 0 + k * per_token for k in range(r.max_tokens)]
-            traces.append(b.RequestTrace(arrival, times, len(r.prompt_ids)))
+            times = [t1 + prefill + k * per_token for k in range(r.max_tokens)]
+            traces.append(b.RequestTrace(start, times, len(r.prompt_ids)))
     return {"system": f"transformers {transformers.__version__} static batches of {PARALLEL} (offline)",
             **b.summarize(traces, time.perf_counter() - start), "note": "token times interpolated per batch"}
 
