@@ -157,7 +157,8 @@ def convert_gguf(path: Path, digest: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     from safetensors.torch import save_file
 
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent.mkdir(parents=True, exist_ok=True) or target.parent))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))  # renamed into place when complete
     cfg = model.config.to_dict()
     cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
     cfg.pop("quantization_config", None)  # the GGUF quantizer marker: the copy is plain fp32

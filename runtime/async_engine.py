@@ -105,10 +105,18 @@ class AsyncEngine:
         while True:
             kind, payload = item
             if kind == "add":
-                payload.seq = self.llm.add_request(payload.prompt_ids, payload.params, payload.request_id)
-                self._requests[payload.request_id] = payload
-                with self.metrics.lock:
-                    self.metrics.counters["llmc_prompt_tokens_total"] += len(payload.prompt_ids)
+                try:
+                    payload.seq = self.llm.add_request(payload.prompt_ids, payload.params, payload.request_id)
+                except Exception:  # validated by the handler already; never let one request stop the loop
+                    log.exception("could not queue request %s", payload.request_id)
+                    payload.push(RequestOutput(payload.request_id, "", [], True, "error"))
+                    payload.push(None)
+                    with self._lock:
+                        self._num_active -= 1
+                else:
+                    self._requests[payload.request_id] = payload
+                    with self.metrics.lock:
+                        self.metrics.counters["llmc_prompt_tokens_total"] += len(payload.prompt_ids)
             elif kind == "abort" and payload in self._requests:
                 self._finish(payload, "aborted")
             try:

@@ -93,7 +93,8 @@ class Handlers:
                                            f"'{self.model_name}'", code="model_not_found")
             llm = self.engine.llm
             if chat:
-                prompt = llm.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
+                messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+                prompt = llm.tokenizer.apply_chat_template(messages)
             else:
                 prompt = req.single_prompt()
             prompt_ids = llm.validate_prompt(prompt)
@@ -154,9 +155,11 @@ class Handlers:
                     choice = oa.choice(item.index, item.text, reason, chat, chunk=True, first=first[item.index],
                                        token_ids=item.token_ids if req.return_token_ids else None)
                     first[item.index] = False
-                    yield f"data: {json.dumps(oa.completion_body(response_id, self.model_name, [choice], None, chat, True))}\n\n"
+                    body = oa.completion_body(response_id, self.model_name, [choice], None, chat, chunk=True)
+                    yield f"data: {json.dumps(body)}\n\n"
             if req.include_usage:
-                body = oa.completion_body(response_id, self.model_name, [], oa.usage(num_prompt, num_tokens), chat, True)
+                usage = oa.usage(num_prompt, num_tokens)
+                body = oa.completion_body(response_id, self.model_name, [], usage, chat, chunk=True)
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
             completed = True

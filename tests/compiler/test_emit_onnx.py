@@ -40,6 +40,7 @@ def test_onnxruntime_matches_torch_over_interleaved_blocks(tiny_checkpoint, tmp_
     # (tokens of seq0, tokens of seq1) per step, as (start, end) ranges; ends past the prompt are decodes.
     schedule = [((0, 9), (0, 6)), ((9, 13), (6, 7)), ((13, 14), (7, 8)), ((14, 15), (8, 9))]
     seqs = [p.tolist() for p in prompts]
+    last = None  # greedy tokens of the previous step, fed back in decode steps
     for ranges in schedule:
         ids, pos, slots, starts, lens, logits_index = [], [], [], [0], [], []
         for s, (start, end) in enumerate(ranges):

@@ -1,7 +1,6 @@
 """The OpenAI-compatible server: the official client, errors, auth, capacity, disconnects."""
 
 import asyncio
-import json
 
 import httpx
 import openai

@@ -24,7 +24,8 @@ def test_generation_does_not_import_torch(tiny_bundle):
 
 def test_cli_run_does_not_import_torch(tiny_bundle):
     code = ("import sys; sys.argv = ['llmc', 'run', sys.argv[1], '-p', 'The', '--max-tokens', '3'];"
-            "from llmc.cli import main\ntry:\n    main()\nfinally:\n    print('TORCH' if 'torch' in sys.modules else 'NO_TORCH')")
+            "from llmc.cli import main\ntry:\n    main()\n"
+            "finally:\n    print('TORCH' if 'torch' in sys.modules else 'NO_TORCH')")
     result = subprocess.run([sys.executable, "-c", code, str(tiny_bundle)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("NO_TORCH")
