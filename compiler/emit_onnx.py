@@ -39,12 +39,24 @@ def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
     return g.op("Mul", g.op("Div", x, denom), weight)
 
 
-def _linear(g: GraphBuilder, x: str, name: str, linear: torch.nn.Linear) -> str:
+def _linear(g: GraphBuilder, x: str, name: str, linear: torch.nn.Linear, quant: dict) -> str:
+    if name in quant:
+        out = _matmul_nbits(g, x, name, quant[name], quant["accuracy_level"])
+        return out if linear.bias is None else g.op("Add", out, g.weight(f"{name}.bias", _np(linear.bias)))
     # Gemm with transB keeps the [out, in] weight as stored: no transposed copy.
     inputs = [x, g.weight(f"{name}.weight", _np(linear.weight))]
     if linear.bias is not None:
         inputs.append(g.weight(f"{name}.bias", _np(linear.bias)))
     return g.op("Gemm", *inputs, transB=1)
+
+
+def _matmul_nbits(g: GraphBuilder, x: str, name: str, qw, accuracy_level: int) -> str:
+    """com.microsoft.MatMulNBits over packed codes; float zero points when the weight has them."""
+    inputs = [x, g.weight(f"{name}.qweight", qw.packed()), g.weight(f"{name}.scales", qw.scale.reshape(-1))]
+    if qw.zero is not None:
+        inputs.append(g.weight(f"{name}.zeros", qw.packed_zeros()))
+    return g.op("MatMulNBits", *inputs, domain="com.microsoft", K=qw.in_features, N=qw.q.shape[0],
+                bits=qw.bits, block_size=qw.block_size, accuracy_level=accuracy_level)
 
 
 def _rope(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
@@ -53,9 +65,13 @@ def _rope(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))  # [T, H, D]
 
 
-def build_graph(model: LlamaModel) -> onnx.ModelProto:
-    """Translate llmc's torch model into the step graph (weights inline; saved as external data)."""
+def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level: int = 4) -> onnx.ModelProto:
+    """Translate llmc's torch model into the step graph (weights inline; saved as external data).
+
+    Linears named in `quantized` become MatMulNBits nodes over their codes.
+    """
     geo = model.geo
+    quant = {**(quantized or {}), "accuracy_level": accuracy_level}
     g = GraphBuilder()
     embed = g.weight("embed.weight", _np(model.embed.weight))
     cos_table = g.weight("rope.cos", _np(model.rope_cos))
@@ -70,22 +86,25 @@ def build_graph(model: LlamaModel) -> onnx.ModelProto:
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
         h = _rms_norm(g, x, g.weight(f"{p}.attn_norm", _np(layer.attn_norm)), geo.rms_norm_eps)
-        q = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.q_proj", layer.q_proj), q_shape), cos, sin, geo.head_dim // 2)
-        k = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.k_proj", layer.k_proj), kv_shape), cos, sin, geo.head_dim // 2)
-        v = g.op("Reshape", _linear(g, h, f"{p}.v_proj", layer.v_proj), kv_shape)  # [T, KVH, D]
+        q = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.q_proj", layer.q_proj, quant), q_shape), cos, sin, geo.head_dim // 2)
+        k = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.k_proj", layer.k_proj, quant), kv_shape), cos, sin, geo.head_dim // 2)
+        v = g.op("Reshape", _linear(g, h, f"{p}.v_proj", layer.v_proj, quant), kv_shape)  # [T, KVH, D]
         attn = g.op(pa.OP_TYPE, q, k, v, f"key_pool_{i}", f"value_pool_{i}", "block_tables", "context_lens",
                     "query_start", "positions", domain=pa.DOMAIN, name=f"{p}.paged_attention",
                     scale=float(geo.head_dim ** -0.5))
-        x = g.op("Add", x, _linear(g, attn, f"{p}.o_proj", layer.o_proj))
+        x = g.op("Add", x, _linear(g, attn, f"{p}.o_proj", layer.o_proj, quant))
         h = _rms_norm(g, x, g.weight(f"{p}.mlp_norm", _np(layer.mlp_norm)), geo.rms_norm_eps)
-        gate = _linear(g, h, f"{p}.gate_proj", layer.gate_proj)
-        mlp = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), _linear(g, h, f"{p}.up_proj", layer.up_proj))
-        x = g.op("Add", x, _linear(g, mlp, f"{p}.down_proj", layer.down_proj))
+        gate = _linear(g, h, f"{p}.gate_proj", layer.gate_proj, quant)
+        mlp = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), _linear(g, h, f"{p}.up_proj", layer.up_proj, quant))
+        x = g.op("Add", x, _linear(g, mlp, f"{p}.down_proj", layer.down_proj, quant))
         new_keys.append(g.op("Unsqueeze", k, g.const([0])))
         new_values.append(g.op("Unsqueeze", v, g.const([0])))
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
-    head = embed if model.lm_head is None else g.weight("lm_head.weight", _np(model.lm_head.weight))
-    g.op_to("Gemm", [h, head], "logits", transB=1)
+    if "lm_head" in quant:
+        g.op_to("Identity", [_matmul_nbits(g, h, "lm_head", quant["lm_head"], quant["accuracy_level"])], "logits")
+    else:
+        head = embed if model.lm_head is None else g.weight("lm_head.weight", _np(model.lm_head.weight))
+        g.op_to("Gemm", [h, head], "logits", transB=1)
     g.op_to("Concat", new_keys, "new_keys", axis=0)
     g.op_to("Concat", new_values, "new_values", axis=0)
 
@@ -107,18 +126,21 @@ def build_graph(model: LlamaModel) -> onnx.ModelProto:
     graph = helper.make_graph(g.nodes, "llmc_step", inputs, outputs, g.initializers)
     return helper.make_model(
         graph, functions=[pa.build_function()], producer_name="llmc",
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(pa.DOMAIN, 1)])
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(pa.DOMAIN, 1),
+                       helper.make_opsetid("com.microsoft", 1)])
 
 
-def emit_onnx(model: LlamaModel, out_dir: Path) -> dict:
+def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, accuracy_level: int = 4) -> dict:
     """Write model.onnx + model.onnx.data into out_dir; return the engine's manifest entry."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    log.info("building the ONNX step graph (%d layers)", model.geo.num_layers)
-    proto = build_graph(model)
+    log.info("building the ONNX step graph (%d layers, %d quantized linears)", model.geo.num_layers,
+             len(quantized or {}))
+    proto = build_graph(model, quantized, accuracy_level)
     log.info("writing %s with external weights", out_dir / GRAPH_FILE)
     onnx.save_model(proto, str(out_dir / GRAPH_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
     onnx.checker.check_model(str(out_dir / GRAPH_FILE))
     return {"format": "onnx", "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
             "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "kv_update": "returned",
+            "quantized_linears": sorted(quantized or {}), "accuracy_level": accuracy_level if quantized else None,
             "outputs": ["logits", "new_keys", "new_values"]}

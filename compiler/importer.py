@@ -46,6 +46,7 @@ class ModelIR:
     source_kind: str  # "hf" or "gguf"
     source_files: list[SourceFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    quantized: dict = field(default_factory=dict)  # linear name -> kernels.quant.QuantizedWeight
 
 
 def hf_name_to_llmc(name: str) -> str | None:

@@ -16,12 +16,24 @@ from llmc.compiler.emit_onnx import emit_onnx
 from llmc.compiler.importer import import_checkpoint
 from llmc.compiler.spec import BuildSpec
 from llmc.compiler.tokenizer_meta import tokenizer_manifest
+from llmc.passes.base import run_passes
+from llmc.passes.quant_rtn import QuantRTN
 
 log = logging.getLogger(__name__)
 
 # Head-major pools: gathering a sequence's blocks yields [KVH, S, L, D] directly (no transpose copy).
 KV_LAYOUT = "[num_kv_heads, num_blocks, block_size, head_dim] per layer, separate K and V pools"
 STAGES = 4
+
+
+def build_passes(spec: BuildSpec) -> list:
+    """The ordered pass list for a spec (one flat list, phase by phase)."""
+    passes = []
+    # -- quantization ---------------------------------------------------------------------------
+    if spec.quantization is not None:
+        q = spec.quantization
+        passes.append(QuantRTN(q.bits, q.group_size, q.symmetric, q.lm_head, q.zero_point))
+    return passes
 
 
 @contextmanager
@@ -43,12 +55,14 @@ def build(spec: BuildSpec) -> Path:
         with _stage(timings, 1, "import"):
             ir = import_checkpoint(source, spec.max_context, spec.allow_pickle, work_dir=staging)
         with _stage(timings, 2, "passes"):
-            passes: list[dict] = []  # quantization, speculative pairing: later passes plug in here
+            passes = run_passes(ir, build_passes(spec))
         engines = {}
         with _stage(timings, 3, "emit"):
             for target in spec.targets:
                 engine_dir = staging / "engines" / target
-                engines[target] = {"dir": f"engines/{target}", **emit_onnx(ir.model, engine_dir)}
+                level = spec.quantization.accuracy_level if spec.quantization else 0
+                engines[target] = {"dir": f"engines/{target}",
+                                   **emit_onnx(ir.model, engine_dir, ir.quantized, level)}
         with _stage(timings, 4, "bundle"):
             geo = ir.geometry
             manifest = {

@@ -36,6 +36,34 @@ class KVCacheSpec(_Strict):
         return value
 
 
+class QuantizationSpec(_Strict):
+    """Weight-only quantization of the decoder linears (and the LM head)."""
+
+    method: Literal["rtn", "awq", "gptq"]
+    bits: Literal[4, 8] = 4
+    group_size: Literal[32, 64, 128] = 128
+    symmetric: bool = False
+    # Asymmetric only. "int": codes (fast MatMulNBits kernels); "float": exact grid (slow on ORT 1.32 CPU).
+    zero_point: Literal["int", "float"] = "int"
+    lm_head: bool = True
+    # MatMulNBits accuracy_level: 4 = int8 activations (VNNI dot products), 0 = fp32 compute.
+    accuracy_level: Literal[0, 4] = 4
+
+    @field_validator("method")
+    @classmethod
+    def _method_supported(cls, value: str) -> str:
+        if value != "rtn":
+            raise ValueError(f"method {value!r} " + NOT_YET.format("AWQ and GPTQ passes; use method: rtn"))
+        return value
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_supported(cls, value: int) -> int:
+        if value != 4:
+            raise ValueError(f"bits {value} " + NOT_YET.format("int8 weights; use bits: 4"))
+        return value
+
+
 class BuildSpec(_Strict):
     """One build: where the checkpoint is, what to emit, where to put the bundle."""
 
@@ -47,7 +75,7 @@ class BuildSpec(_Strict):
     output: str = "out"
     max_context: int | None = Field(default=None, ge=16, le=1 << 20)
     allow_pickle: bool = False
-    quantization: dict[str, Any] | None = None
+    quantization: QuantizationSpec | None = None
     speculative: dict[str, Any] | None = None
     runtime: dict[str, Any] | None = None
     # Where the YAML lives; relative paths resolve against it. Set by load_spec.
@@ -68,12 +96,12 @@ class BuildSpec(_Strict):
                 raise ValueError(f"target {target!r} " + NOT_YET.format("TensorRT on NVIDIA GPUs"))
         return value
 
-    @field_validator("quantization", "speculative", "runtime")
+    @field_validator("speculative", "runtime")
     @classmethod
     def _later_sections(cls, value: Any, info) -> Any:
         if value is not None:
-            planned = {"quantization": "RTN/AWQ/GPTQ int4", "speculative": "draft models and n-gram drafting",
-                       "runtime": "serving limits with `llmc serve`"}[info.field_name]
+            planned = {"speculative": "draft models and n-gram drafting",
+                       "runtime": "serving limits given to `llmc serve`"}[info.field_name]
             raise ValueError(f"section {info.field_name!r} " + NOT_YET.format(planned))
         return value
 

@@ -1,0 +1,65 @@
+"""RTN int4: the quantization math, and the MatMulNBits engine against the torch fake-quant reference."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from llmc.compiler.emit_onnx import emit_onnx
+from llmc.compiler.importer import import_checkpoint
+from llmc.kernels.quant import quantize_rtn
+from llmc.passes.base import run_passes
+from llmc.passes.quant_rtn import QuantRTN
+
+
+@pytest.mark.parametrize("symmetric,zero_point", [(False, "int"), (False, "float"), (True, "int")])
+@pytest.mark.parametrize("k,block", [(64, 32), (576, 128), (100, 64), (96, 32)])
+def test_rtn_error_is_at_most_half_a_step(symmetric, zero_point, k, block):
+    w = np.random.default_rng(0).normal(size=(8, k)).astype(np.float32)
+    qw = quantize_rtn(w, 4, block, symmetric, zero_point)
+    deq = qw.dequantize()
+    assert deq.shape == w.shape and qw.q.max() <= 15
+    step = np.repeat(qw.scale, block, axis=1)[:, :k]
+    assert np.all(np.abs(deq - w) <= step / 2 + 1e-6)
+
+
+def test_rtn_reproduces_a_q4_1_grid_exactly():
+    """Weights already on a min + d * q grid (as Q4_1 stores them) survive group-32 RTN unchanged."""
+    rng = np.random.default_rng(1)
+    d, m = rng.uniform(0.01, 0.1, size=(4, 2, 1)), rng.uniform(-1, 0, size=(4, 2, 1))
+    codes = rng.integers(0, 16, size=(4, 2, 32))
+    codes[..., 0], codes[..., 1] = 0, 15  # each block spans its full range, as Q4_1's quantizer makes it
+    w = (m + d * codes).reshape(4, 64).astype(np.float32)
+    assert np.abs(quantize_rtn(w, 4, 32, symmetric=False, zero_point="float").dequantize() - w).max() < 1e-6
+
+
+def test_packing_is_low_nibble_first():
+    qw = quantize_rtn(np.arange(64, dtype=np.float32)[None], 4, 32, symmetric=False)
+    packed = qw.packed()
+    assert packed.shape == (1, 2, 16)
+    assert packed[0, 0, 0] == qw.q[0, 0, 0] | (qw.q[0, 0, 1] << 4)
+
+
+@pytest.mark.parametrize("accuracy_level,tol,symmetric,zero_point", [
+    (0, 1e-4, False, "int"), (0, 1e-4, False, "float"), (0, 1e-4, True, "int"), (4, 0.05, False, "int")])
+def test_int4_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, accuracy_level, tol, symmetric,
+                                                  zero_point):
+    ir = import_checkpoint(tiny_checkpoint, work_dir=tmp_path)
+    reference_fp32 = ir.model.lm_head_weight().detach().clone()
+    records = run_passes(ir, [QuantRTN(4, 32, symmetric, lm_head=True, zero_point=zero_point)])
+    assert records[0]["num_quantized"] == 2 * 7 + 1 and records[0]["mean_rel_weight_error"] > 0
+    assert not torch.equal(ir.model.lm_head_weight(), reference_fp32)  # the torch model is now fake-quant
+    entry = emit_onnx(ir.model, tmp_path / "engine", ir.quantized, accuracy_level)
+    session = ort.InferenceSession(str(tmp_path / "engine" / entry["graph"]), providers=["CPUExecutionProvider"])
+    n = 21
+    ids = torch.randint(0, ir.geometry.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+    kv = ir.model.new_kv_cache(8, 4)
+    inputs = {"input_ids": ids, "positions": torch.arange(n), "block_tables": torch.arange(6, dtype=torch.int32)[None],
+              "context_lens": torch.tensor([n], dtype=torch.int32), "query_start": torch.tensor([0, n], dtype=torch.int32),
+              "logits_index": torch.arange(n)}
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    for i, (k, v) in enumerate(kv):
+        feeds[f"key_pool_{i}"], feeds[f"value_pool_{i}"] = k.numpy().copy(), v.numpy().copy()
+    logits = session.run(None, feeds)[0]
+    expected = ir.model(slot_mapping=torch.arange(n), kv_cache=kv, **inputs).numpy()
+    assert np.abs(logits - expected).max() <= tol * max(1.0, np.abs(expected).max())
