@@ -107,7 +107,7 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
 
 async def _stream_one(client, url: str, model: str | None, req: BenchRequest, trace: RequestTrace) -> None:
     body = {"prompt": req.prompt_ids, "max_tokens": req.max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+            "ignore_eos": True, "return_token_ids": True}
     if model:
         body["model"] = model
     trace.arrival = time.perf_counter()
@@ -120,9 +120,12 @@ async def _stream_one(client, url: str, model: str | None, req: BenchRequest, tr
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                choices = json.loads(line[6:]).get("choices") or [{}]
-                if "text" in choices[0] and (choices[0]["text"] or choices[0].get("finish_reason") is None):
-                    trace.token_times.append(time.perf_counter())  # one streamed chunk = one token
+                choice = (json.loads(line[6:]).get("choices") or [{}])[0]
+                now = time.perf_counter()
+                if "token_ids" in choice:  # llmc: exact token counts
+                    trace.token_times += [now] * len(choice["token_ids"])
+                elif "text" in choice and (choice["text"] or choice.get("finish_reason") is None):
+                    trace.token_times.append(now)  # other servers: one streamed chunk = one token
     except Exception as err:  # noqa: BLE001 - a failed request is recorded, the run goes on
         trace.status = f"error {type(err).__name__}"
 
@@ -149,8 +152,9 @@ def run_online(url: str, workload: list[BenchRequest], rate: float = float("inf"
                seed: int = 0) -> dict:
     """Stream every request over HTTP (OpenAI completions API) with Poisson arrivals at `rate` req/s.
 
-    Each streamed text chunk counts as one token arrival (both llmc and llama.cpp stream a token a
-    chunk); use `completed` and `output_tokens` to check that nothing was cut short.
+    llmc reports each chunk's token ids (`return_token_ids`); for other servers each streamed text
+    chunk counts as one token (llama.cpp streams a token a chunk). Check `completed` and
+    `output_tokens` against the workload to see that nothing was cut short.
     """
     return asyncio.run(_run_online(url, workload, rate, model, seed))
 

@@ -1,0 +1,48 @@
+"""`llmc bench`: the workload is exact and the report's numbers add up (offline, online, sweep)."""
+
+import json
+
+import pytest
+
+from llmc.runtime import bench as b
+from llmc.runtime.llm import LLM
+from tests.server_harness import served, wait_idle
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return b.make_workload(6, (5, 30), (3, 9), vocab_size=300, seed=1)
+
+
+def test_workload_is_seeded_and_in_range(workload):
+    assert workload == b.make_workload(6, (5, 30), (3, 9), vocab_size=300, seed=1)
+    assert all(5 <= len(r.prompt_ids) <= 30 and 3 <= r.max_tokens <= 9 for r in workload)
+
+
+def test_offline_report(tiny_bundle, workload):
+    report = b.run_offline(LLM(tiny_bundle, max_num_seqs=4, max_num_batched_tokens=32), workload)
+    assert report["completed"] == 6 and report["output_tokens"] == sum(r.max_tokens for r in workload)
+    assert report["prompt_tokens"] == sum(len(r.prompt_ids) for r in workload)
+    assert 0 < report["ttft_ms"]["p50"] <= report["ttft_ms"]["p99"]
+    assert report["output_tok_s"] == pytest.approx(report["output_tokens"] / report["duration_s"])
+    assert 0 <= report["kv_waste_mean"] < 1 and 0 < report["kv_usage_peak"] <= 1
+    assert 0 <= report["host_overhead_fraction"] < 1
+
+
+def test_online_report_over_http(tiny_bundle, workload):
+    with served(LLM(tiny_bundle, max_num_seqs=4)) as (url, engine):
+        report = b.run_online(url, workload, rate=50.0, seed=0)
+        wait_idle(engine)
+    assert report["completed"] == 6 and report["output_tokens"] == sum(r.max_tokens for r in workload)
+
+
+def test_sweep_writes_json_and_png(tiny_bundle, tmp_path):
+    from tests.test_cli import llmc
+
+    out = tmp_path / "sweep.json"
+    result = llmc("bench", tiny_bundle, "--num-requests", 4, "--prompt-len", "5:20", "--output-len", "2:5",
+                  "--sweep", "max_num_seqs=1,2", "--kv-cache-memory", "8MiB", "--out", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [r["max_num_seqs"] for r in report["sweep"]] == [1, 2]
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
