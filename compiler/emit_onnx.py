@@ -86,8 +86,9 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
         h = _rms_norm(g, x, g.weight(f"{p}.attn_norm", _np(layer.attn_norm)), geo.rms_norm_eps)
-        q = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.q_proj", layer.q_proj, quant), q_shape), cos, sin, geo.head_dim // 2)
-        k = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.k_proj", layer.k_proj, quant), kv_shape), cos, sin, geo.head_dim // 2)
+        half = geo.head_dim // 2
+        q = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.q_proj", layer.q_proj, quant), q_shape), cos, sin, half)
+        k = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.k_proj", layer.k_proj, quant), kv_shape), cos, sin, half)
         v = g.op("Reshape", _linear(g, h, f"{p}.v_proj", layer.v_proj, quant), kv_shape)  # [T, KVH, D]
         attn = g.op(pa.OP_TYPE, q, k, v, f"key_pool_{i}", f"value_pool_{i}", "block_tables", "context_lens",
                     "query_start", "positions", domain=pa.DOMAIN, name=f"{p}.paged_attention",

@@ -54,8 +54,9 @@ def test_int4_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, acc
     n = 21
     ids = torch.randint(0, ir.geometry.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
     kv = ir.model.new_kv_cache(8, 4)
-    inputs = {"input_ids": ids, "positions": torch.arange(n), "block_tables": torch.arange(6, dtype=torch.int32)[None],
-              "context_lens": torch.tensor([n], dtype=torch.int32), "query_start": torch.tensor([0, n], dtype=torch.int32),
+    i32 = torch.int32
+    inputs = {"input_ids": ids, "positions": torch.arange(n), "block_tables": torch.arange(6, dtype=i32)[None],
+              "context_lens": torch.tensor([n], dtype=i32), "query_start": torch.tensor([0, n], dtype=i32),
               "logits_index": torch.arange(n)}
     feeds = {k: v.numpy() for k, v in inputs.items()}
     for i, (k, v) in enumerate(kv):
