@@ -11,7 +11,8 @@ pytestmark = pytest.mark.slow
 
 LICENSE = Path("/usr/share/common-licenses/Apache-2.0")
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
-           "The three primary colors are", "Water boils at a temperature of", "My favourite programming language is"]
+           "The three primary colors are", "Water boils at a temperature of", "My favourite programming language is",
+           "The history of the printing press begins", "Here is a long story about a dragon:"]
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +99,14 @@ def test_greedy_continuations_match_transformers(smol_bundle, hf_model):
     llm = LLM(smol_bundle, verify=False)
     params = SamplingParams(max_tokens=64, logprobs=2)  # both stop at the end-of-text token
     lengths = []
-    for prompt in PROMPTS[:5]:
+    for prompt in PROMPTS:
         ours = llm.generate([prompt], params)[0]
         with torch.no_grad():
             ref = hf.generate(torch.tensor([ours.prompt_token_ids]), max_new_tokens=64,
                               do_sample=False)[0, len(ours.prompt_token_ids):].tolist()
         assert_same_or_near_tie(ref, ours.token_ids, ours.logprobs)
         lengths.append(len(ours.token_ids))
-    assert sum(n == 64 for n in lengths) >= 3, lengths  # mostly full-length continuations
+    assert sum(n == 64 for n in lengths) >= 5, lengths  # at least 5 full 64-token continuations
 
 
 def test_paris(smol_bundle):
