@@ -18,6 +18,13 @@ SUPPORTED_TARGETS = ("onnxruntime",)
 NOT_YET = "is not supported yet in this version of llmc; remove it (planned: {})"
 
 
+def _only(value, supported, label: str, planned: str):
+    """Accept a declared-but-unbuilt option only at its supported value; otherwise say it is planned."""
+    if value != supported:
+        raise ValueError(f"{label} {value!r} " + NOT_YET.format(planned))
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,9 +38,7 @@ class KVCacheSpec(_Strict):
     @field_validator("dtype")
     @classmethod
     def _only_fp32(cls, value: str) -> str:
-        if value != "float32":
-            raise ValueError(f"kv_cache dtype {value!r} " + NOT_YET.format("fp16 KV with the GPU backends"))
-        return value
+        return _only(value, "float32", "kv_cache dtype", "fp16 KV with the GPU backends")
 
 
 class QuantizationSpec(_Strict):
@@ -52,16 +57,12 @@ class QuantizationSpec(_Strict):
     @field_validator("method")
     @classmethod
     def _method_supported(cls, value: str) -> str:
-        if value != "rtn":
-            raise ValueError(f"method {value!r} " + NOT_YET.format("AWQ and GPTQ passes; use method: rtn"))
-        return value
+        return _only(value, "rtn", "method", "AWQ and GPTQ passes; use method: rtn")
 
     @field_validator("bits")
     @classmethod
     def _bits_supported(cls, value: int) -> int:
-        if value != 4:
-            raise ValueError(f"bits {value} " + NOT_YET.format("int8 weights; use bits: 4"))
-        return value
+        return _only(value, 4, "bits", "int8 weights; use bits: 4")
 
 
 class BuildSpec(_Strict):
@@ -84,16 +85,13 @@ class BuildSpec(_Strict):
     @field_validator("dtype")
     @classmethod
     def _dtype_supported(cls, value: str) -> str:
-        if value != "float32":
-            raise ValueError(f"dtype {value!r} " + NOT_YET.format("half precision with the GPU backends"))
-        return value
+        return _only(value, "float32", "dtype", "half precision with the GPU backends")
 
     @field_validator("targets")
     @classmethod
     def _targets_supported(cls, value: list[str]) -> list[str]:
         for target in value:
-            if target not in SUPPORTED_TARGETS:
-                raise ValueError(f"target {target!r} " + NOT_YET.format("TensorRT on NVIDIA GPUs"))
+            _only(target, SUPPORTED_TARGETS[0], "target", "TensorRT on NVIDIA GPUs")
         return value
 
     @field_validator("speculative", "runtime")
