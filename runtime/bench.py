@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -69,6 +69,7 @@ def summarize(traces: list[RequestTrace], duration: float, extra: dict | None = 
 
 def run_offline(llm, workload: list[BenchRequest]) -> dict:
     """All requests queued at once through the Python API; per-token times taken after each step."""
+    from llmc.runtime.llm import StepTiming
     from llmc.runtime.sequence import SamplingParams
 
     start = time.perf_counter()
@@ -78,7 +79,7 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
         traces.append(RequestTrace(start, num_prompt=len(req.prompt_ids)))
     index = {seq: i for i, seq in enumerate(seqs)}
     usage, waste = [], []
-    timing_before = (llm.timing.total_s, llm.timing.engine_s)
+    timing_before = replace(llm.timing)
     preemptions_before = llm.scheduler.num_preemptions
     done, next_report = 0, max(1, len(seqs) // 10)
     while llm.scheduler.has_unfinished():
@@ -95,12 +96,12 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
     duration = time.perf_counter() - start
     for seq in seqs:
         llm.release(seq)
-    total_s = llm.timing.total_s - timing_before[0]
-    engine_s = llm.timing.engine_s - timing_before[1]
+    run_timing = StepTiming(llm.timing.steps - timing_before.steps, llm.timing.total_s - timing_before.total_s,
+                            llm.timing.engine_s - timing_before.engine_s)
     return summarize(traces, duration, {
         "kv_usage_peak": max(usage, default=0.0), "kv_usage_mean": float(np.mean(usage)) if usage else 0.0,
         "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
-        "host_overhead_fraction": 1.0 - engine_s / total_s if total_s else 0.0,
+        "host_overhead_fraction": run_timing.host_fraction,
         "preemptions": llm.scheduler.num_preemptions - preemptions_before,
         "prefix_cache_hit_rate": llm.block_manager.stats.hit_rate})
 

@@ -120,10 +120,6 @@ class BlockManager:
                 self.block_hash[block] = h
 
     # -- allocation ----------------------------------------------------------------------------
-    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether seq's table can grow to hold num_tokens tokens (copy-on-write included)."""
-        return self._blocks_to_add(seq, num_tokens) <= len(self._free)
-
     def _needs_copy(self, seq: Sequence) -> bool:
         """Whether the next write lands in a partly filled block that another sequence shares."""
         offset = seq.num_computed_tokens % self.block_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from typing import Any, Literal
@@ -103,12 +104,8 @@ class ChatRequest(_Request):
         """max_completion_tokens is the newer name of max_tokens."""
         params = super().sampling_params(default_max_tokens)
         if self.max_completion_tokens and not self.max_tokens:
-            params = SamplingParams(**{**_fields(params), "max_tokens": self.max_completion_tokens})
+            params = dataclasses.replace(params, max_tokens=self.max_completion_tokens)
         return params
-
-
-def _fields(params: SamplingParams) -> dict:
-    return {name: getattr(params, name) for name in SamplingParams.__dataclass_fields__}
 
 
 def parse_request(model: type[_Request], body: Any) -> _Request:

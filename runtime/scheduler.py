@@ -37,11 +37,6 @@ class SchedulerOutput:
     out_of_memory: list[Sequence] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step
 
-    @property
-    def num_tokens(self) -> int:
-        """Total new tokens in the step."""
-        return sum(s.num_new_tokens for s in self.scheduled)
-
 
 POLICIES = ("continuous", "static")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 
 TEXT = ("The capital of France is Paris. The capital of Italy is Rome. Paged attention keeps the KV cache "
         "in fixed-size blocks. Continuous batching lets new requests join between steps. ") * 20
@@ -80,9 +79,3 @@ def assert_same_or_near_tie(tokens: list[int], ref_tokens: list[int], ref_logpro
     (_, lp1), (_, lp2) = ref_logprobs[i][:2]
     gap = lp1 - lp2
     assert gap < tol, f"outputs diverge at token {i} where the top-2 logit gap is {gap:.2e} (not a near-tie)"
-
-
-def top2_gap(logits: np.ndarray) -> float:
-    """Difference between the two largest values of a 1-D array."""
-    top = np.sort(logits)[-2:]
-    return float(top[1] - top[0])
