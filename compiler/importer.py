@@ -113,7 +113,10 @@ def _tokenizer_files(directory: Path, dest: Path) -> None:
 
 def import_hf_dir(directory: Path, max_context: int | None = None, allow_pickle: bool = False,
                   work_dir: Path | None = None) -> ModelIR:
-    """Import an HF checkpoint directory (config.json + safetensors + tokenizer files)."""
+    """Import an HF checkpoint directory (config.json + safetensors + tokenizer files).
+
+    source_files is left to the caller: what identifies the source is not always this directory.
+    """
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ModelImportError(f"{directory}: no config.json; an HF checkpoint directory needs one")
@@ -130,9 +133,12 @@ def import_hf_dir(directory: Path, max_context: int | None = None, allow_pickle:
     model.eval()
     tok_dir = Path(work_dir or tempfile.mkdtemp(prefix="llmc-tok-")) / "tokenizer"
     _tokenizer_files(directory, tok_dir)
-    files = [SourceFile(p.name, sha256_file(p), p.stat().st_size) for p in sorted(directory.iterdir())
-             if p.is_file() and (p.suffix in (".json", ".safetensors", ".jinja", ".bin", ".pt"))]
-    return ModelIR(geo, model, tok_dir, "hf", files, notes)
+    return ModelIR(geo, model, tok_dir, "hf", [], notes)
+
+
+def _hf_source_files(directory: Path) -> list[SourceFile]:
+    return [SourceFile(p.name, sha256_file(p), p.stat().st_size) for p in sorted(directory.iterdir())
+            if p.is_file() and (p.suffix in (".json", ".safetensors", ".jinja", ".bin", ".pt"))]
 
 
 def cache_root() -> Path:
@@ -181,8 +187,10 @@ def import_checkpoint(path: Path, max_context: int | None = None, allow_pickle: 
                       work_dir: Path | None = None) -> ModelIR:
     """Import an HF directory or a .gguf file."""
     if path.is_dir():
-        return import_hf_dir(path, max_context, allow_pickle, work_dir)
-    if path.suffix == ".gguf":
+        ir = import_hf_dir(path, max_context, allow_pickle, work_dir)
+        ir.source_files = _hf_source_files(path)
+        return ir
+    if path.suffix == ".gguf":  # the GGUF is the source; its cached fp32 conversion is not hashed again
         digest = sha256_file(path)
         ir = import_hf_dir(convert_gguf(path, digest), max_context, allow_pickle, work_dir)
         ir.source_kind = "gguf"
