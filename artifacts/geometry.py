@@ -49,4 +49,13 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype:
     return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes(dtype)
 
 
+def human_bytes(num: float, digits: int = 1) -> str:
+    """'520.6 MiB': binary units, whole bytes below 1 KiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num < 1024:
+            return f"{int(num)} B" if unit == "B" else f"{num:.{digits}f} {unit}"
+        num /= 1024
+    return f"{num:.{digits}f} TiB"
+
+
 KV_FORMULA = "bytes/token = 2 (K and V) x layers x kv_heads x head_dim x bytes(dtype)"

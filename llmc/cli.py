@@ -15,20 +15,13 @@ from pathlib import Path
 import click
 
 from llmc import __version__
+from llmc.artifacts.geometry import human_bytes
 from llmc.errors import LlmcError
 
 
 def _setup_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
     logging.basicConfig(level=level, format="[llmc] %(message)s", stream=sys.stderr)
-
-
-def _human(num_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if num_bytes < 1024 or unit == "TiB":
-            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
-        num_bytes /= 1024
-    return ""
 
 
 @click.group()
@@ -52,7 +45,7 @@ def build(model_yaml: Path, quiet: bool) -> None:
     if quiet:
         click.echo(str(out))
     else:
-        click.echo(f"built {out} ({_human(size)}) in {time.perf_counter() - start:.1f}s")
+        click.echo(f"built {out} ({human_bytes(size)}) in {time.perf_counter() - start:.1f}s")
 
 
 @cli.command()
@@ -72,7 +65,8 @@ def inspect(bundle: Path, as_json: bool) -> None:
     click.echo(f"bundle    {loaded.path}")
     click.echo(f"name      {m['name']}  (llmc {m['llmc_version']}, schema {m['schema_version']}, {m['created_at']})")
     for f in m["source"]["files"]:
-        click.echo(f"source    {m['source']['kind']}: {f['name']}  sha256 {f['sha256'][:16]}…  {_human(f['size'])}")
+        click.echo(f"source    {m['source']['kind']}: {f['name']}  sha256 {f['sha256'][:16]}…  "
+                   f"{human_bytes(f['size'])}")
     click.echo(f"model     {geo['architecture']}: {geo['num_layers']} layers, hidden {geo['hidden_size']}, "
                f"{geo['num_heads']} heads / {geo['num_kv_heads']} KV heads x {geo['head_dim']}, "
                f"vocab {geo['vocab_size']}, context {geo['max_position']}")
@@ -83,8 +77,8 @@ def inspect(bundle: Path, as_json: bool) -> None:
     click.echo("timings   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
     total = sum(f["size"] for f in m["files"].values())
     for rel, meta in m["files"].items():
-        click.echo(f"  {meta['sha256'][:12]}  {_human(meta['size']):>10}  {rel}")
-    click.echo(f"verified  {len(m['files'])} files, {_human(total)}: all sha256 checksums match")
+        click.echo(f"  {meta['sha256'][:12]}  {human_bytes(meta['size']):>10}  {rel}")
+    click.echo(f"verified  {len(m['files'])} files, {human_bytes(total)}: all sha256 checksums match")
 
 
 @cli.command()
@@ -152,7 +146,7 @@ def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_
     pool, context = llm.pool, llm.geometry.max_position
     per_token = (pool.keys.nbytes + pool.values.nbytes) // (pool.num_blocks * pool.block_size)
     click.echo(f"KV cache: {pool.num_blocks} blocks x {pool.block_size} tokens = {pool.num_blocks * pool.block_size:,} "
-               f"tokens ({_human(pool.keys.nbytes + pool.values.nbytes)}, {per_token:,} bytes/token); "
+               f"tokens ({human_bytes(pool.keys.nbytes + pool.values.nbytes)}, {per_token:,} bytes/token); "
                f"max concurrency at full context ({context:,} tokens): "
                f"{pool.num_blocks // blocks_needed(context, pool.block_size)}")
     name = served_model_name or llm.bundle.manifest["name"]
@@ -223,28 +217,11 @@ def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_le
 def _online(b, make, workload, url, rate, name, seed) -> dict:
     if url:
         return b.run_online(url.rstrip("/"), workload, rate, None, seed)
-    import threading
-
-    import uvicorn
-
     from llmc.runtime.async_engine import AsyncEngine
-    from llmc.runtime.server import create_app
+    from llmc.runtime.server import serve_in_thread
 
-    engine = AsyncEngine(make(), max_waiting=len(workload))
-    engine.start()
-    config = uvicorn.Config(create_app(engine, name), host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        return b.run_online(f"http://127.0.0.1:{port}", workload, rate, name, seed)
-    finally:
-        server.should_exit = True
-        thread.join()
-        engine.stop()
+    with serve_in_thread(AsyncEngine(make(), max_waiting=len(workload)), name) as local_url:
+        return b.run_online(local_url, workload, rate, name, seed)
 
 
 @cli.command("kv-size")

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmc.artifacts.geometry import KV_FORMULA, ModelGeometry, dtype_bytes, kv_bytes_per_token
+from llmc.artifacts.geometry import KV_FORMULA, ModelGeometry, dtype_bytes, human_bytes, kv_bytes_per_token
 from llmc.errors import ConfigError
 
 
@@ -103,18 +103,10 @@ def kv_report(kv: KVGeometry, batch: int) -> str:
         f"{kv.dtype} ({dtype_bytes(kv.dtype)} bytes)",
         f"formula      {KV_FORMULA}",
         f"             = 2 x {kv.num_layers} x {kv.num_kv_heads} x {kv.head_dim} x {dtype_bytes(kv.dtype)}",
-        f"per token    {per_token:,} bytes/token ({_human(per_token)})",
+        f"per token    {per_token:,} bytes/token ({human_bytes(per_token, 2)})",
         f"per request  {kv.context:,} tokens"
         + (f" (= {slots:,} slots in blocks of {kv.block_size})" if slots != kv.context else "")
-        + f": {per_request:,} bytes ({_human(per_request)})",
-        f"per batch    {batch} x that: {per_request * batch:,} bytes ({_human(per_request * batch)})",
+        + f": {per_request:,} bytes ({human_bytes(per_request, 2)})",
+        f"per batch    {batch} x that: {per_request * batch:,} bytes ({human_bytes(per_request * batch, 2)})",
     ]
     return "\n".join(lines)
-
-
-def _human(num: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if num < 1024 or unit == "TiB":
-            return f"{num:.2f} {unit}"
-        num /= 1024
-    return ""

@@ -8,10 +8,13 @@ Retry-After; a client that disconnects aborts its request; SIGTERM drains in-fli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import uvicorn
 from starlette.applications import Starlette
@@ -199,6 +202,32 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
         # uvicorn re-raises captured signals after shutdown; a drained shutdown is a clean exit (status 0).
         getattr(self, "_captured_signals", []).clear()
+
+
+@contextlib.contextmanager
+def serve_in_thread(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+                    start_timeout: float = 30.0) -> Iterator[str]:
+    """Run the server on an ephemeral loopback port in a background thread; yields its base URL.
+
+    For in-process clients (`llmc bench --mode online`, tests). Stops server and engine on exit.
+    """
+    config = uvicorn.Config(create_app(engine, model_name, api_key), host="127.0.0.1", port=0,
+                            log_level="warning", backlog=2048)
+    server = uvicorn.Server(config)
+    engine.start()
+    thread = threading.Thread(target=server.run, name="llmc-http", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the in-process HTTP server did not start")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        engine.stop()
 
 
 def serve(engine: AsyncEngine, model_name: str, host: str, port: int, api_key: str | None,

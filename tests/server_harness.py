@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 
-import uvicorn
-
 from llmc.runtime.async_engine import AsyncEngine
-from llmc.runtime.server import create_app
+from llmc.runtime.server import serve_in_thread
 
 
 def free_port() -> int:
@@ -24,22 +21,8 @@ def free_port() -> int:
 def served(llm, api_key=None, max_waiting=256, model_name="tiny"):
     """Yield (base_url, engine) while a server runs in a background thread."""
     engine = AsyncEngine(llm, max_waiting=max_waiting)
-    engine.start()
-    app = create_app(engine, model_name, api_key)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", backlog=1024))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", engine
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        engine.stop()
+    with serve_in_thread(engine, model_name, api_key) as url:
+        yield url, engine
 
 
 def wait_idle(engine, timeout=20.0) -> None:
