@@ -7,10 +7,9 @@ engines are tested against. It implements the engine step contract of DESIGN.md 
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from llmc.artifacts.geometry import ModelGeometry
 from llmc.kernels import reference as ref
+from torch import nn
 
 
 class DecoderLayer(nn.Module):
@@ -30,19 +29,26 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(geo.intermediate_size, geo.hidden_size, bias=False)
         self.geo = geo
 
-    def forward(self, x, cos, sin, step, k_pool, v_pool):
+    def attention(self, h, cos, sin, step, k_pool, v_pool):
+        """Self-attention of normed h [T, hidden] over the paged cache, through o_proj; [T, hidden]."""
         geo = self.geo
-        num_tokens = x.shape[0]
-        h = ref.rms_norm(x, self.attn_norm, geo.rms_norm_eps)  # [T, hidden]
+        num_tokens = h.shape[0]
         q = ref.apply_rope(self.q_proj(h).view(num_tokens, geo.num_heads, geo.head_dim), cos, sin)
         k = ref.apply_rope(self.k_proj(h).view(num_tokens, geo.num_kv_heads, geo.head_dim), cos, sin)
         v = self.v_proj(h).view(num_tokens, geo.num_kv_heads, geo.head_dim)  # [T, KVH, D]
         ref.write_kv(k_pool, v_pool, k, v, step["slot_mapping"])
         attn = ref.paged_attention(q, k, v, k_pool, v_pool, step["block_tables"], step["context_lens"],
                                    step["query_start"], step["positions"], geo.head_dim ** -0.5)
-        x = x + self.o_proj(attn)
-        h = ref.rms_norm(x, self.mlp_norm, geo.rms_norm_eps)
-        return x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+        return self.o_proj(attn)
+
+    def mlp(self, h):
+        """SwiGLU of normed h [T, hidden]; [T, hidden]."""
+        return self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    def forward(self, x, cos, sin, step, k_pool, v_pool):
+        eps = self.geo.rms_norm_eps
+        x = x + self.attention(ref.rms_norm(x, self.attn_norm, eps), cos, sin, step, k_pool, v_pool)
+        return x + self.mlp(ref.rms_norm(x, self.mlp_norm, eps))
 
 
 class LlamaModel(nn.Module):

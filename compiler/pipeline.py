@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -14,35 +15,69 @@ from llmc.artifacts import bundle as bundle_io
 from llmc.artifacts.geometry import KV_FORMULA, kv_bytes_per_token
 from llmc.compiler.emit_onnx import emit_onnx
 from llmc.compiler.importer import import_checkpoint
-from llmc.compiler.spec import BuildSpec
+from llmc.compiler import calibration
+from llmc.compiler.evaluate import evaluate, torch_scorer
+from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec
 from llmc.compiler.tokenizer_meta import tokenizer_manifest
+from llmc.kernels.quant import GridConfig
 from llmc.passes.base import run_passes
+from llmc.passes.quant_awq import QuantAWQ
+from llmc.passes.quant_gptq import QuantGPTQ
 from llmc.passes.quant_rtn import QuantRTN
 
 log = logging.getLogger(__name__)
 
 # Head-major pools: gathering a sequence's blocks yields [KVH, S, L, D] directly (no transpose copy).
 KV_LAYOUT = "[num_kv_heads, num_blocks, block_size, head_dim] per layer, separate K and V pools"
-STAGES = 4
 
 
-def build_passes(spec: BuildSpec) -> list:
+def _windows(spec: BuildSpec, ir, section, count, seed, what: str):
+    ids = calibration.token_stream(ir.tokenizer_dir, [spec.resolve(p) for p in section.texts],
+                                   [spec.resolve(p) for p in getattr(section, "token_files", [])],
+                                   ir.geometry.vocab_size)
+    return calibration.windows(ids, section.seq_len, count, seed, what)
+
+
+def build_passes(spec: BuildSpec, ir) -> list:
     """The ordered pass list for a spec (one flat list, phase by phase)."""
     passes = []
     # -- quantization ---------------------------------------------------------------------------
-    if spec.quantization is not None:
-        q = spec.quantization
-        passes.append(QuantRTN(q.bits, q.group_size, q.symmetric, q.lm_head, q.zero_point))
+    q = spec.quantization
+    if q is not None:
+        cfg = GridConfig(q.bits, q.group_size, q.symmetric, q.zero_point)
+        if q.method == "rtn":
+            passes.append(QuantRTN(cfg, q.lm_head))
+        else:
+            cal = spec.calibration
+            windows = _windows(spec, ir, cal, cal.n_samples, cal.seed, "calibration")
+            if q.method == "awq":
+                a = q.awq or AWQSpec()
+                passes.append(QuantAWQ(cfg, q.lm_head, windows, a.grid, a.duo_scaling, a.clip, a.loss_tokens))
+            else:
+                g = q.gptq or GPTQSpec()
+                passes.append(QuantGPTQ(cfg, q.lm_head, windows, g.damp, g.block_size, g.act_order))
     return passes
 
 
+def _evaluate(spec: BuildSpec, ir, reference_model) -> dict:
+    """Held-out perplexity of the built model and, when quantized, of the source model and their KL."""
+    windows = _windows(spec, ir, spec.eval, None, None, "eval")[: spec.eval.max_windows]
+    reference = torch_scorer(reference_model) if reference_model is not None else None
+    result = evaluate(torch_scorer(ir.model), windows, reference)
+    result["texts"] = [Path(p).name for p in spec.eval.texts]
+    log.info("eval: perplexity %.3f%s", result["perplexity"],
+             f" (source {result['reference_perplexity']:.3f}, KL {result['kl_from_reference']:.4f})"
+             if reference else "")
+    return result
+
+
 @contextmanager
-def _stage(timings: dict, index: int, name: str):
-    log.info("[%d/%d] %s", index, STAGES, name)
+def _stage(timings: dict, index: int, name: str, stages: int):
+    log.info("[%d/%d] %s", index, stages, name)
     start = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - start, 3)
-    log.info("[%d/%d] %s done in %.1fs", index, STAGES, name, timings[name])
+    log.info("[%d/%d] %s done in %.1fs", index, stages, name, timings[name])
 
 
 def build(spec: BuildSpec) -> Path:
@@ -51,19 +86,27 @@ def build(spec: BuildSpec) -> Path:
     final = spec.output_dir()
     staging = bundle_io.staging_dir(final)
     timings: dict[str, float] = {}
+    stages = 5 if spec.eval else 4
+    quality = None
     try:
-        with _stage(timings, 1, "import"):
+        with _stage(timings, 1, "import", stages):
             ir = import_checkpoint(source, spec.max_context, spec.allow_pickle, work_dir=staging)
-        with _stage(timings, 2, "passes"):
-            passes = run_passes(ir, build_passes(spec))
+        with _stage(timings, 2, "passes", stages):
+            pass_list = build_passes(spec, ir)
+            reference = copy.deepcopy(ir.model) if spec.eval and pass_list else None  # for KL after the passes
+            passes = run_passes(ir, pass_list)
+        if spec.eval:
+            with _stage(timings, 3, "evaluate", stages):
+                quality = _evaluate(spec, ir, reference)
+            del reference
         engines = {}
-        with _stage(timings, 3, "emit"):
+        with _stage(timings, stages - 1, "emit", stages):
             for target in spec.targets:
                 engine_dir = staging / "engines" / target
                 level = spec.quantization.accuracy_level if spec.quantization else 0
                 engines[target] = {"dir": f"engines/{target}",
                                    **emit_onnx(ir.model, engine_dir, ir.quantized, level)}
-        with _stage(timings, 4, "bundle"):
+        with _stage(timings, stages, "bundle", stages):
             geo = ir.geometry
             manifest = {
                 "name": spec.name,
@@ -78,11 +121,13 @@ def build(spec: BuildSpec) -> Path:
                                                                    geo.head_dim, spec.kv_cache.dtype)},
                 "engines": engines,
                 "tokenizer": tokenizer_manifest(ir.tokenizer_dir, "tokenizer"),
-                "passes": passes,
+                "passes": [{k: v for k, v in p.items() if not k.startswith("per_")} for p in passes],
+                "quality": {"eval": quality, "report": "report.json"},
                 "notes": ir.notes,
             }
             manifest["timings_s"] = dict(timings)
-            (staging / "report.json").write_text(json.dumps({"timings_s": timings, "notes": ir.notes}, indent=2))
+            report = {"timings_s": timings, "notes": ir.notes, "eval": quality, "passes": passes}
+            (staging / "report.json").write_text(json.dumps(report, indent=2))
             bundle_io.write_bundle(staging, final, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

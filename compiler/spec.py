@@ -6,11 +6,12 @@ Pydantic lives at this boundary only; every error names the field path and what 
 from __future__ import annotations
 
 import importlib.util
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmc.errors import ConfigError
 
@@ -41,28 +42,85 @@ class KVCacheSpec(_Strict):
         return _only(value, "float32", "kv_cache dtype", "fp16 KV with the GPU backends")
 
 
+class AWQSpec(_Strict):
+    """AWQ search settings (defaults follow the reference implementation)."""
+
+    grid: int = Field(default=20, ge=2, le=100)  # exponents i / grid for i in [0, grid)
+    duo_scaling: bool = True  # s = mean|x|^a / mean|w|^(1-a); false: the paper's mean|x|^a
+    clip: bool = True  # search a clip threshold per weight group (not for q/k)
+    loss_tokens: int = Field(default=4096, ge=64)  # calibration tokens the grid search's loss runs on
+
+
+class GPTQSpec(_Strict):
+    """GPTQ settings (defaults follow the reference implementation)."""
+
+    damp: float = Field(default=0.01, gt=0, le=1)  # added to diag(H), as a fraction of its mean
+    block_size: int = Field(default=128, ge=16, le=1024)  # lazy-update block (columns)
+    act_order: bool = False  # columns by decreasing H_jj, with static groups (no runtime permutation)
+
+
 class QuantizationSpec(_Strict):
     """Weight-only quantization of the decoder linears (and the LM head)."""
 
     method: Literal["rtn", "awq", "gptq"]
-    bits: Literal[4, 8] = 4
-    group_size: Literal[32, 64, 128] = 128
+    bits: int = 4
+    group_size: int = 128
     symmetric: bool = False
     # Asymmetric only. "int": codes (fast MatMulNBits kernels); "float": exact grid (slow on ORT 1.32 CPU).
     zero_point: Literal["int", "float"] = "int"
     lm_head: bool = True
     # MatMulNBits accuracy_level: 4 = int8 activations (VNNI dot products), 0 = fp32 compute.
     accuracy_level: Literal[0, 4] = 4
-
-    @field_validator("method")
-    @classmethod
-    def _method_supported(cls, value: str) -> str:
-        return _only(value, "rtn", "method", "AWQ and GPTQ passes; use method: rtn")
+    awq: AWQSpec | None = None
+    gptq: GPTQSpec | None = None
 
     @field_validator("bits")
     @classmethod
     def _bits_supported(cls, value: int) -> int:
-        return _only(value, 4, "bits", "int8 weights; use bits: 4")
+        if value not in (4, 8):
+            raise ValueError(f"bits {value} is not supported: com.microsoft.MatMulNBits kernels run 4- and 8-bit "
+                             "weights; use 4 (or 8)")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_power_of_two(cls, value: int) -> int:
+        if value < 16 or value > 256 or value & (value - 1):
+            raise ValueError(f"group_size {value} must be a power of two from 16 to 256 (the kernels' block sizes); "
+                             "a common choice is 128, or 32 for the best quality")
+        return value
+
+    @model_validator(mode="after")
+    def _method_sections(self):
+        for method in ("awq", "gptq"):
+            if getattr(self, method) is not None and self.method != method:
+                raise ValueError(f"settings for method {method!r} given, but method is "
+                                 f"{self.method!r}; remove the section or set method: {method}")
+        return self
+
+
+class CalibrationSpec(_Strict):
+    """Text the quantizers calibrate on: n_samples windows of seq_len tokens, picked with a seed."""
+
+    texts: list[str] = []  # UTF-8 text files, relative to model.yaml
+    token_files: list[str] = []  # .npy arrays or .json lists of token ids
+    n_samples: int = Field(default=32, ge=1, le=4096)
+    seq_len: int = Field(default=512, ge=16, le=8192)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _some_data(self):
+        if not self.texts and not self.token_files:
+            raise ValueError("calibration: give at least one file in texts or token_files")
+        return self
+
+
+class EvalSpec(_Strict):
+    """Held-out text the build evaluates on (perplexity, and KL from the unquantized model)."""
+
+    texts: list[str] = Field(min_length=1)
+    seq_len: int = Field(default=512, ge=16, le=8192)
+    max_windows: int = Field(default=16, ge=1, le=10000)
 
 
 class BuildSpec(_Strict):
@@ -77,6 +135,8 @@ class BuildSpec(_Strict):
     max_context: int | None = Field(default=None, ge=16, le=1 << 20)
     allow_pickle: bool = False
     quantization: QuantizationSpec | None = None
+    calibration: CalibrationSpec | None = None
+    eval: EvalSpec | None = None
     speculative: dict[str, Any] | None = None
     runtime: dict[str, Any] | None = None
     # Where the YAML lives; relative paths resolve against it. Set by load_spec.
@@ -102,6 +162,22 @@ class BuildSpec(_Strict):
                        "runtime": "serving limits given to `llmc serve`"}[info.field_name]
             raise ValueError(f"section {info.field_name!r} " + NOT_YET.format(planned))
         return value
+
+    @model_validator(mode="after")
+    def _calibration_when_needed(self):
+        q = self.quantization
+        if q is not None and q.method in ("awq", "gptq") and self.calibration is None:
+            raise ValueError(f"quantization.method {q.method} calibrates on real text: add a calibration section, "
+                             "e.g. calibration: {texts: [/usr/share/common-licenses/GPL-3]}")
+        if self.calibration is not None and (q is None or q.method == "rtn"):
+            raise ValueError("calibration: only AWQ and GPTQ use calibration text; remove it or set "
+                             "quantization.method to awq or gptq")
+        return self
+
+    def resolve(self, path: str) -> Path:
+        """A file path from model.yaml, relative to the YAML's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
 
     def output_dir(self) -> Path:
         """The directory the bundle is written into (out/<name>)."""
@@ -137,9 +213,11 @@ def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        candidates = [annotation, *typing.get_args(annotation)]  # `Section | None` -> Section
+        models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not models:
             return []
-        model = annotation
+        model = models[0]
     return [name for name in model.model_fields if name != "base_dir"]
 
 
@@ -158,7 +236,7 @@ def format_validation_error(err: ValidationError, where: str) -> str:
             msg = problem["msg"].removeprefix("Value error, ")
             if problem["type"] in ("literal_error", "enum"):
                 msg = f"{msg} (got {problem.get('input')!r})"
-        lines.append(f"  - {path}: {msg}")
+        lines.append(f"  - {path}: {msg}" if loc else f"  - {msg}")
     return "\n".join(lines)
 
 

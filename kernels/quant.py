@@ -1,19 +1,38 @@
-"""Weight-only quantization math (numpy): group-wise RTN, dequantization, MatMulNBits packing."""
+"""Weight-only quantization math: the group grid, encode/decode, fake quantization and MatMulNBits packing.
+
+One grid for every method: RTN uses it directly, AWQ searches scales around it, GPTQ encodes
+column by column with it. `w ≈ (q - zero) * scale` per group of `group_size` input channels.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class GridConfig:
+    """How weights are quantized: bits, group size, symmetric or zero point ("int" codes or exact "float")."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    zero_point: str = "int"
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** self.bits - 1
 
 
 @dataclass(frozen=True, slots=True)
 class QuantizedWeight:
     """A [N, K] weight as integer codes per group of `block_size` input channels.
 
-    w ≈ (q - zero) * scale, with q in [0, 2^bits); zero is None for symmetric weights (then the
-    implicit zero is 2^(bits-1), as com.microsoft.MatMulNBits assumes), uint8 codes for integer
-    zero points, or float32. K is padded up to whole blocks.
+    zero is None for symmetric weights (then the implicit zero is 2^(bits-1), as
+    com.microsoft.MatMulNBits assumes), uint8 codes for integer zero points, or float32.
+    K is padded up to whole blocks.
     """
 
     q: np.ndarray  # uint8 [N, num_blocks, block_size]
@@ -30,13 +49,15 @@ class QuantizedWeight:
         return w.reshape(self.q.shape[0], -1)[:, : self.in_features]
 
     def packed(self) -> np.ndarray:
-        """MatMulNBits B input: [N, num_blocks, block_size * bits / 8], low nibble first."""
-        assert self.bits == 4, "only 4-bit packing is implemented"
+        """MatMulNBits B input: [N, num_blocks, block_size * bits / 8], low bits first."""
+        if self.bits == 8:
+            return self.q.astype(np.uint8)
+        assert self.bits == 4, "only 4- and 8-bit packing is implemented"
         return (self.q[..., 0::2] | (self.q[..., 1::2] << 4)).astype(np.uint8)
 
     def packed_zeros(self) -> np.ndarray:
-        """MatMulNBits zero_points input: float [N * blocks], or uint8 codes two per byte per row."""
-        if self.zero.dtype != np.uint8:
+        """MatMulNBits zero_points input: float [N * blocks], or uint8 codes (4-bit: two per byte per row)."""
+        if self.zero.dtype != np.uint8 or self.bits == 8:
             return self.zero.reshape(-1)
         zero = self.zero
         if zero.shape[1] % 2:
@@ -44,37 +65,71 @@ class QuantizedWeight:
         return (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
 
 
-def quantize_rtn(w: np.ndarray, bits: int, block_size: int, symmetric: bool,
-                 zero_point: str = "int") -> QuantizedWeight:
-    """Round-to-nearest per group: symmetric (max |w| -> 2^(bits-1) - 1) or min/max with a zero point.
-
-    zero_point "int" rounds the zero point to a code (fast kernels); "float" keeps it exact, so
-    the group minimum sits on code 0 (reproduces a Q4_1 grid).
-    """
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group_size]; a partial last group is padded with copies of its last column,
+    so padding never widens a group's range."""
     n, k = w.shape
-    num_blocks = -(-k // block_size)
-    padded = np.zeros((n, num_blocks * block_size), dtype=np.float32)
-    padded[:, :k] = w
-    groups = padded.reshape(n, num_blocks, block_size)  # [N, blocks, bs]
-    if k % block_size:  # the padding must not widen the last group's range
-        last = groups[:, -1, : k % block_size]
-        lo_last, hi_last = last.min(-1), last.max(-1)
-    qmax = 2 ** bits - 1
-    if symmetric:
-        absmax = np.abs(groups).max(-1)
-        scale = absmax / (2 ** (bits - 1) - 1)
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        q = np.clip(np.round(groups / scale[..., None]) + 2 ** (bits - 1), 0, qmax).astype(np.uint8)
-        return QuantizedWeight(q, scale, None, bits, block_size, k)
-    lo, hi = groups.min(-1), groups.max(-1)  # [N, blocks]: the grid spans each group's own range
-    if k % block_size:
-        lo[:, -1], hi[:, -1] = lo_last, hi_last
-    if zero_point == "int":  # the grid must contain 0 so that a rounded zero point stays in range
-        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
-    scale = (hi - lo) / qmax
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-    zero = (-lo / scale).astype(np.float32)
-    if zero_point == "int":
-        zero = np.clip(np.round(zero), 0, qmax).astype(np.uint8)
-    q = np.clip(np.round(groups / scale[..., None] + zero[..., None].astype(np.float32)), 0, qmax).astype(np.uint8)
-    return QuantizedWeight(q, scale, zero, bits, block_size, k)
+    pad = -k % group_size
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
+    return w.reshape(n, -1, group_size)
+
+
+def grid(groups: torch.Tensor, cfg: GridConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero [N, G] for groups [N, G, bs]: symmetric (max |w| -> 2^(bits-1) - 1) or min/max.
+
+    zero_point "int" rounds the zero point to a code (fast kernels; the grid then contains 0);
+    "float" keeps it exact, so the group minimum sits on code 0 (reproduces a Q4_1 grid).
+    """
+    if cfg.symmetric:
+        scale = groups.abs().amax(-1) / (2 ** (cfg.bits - 1) - 1)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale, torch.full_like(scale, 2 ** (cfg.bits - 1))
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    if cfg.zero_point == "int":
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = (hi - lo) / cfg.qmax
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = -lo / scale
+    if cfg.zero_point == "int":
+        zero = zero.round().clamp(0, cfg.qmax)
+    return scale, zero
+
+
+def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: GridConfig) -> torch.Tensor:
+    """Codes (as floats) for w on the grid; shapes broadcast."""
+    return (w / scale + zero).round().clamp(0, cfg.qmax)
+
+
+def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The weights that codes stand for; shapes broadcast."""
+    return (q - zero) * scale
+
+
+def fake_quantize(w: torch.Tensor, cfg: GridConfig) -> torch.Tensor:
+    """w [N, K] rounded to its RTN grid and back (the reference for what the engine computes)."""
+    groups = to_groups(w, cfg.group_size)  # [N, G, bs]
+    scale, zero = grid(groups, cfg)
+    deq = decode(encode(groups, scale[..., None], zero[..., None], cfg), scale[..., None], zero[..., None])
+    return deq.reshape(w.shape[0], -1)[:, : w.shape[1]]
+
+
+def pack_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: GridConfig,
+               in_features: int) -> QuantizedWeight:
+    """Codes [N, G, bs] with their grid -> QuantizedWeight (numpy, ready to emit)."""
+    if cfg.symmetric:
+        zero_np = None
+    elif cfg.zero_point == "int":
+        zero_np = zero.numpy().astype(np.uint8)
+    else:
+        zero_np = zero.numpy().astype(np.float32)
+    return QuantizedWeight(q.numpy().astype(np.uint8), scale.numpy().astype(np.float32), zero_np,
+                           cfg.bits, cfg.group_size, in_features)
+
+
+def quantize_rtn(w: np.ndarray | torch.Tensor, cfg: GridConfig) -> QuantizedWeight:
+    """Round-to-nearest per group."""
+    w = torch.as_tensor(w).detach().float()
+    groups = to_groups(w, cfg.group_size)  # [N, G, bs]
+    scale, zero = grid(groups, cfg)
+    return pack_codes(encode(groups, scale[..., None], zero[..., None], cfg), scale, zero, cfg, w.shape[1])

@@ -114,6 +114,37 @@ def run(bundle: Path, prompt: str, chat: bool, system: str | None, max_tokens: i
     click.echo()
 
 
+@cli.command(name="eval")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--text", "texts", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Held-out text file (repeatable).")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="Bundle or checkpoint to measure KL from (default: a quantized bundle's source).")
+@click.option("--seq-len", default=512, show_default=True, type=int, help="Tokens per window.")
+@click.option("--max-windows", default=16, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("-v", "--verbose", count=True)
+def eval_command(bundle: Path, texts: tuple[Path, ...], reference: Path | None, seq_len: int, max_windows: int,
+                 as_json: bool, verbose: int) -> None:
+    """Perplexity of BUNDLE on held-out text, and KL from the unquantized model."""
+    _setup_logging(verbose)
+    from llmc.compiler.evaluate import eval_bundle
+
+    for text in texts:
+        if not text.is_file():
+            raise click.BadParameter(f"{text}: no such file", param_hint="--text")
+    result = eval_bundle(bundle, list(texts), reference, seq_len, max_windows)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['windows']} windows x {result['window_tokens']} tokens ({result['predicted_tokens']:,} "
+               f"predictions) from {len(texts)} file(s)")
+    click.echo(f"perplexity: {result['perplexity']:.3f}")
+    if result["reference"]:
+        click.echo(f"reference perplexity: {result['reference_perplexity']:.3f} ({result['reference']})")
+        click.echo(f"mean KL(reference || bundle): {result['kl_from_reference']:.4f} nats/token")
+
+
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback by default).")

@@ -1,5 +1,7 @@
 """model.yaml validation: every error names the field path and what is allowed."""
 
+from pathlib import Path
+
 import pytest
 
 from llmc.compiler.spec import load_spec, parse_spec
@@ -40,7 +42,7 @@ def test_missing_source(tmp_path):
     assert "source: required field is missing" in str(err.value)
 
 
-@pytest.mark.parametrize("field,value", [("quantization", {"method": "awq"}), ("speculative", {"num_tokens": 4}),
+@pytest.mark.parametrize("field,value", [("speculative", {"num_tokens": 4}),
                                          ("targets", ["tensorrt"]), ("dtype", "float16")])
 def test_later_features_refused_as_not_supported_yet(tmp_path, field, value):
     with pytest.raises(ConfigError) as err:
@@ -77,3 +79,33 @@ def test_relative_source_resolves_against_yaml(tmp_path, tiny_checkpoint):
     shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
     spec = load_spec(write_yaml(tmp_path / "model.yaml", name="m", source="ckpt"))
     assert spec.source_path() == (tmp_path / "ckpt").resolve()
+
+
+@pytest.mark.parametrize("quantization,extra,path,words", [
+    ({"method": "rtn", "bits": 3}, {}, "quantization.bits", "4- and 8-bit"),
+    ({"method": "rtn", "group_size": 48}, {}, "quantization.group_size", "power of two"),
+    ({"method": "rtn", "group_size": 512}, {}, "quantization.group_size", "power of two"),
+    ({"method": "gptq"}, {}, "", "calibration section"),
+    ({"method": "awq"}, {}, "", "calibration section"),
+    ({"method": "rtn"}, {"calibration": {"texts": ["a.txt"]}}, "", "only AWQ and GPTQ"),
+    ({"method": "gptq", "awq": {"grid": 10}}, {"calibration": {"texts": ["a.txt"]}}, "quantization", "awq"),
+    ({"method": "gptq", "gptq": {"damp": 0}}, {"calibration": {"texts": ["a.txt"]}}, "quantization.gptq.damp", ""),
+    ({"method": "gptq"}, {"calibration": {"n_samples": 4}}, "calibration", "texts or token_files"),
+])
+def test_bad_quantization_configs(tmp_path, quantization, extra, path, words):
+    with pytest.raises(ConfigError) as err:
+        _parse(tmp_path, name="m", source="x", quantization=quantization, **extra)
+    assert f"  - {path}" in str(err.value) and words in str(err.value)
+
+
+def test_unknown_key_inside_quantization_lists_its_keys(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _parse(tmp_path, name="m", source="x", quantization={"method": "rtn", "groupsize": 64})
+    assert "quantization.groupsize" in str(err.value) and "group_size" in str(err.value)
+
+
+def test_calibrated_spec_resolves_files_against_the_yaml(tmp_path):
+    spec = _parse(tmp_path, name="m", source="x", quantization={"method": "gptq", "gptq": {"act_order": True}},
+                  calibration={"texts": ["data/cal.txt"], "n_samples": 8}, eval={"texts": ["/abs/eval.txt"]})
+    assert spec.resolve(spec.calibration.texts[0]) == (tmp_path / "data" / "cal.txt").resolve()
+    assert spec.resolve(spec.eval.texts[0]) == Path("/abs/eval.txt") and spec.quantization.gptq.act_order

@@ -7,7 +7,7 @@ import torch
 
 from llmc.compiler.emit_onnx import emit_onnx
 from llmc.compiler.importer import import_checkpoint
-from llmc.kernels.quant import quantize_rtn
+from llmc.kernels.quant import GridConfig, fake_quantize, quantize_rtn
 from llmc.passes.base import run_passes
 from llmc.passes.quant_rtn import QuantRTN
 
@@ -16,7 +16,7 @@ from llmc.passes.quant_rtn import QuantRTN
 @pytest.mark.parametrize("k,block", [(64, 32), (576, 128), (100, 64), (96, 32)])
 def test_rtn_error_is_at_most_half_a_step(symmetric, zero_point, k, block):
     w = np.random.default_rng(0).normal(size=(8, k)).astype(np.float32)
-    qw = quantize_rtn(w, 4, block, symmetric, zero_point)
+    qw = quantize_rtn(w, GridConfig(4, block, symmetric, zero_point))
     deq = qw.dequantize()
     assert deq.shape == w.shape and qw.q.max() <= 15
     step = np.repeat(qw.scale, block, axis=1)[:, :k]
@@ -30,11 +30,18 @@ def test_rtn_reproduces_a_q4_1_grid_exactly():
     codes = rng.integers(0, 16, size=(4, 2, 32))
     codes[..., 0], codes[..., 1] = 0, 15  # each block spans its full range, as Q4_1's quantizer makes it
     w = (m + d * codes).reshape(4, 64).astype(np.float32)
-    assert np.abs(quantize_rtn(w, 4, 32, symmetric=False, zero_point="float").dequantize() - w).max() < 1e-6
+    assert np.abs(quantize_rtn(w, GridConfig(4, 32, symmetric=False, zero_point="float")).dequantize() - w).max() < 1e-6
+
+
+@pytest.mark.parametrize("cfg", [GridConfig(4, 32), GridConfig(4, 128, True), GridConfig(8, 64),
+                                 GridConfig(4, 64, False, "float")])
+def test_fake_quantize_equals_the_codes_dequantized(cfg):
+    w = torch.randn(16, 200, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(fake_quantize(w, cfg), torch.from_numpy(quantize_rtn(w, cfg).dequantize()), atol=1e-6)
 
 
 def test_packing_is_low_nibble_first():
-    qw = quantize_rtn(np.arange(64, dtype=np.float32)[None], 4, 32, symmetric=False)
+    qw = quantize_rtn(np.arange(64, dtype=np.float32)[None], GridConfig(4, 32))
     packed = qw.packed()
     assert packed.shape == (1, 2, 16)
     assert packed[0, 0, 0] == qw.q[0, 0, 0] | (qw.q[0, 0, 1] << 4)
@@ -46,7 +53,7 @@ def test_int4_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, acc
                                                   zero_point):
     ir = import_checkpoint(tiny_checkpoint, work_dir=tmp_path)
     reference_fp32 = ir.model.lm_head_weight().detach().clone()
-    records = run_passes(ir, [QuantRTN(4, 32, symmetric, lm_head=True, zero_point=zero_point)])
+    records = run_passes(ir, [QuantRTN(GridConfig(4, 32, symmetric, zero_point), lm_head=True)])
     assert records[0]["num_quantized"] == 2 * 7 + 1 and records[0]["mean_rel_weight_error"] > 0
     assert not torch.equal(ir.model.lm_head_weight(), reference_fp32)  # the torch model is now fake-quant
     entry = emit_onnx(ir.model, tmp_path / "engine", ir.quantized, accuracy_level)
