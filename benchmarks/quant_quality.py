@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
     parser.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening")
+    parser.add_argument("--mse", action="store_true", help="GPTQ searches each group's grid")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_quality.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -86,8 +87,8 @@ def main() -> None:
                 cfg = GridConfig(4, group, symmetric=(mode == "sym"))
                 quant_ir = copy.copy(ir)
                 quant_ir.model, quant_ir.quantized = copy.deepcopy(ir.model), {}
-                p = {"rtn": lambda: QuantRTN(cfg, False), "awq": lambda: QuantAWQ(cfg, False, cal),
-                     "gptq": lambda: QuantGPTQ(cfg, False, cal, args.damp, act_order=args.act_order)}[method]()
+                p = {"rtn": lambda: QuantRTN(cfg, None), "awq": lambda: QuantAWQ(cfg, None, cal),
+                     "gptq": lambda: QuantGPTQ(cfg, None, cal, args.damp, act_order=args.act_order, mse=args.mse)}[method]()
                 start = time.perf_counter()
                 run_passes(quant_ir, [p])
                 seconds = time.perf_counter() - start

@@ -41,7 +41,8 @@ def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
 
 def _linear(g: GraphBuilder, x: str, name: str, linear: torch.nn.Linear, quant: dict) -> str:
     if name in quant:
-        out = _matmul_nbits(g, x, name, quant[name], quant["accuracy_level"])
+        out = (_matmul_qdq(g, x, name, quant[name]) if quant["format"] == "qdq"
+               else _matmul_nbits(g, x, name, quant[name], quant["accuracy_level"]))
         return out if linear.bias is None else g.op("Add", out, g.weight(f"{name}.bias", _np(linear.bias)))
     # Gemm with transB keeps the [out, in] weight as stored: no transposed copy.
     inputs = [x, g.weight(f"{name}.weight", _np(linear.weight))]
@@ -59,19 +60,38 @@ def _matmul_nbits(g: GraphBuilder, x: str, name: str, qw, accuracy_level: int) -
                 bits=qw.bits, block_size=qw.block_size, accuracy_level=accuracy_level)
 
 
+def _matmul_qdq(g: GraphBuilder, x: str, name: str, qw) -> str:
+    """Standard ONNX: DequantizeLinear of signed int4 blocks along K (opset 21 block_size) + MatMul.
+
+    What TensorRT's ONNX parser takes for int4 weight-only quantization (symmetric: no zero point).
+    """
+    n, k = qw.q.shape[0], qw.in_features
+    signed = (qw.q.astype(np.int8) - 8).reshape(n, -1)[:, :k].T.reshape(-1)  # [K * N], codes in [-8, 7]
+    if signed.size % 2:
+        signed = np.append(signed, np.int8(0))
+    tensor = onnx.TensorProto(name=f"{name}.qweight_int4", data_type=onnx.TensorProto.INT4, dims=[k, n])
+    tensor.raw_data = ((signed[0::2] & 0x0F) | ((signed[1::2] & 0x0F) << 4)).astype(np.uint8).tobytes()
+    g.initializers.append(tensor)
+    scales = g.weight(f"{name}.scales", np.ascontiguousarray(qw.scale.T))  # [K / block, N]
+    w = g.op("DequantizeLinear", tensor.name, scales, axis=0, block_size=qw.block_size)  # [K, N]
+    return g.op("MatMul", x, w)
+
+
 def _rope(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
     lo, hi = g.op("Split", x, g.const([half, half]), axis=-1, outputs=2)
     rotated = g.op("Concat", g.op("Neg", hi), lo, axis=-1)
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))  # [T, H, D]
 
 
-def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level: int = 4) -> onnx.ModelProto:
+def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level: int = 4,
+                weight_format: str = "matmulnbits") -> onnx.ModelProto:
     """Translate llmc's torch model into the step graph (weights inline; saved as external data).
 
-    Linears named in `quantized` become MatMulNBits nodes over their codes.
+    Linears named in `quantized` become com.microsoft.MatMulNBits nodes over their codes, or with
+    weight_format "qdq" standard DequantizeLinear + MatMul (the TensorRT target).
     """
     geo = model.geo
-    quant = {**(quantized or {}), "accuracy_level": accuracy_level}
+    quant = {**(quantized or {}), "accuracy_level": accuracy_level, "format": weight_format}
     g = GraphBuilder()
     embed = g.weight("embed.weight", _np(model.embed.weight))
     cos_table = g.weight("rope.cos", _np(model.rope_cos))
@@ -102,7 +122,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
         new_values.append(g.op("Unsqueeze", v, g.const([0])))
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
     if "lm_head" in quant:
-        g.op_to("Identity", [_matmul_nbits(g, h, "lm_head", quant["lm_head"], quant["accuracy_level"])], "logits")
+        g.op_to("Identity", [_linear(g, h, "lm_head", model.lm_head, quant)], "logits")
     else:
         head = embed if model.lm_head is None else g.weight("lm_head.weight", _np(model.lm_head.weight))
         g.op_to("Gemm", [h, head], "logits", transB=1)
@@ -131,17 +151,19 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
                        helper.make_opsetid("com.microsoft", 1)])
 
 
-def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, accuracy_level: int = 4) -> dict:
+def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, accuracy_level: int = 4,
+              weight_format: str = "matmulnbits") -> dict:
     """Write model.onnx + model.onnx.data into out_dir; return the engine's manifest entry."""
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("building the ONNX step graph (%d layers, %d quantized linears)", model.geo.num_layers,
              len(quantized or {}))
-    proto = build_graph(model, quantized, accuracy_level)
+    proto = build_graph(model, quantized, accuracy_level, weight_format)
     log.info("writing %s with external weights", out_dir / GRAPH_FILE)
     onnx.save_model(proto, str(out_dir / GRAPH_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
     onnx.checker.check_model(str(out_dir / GRAPH_FILE))
     return {"format": "onnx", "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
             "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "kv_update": "returned",
-            "quantized_linears": sorted(quantized or {}), "accuracy_level": accuracy_level if quantized else None,
+            "quantized_linears": sorted(quantized or {}), "weight_format": weight_format if quantized else None,
+            "accuracy_level": accuracy_level if quantized and weight_format == "matmulnbits" else None,
             "outputs": ["logits", "new_keys", "new_values"]}

@@ -14,6 +14,7 @@ from pathlib import Path
 from llmc.artifacts import bundle as bundle_io
 from llmc.artifacts.geometry import KV_FORMULA, kv_bytes_per_token
 from llmc.compiler.emit_onnx import emit_onnx
+from llmc.compiler.emit_tensorrt import emit_tensorrt
 from llmc.compiler.importer import import_checkpoint
 from llmc.compiler import calibration
 from llmc.compiler.evaluate import evaluate, torch_scorer
@@ -45,17 +46,20 @@ def build_passes(spec: BuildSpec, ir) -> list:
     q = spec.quantization
     if q is not None:
         cfg = GridConfig(q.bits, q.group_size, q.symmetric, q.zero_point)
+        # 8-bit codes take integer zero points (onnxruntime has no 8-bit kernel for float ones)
+        head_zero = q.zero_point if q.lm_head_bits == 4 else "int"
+        head = GridConfig(q.lm_head_bits, q.group_size, q.symmetric, head_zero) if q.lm_head else None
         if q.method == "rtn":
-            passes.append(QuantRTN(cfg, q.lm_head))
+            passes.append(QuantRTN(cfg, head))
         else:
             cal = spec.calibration
             windows = _windows(spec, ir, cal, cal.n_samples, cal.seed, "calibration")
             if q.method == "awq":
                 a = q.awq or AWQSpec()
-                passes.append(QuantAWQ(cfg, q.lm_head, windows, a.grid, a.duo_scaling, a.clip, a.loss_tokens))
+                passes.append(QuantAWQ(cfg, head, windows, a.grid, a.duo_scaling, a.clip, a.loss_tokens))
             else:
                 g = q.gptq or GPTQSpec()
-                passes.append(QuantGPTQ(cfg, q.lm_head, windows, g.damp, g.block_size, g.act_order))
+                passes.append(QuantGPTQ(cfg, head, windows, g.damp, g.block_size, g.act_order, g.mse))
     return passes
 
 
@@ -104,8 +108,11 @@ def build(spec: BuildSpec) -> Path:
             for target in spec.targets:
                 engine_dir = staging / "engines" / target
                 level = spec.quantization.accuracy_level if spec.quantization else 0
-                engines[target] = {"dir": f"engines/{target}",
-                                   **emit_onnx(ir.model, engine_dir, ir.quantized, level)}
+                if target == "tensorrt":
+                    entry = emit_tensorrt(ir.model, engine_dir, ir.quantized, spec.kv_cache.block_size)
+                else:
+                    entry = emit_onnx(ir.model, engine_dir, ir.quantized, level)
+                engines[target] = {"dir": f"engines/{target}", **entry}
         with _stage(timings, stages, "bundle", stages):
             geo = ir.geometry
             manifest = {

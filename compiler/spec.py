@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llmc.errors import ConfigError
 
-SUPPORTED_TARGETS = ("onnxruntime",)
 NOT_YET = "is not supported yet in this version of llmc; remove it (planned: {})"
 
 
@@ -56,7 +55,8 @@ class GPTQSpec(_Strict):
 
     damp: float = Field(default=0.01, gt=0, le=1)  # added to diag(H), as a fraction of its mean
     block_size: int = Field(default=128, ge=16, le=1024)  # lazy-update block (columns)
-    act_order: bool = False  # columns by decreasing H_jj, with static groups (no runtime permutation)
+    act_order: bool = True  # columns by decreasing H_jj, with static groups (no runtime permutation)
+    mse: bool = True  # search each group's grid (shrunk ranges, |err|^2.4) instead of spanning min/max
 
 
 class QuantizationSpec(_Strict):
@@ -69,6 +69,8 @@ class QuantizationSpec(_Strict):
     # Asymmetric only. "int": codes (fast MatMulNBits kernels); "float": exact grid (slow on ORT 1.32 CPU).
     zero_point: Literal["int", "float"] = "int"
     lm_head: bool = True
+    # The head is the largest matrix of a small model and the one most sensitive to rounding: 8 bits by default.
+    lm_head_bits: Literal[4, 8] = 8
     # MatMulNBits accuracy_level: 4 = int8 activations (VNNI dot products), 0 = fp32 compute.
     accuracy_level: Literal[0, 4] = 4
     awq: AWQSpec | None = None
@@ -92,6 +94,9 @@ class QuantizationSpec(_Strict):
 
     @model_validator(mode="after")
     def _method_sections(self):
+        if self.bits == 8 and self.zero_point == "float" and not self.symmetric:
+            raise ValueError("zero_point float with bits 8: onnxruntime's MatMulNBits has no 8-bit kernel for float "
+                             "zero points; use zero_point: int")
         for method in ("awq", "gptq"):
             if getattr(self, method) is not None and self.method != method:
                 raise ValueError(f"settings for method {method!r} given, but method is "
@@ -147,13 +152,6 @@ class BuildSpec(_Strict):
     def _dtype_supported(cls, value: str) -> str:
         return _only(value, "float32", "dtype", "half precision with the GPU backends")
 
-    @field_validator("targets")
-    @classmethod
-    def _targets_supported(cls, value: list[str]) -> list[str]:
-        for target in value:
-            _only(target, SUPPORTED_TARGETS[0], "target", "TensorRT on NVIDIA GPUs")
-        return value
-
     @field_validator("speculative", "runtime")
     @classmethod
     def _later_sections(cls, value: Any, info) -> Any:
@@ -162,6 +160,21 @@ class BuildSpec(_Strict):
                        "runtime": "serving limits given to `llmc serve`"}[info.field_name]
             raise ValueError(f"section {info.field_name!r} " + NOT_YET.format(planned))
         return value
+
+    @model_validator(mode="after")
+    def _tensorrt_takes_symmetric_int4(self):
+        q = self.quantization
+        if "tensorrt" not in self.targets or q is None:
+            return self
+        if not q.symmetric:
+            raise ValueError("quantization.symmetric: the tensorrt target needs symmetric: true. TensorRT's "
+                             "weight-only int4 takes DequantizeLinear blocks with a zero point of 0 (its "
+                             "IDequantizeLayer rejects other zero points); drop tensorrt from targets to keep "
+                             "zero points for onnxruntime")
+        if q.bits != 4 or (q.lm_head and q.lm_head_bits != 4):
+            raise ValueError("quantization.bits / lm_head_bits: the tensorrt target takes int4 blocks only; set "
+                             "bits: 4 and lm_head_bits: 4 (or lm_head: false)")
+        return self
 
     @model_validator(mode="after")
     def _calibration_when_needed(self):

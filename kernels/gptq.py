@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from llmc.kernels.quant import GridConfig, QuantizedWeight, decode, encode, grid, pack_codes, to_groups
+from llmc.kernels.quant import GridConfig, QuantizedWeight, decode, encode, grid, grid_mse, pack_codes, to_groups
 
 from llmc.errors import PassError
 
@@ -24,8 +24,10 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GridConfig, damp: float = 0.01, block: int = 128,
-                  act_order: bool = False) -> QuantizedWeight:
-    """Quantize w [N, K] given the Hessian h [K, K] of its inputs."""
+                  act_order: bool = False, mse: bool = False) -> QuantizedWeight:
+    """Quantize w [N, K] given the Hessian h [K, K] of its inputs; `mse` searches each group's grid
+    (kernels.quant.grid_mse) instead of spanning its min/max."""
+    group_grid = grid_mse if mse else grid
     n, k = w.shape
     gs = cfg.group_size
     block = max(block, gs)  # groups never straddle a lazy-update block (both are powers of two)
@@ -39,7 +41,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GridConfig, damp: float
     zero = torch.zeros(n, num_groups, dtype=torch.float64)
     perm = torch.arange(k)
     if act_order:
-        scale[:], zero[:] = grid(to_groups(w, gs), cfg)  # static groups from the original weights
+        scale[:], zero[:] = group_grid(to_groups(w, gs), cfg)  # static groups from the original weights
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     h += damp * h.diagonal().mean() * torch.eye(k, dtype=torch.float64)
@@ -56,7 +58,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, cfg: GridConfig, damp: float
             col = int(perm[i1 + i])
             g = col // gs
             if not act_order and col % gs == 0:  # a new group: its grid from the error-updated weights
-                scale[:, g], zero[:, g] = (t[:, 0] for t in grid(w1[:, i:i + gs][:, None, :], cfg))
+                scale[:, g], zero[:, g] = (t[:, 0] for t in group_grid(w1[:, i:i + gs][:, None, :], cfg))
             q = encode(w1[:, i], scale[:, g], zero[:, g], cfg)
             codes[:, i1 + i] = q
             err = (w1[:, i] - decode(q, scale[:, g], zero[:, g])) / hinv1[i, i]

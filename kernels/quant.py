@@ -96,6 +96,23 @@ def grid(groups: torch.Tensor, cfg: GridConfig) -> tuple[torch.Tensor, torch.Ten
     return scale, zero
 
 
+def grid_mse(groups: torch.Tensor, cfg: GridConfig, max_shrink: float = 0.8, steps: int = 100,
+             norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid of `grid`, shrunk per group by the factor in (1 - max_shrink, 1] that minimises
+    sum |Q(w) - w|^norm (the reference GPTQ quantizer's `mse` option): clipping a few outliers
+    buys a finer step for the rest."""
+    best_scale, best_zero = grid(groups, cfg)
+    best_err = torch.full(best_scale.shape, float("inf"), dtype=groups.dtype)
+    for i in range(int(max_shrink * steps)):
+        scale, zero = grid(groups * (1 - i / steps), cfg)
+        deq = decode(encode(groups, scale[..., None], zero[..., None], cfg), scale[..., None], zero[..., None])
+        err = (deq - groups).abs().pow(norm).sum(-1)  # [N, G]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
 def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: GridConfig) -> torch.Tensor:
     """Codes (as floats) for w on the grid; shapes broadcast."""
     return (w / scale + zero).round().clamp(0, cfg.qmax)

@@ -28,13 +28,13 @@ CLIP_SAMPLE_TOKENS = 512
 
 
 class QuantAWQ:
-    """AWQ to the grid `cfg`, calibrated on token windows [S, T]."""
+    """AWQ to the grid `cfg` (the LM head to `head`, if given), calibrated on token windows [S, T]."""
 
     name = "quant_awq"
 
-    def __init__(self, cfg: GridConfig, lm_head: bool, windows: torch.Tensor, n_grid: int = 20,
+    def __init__(self, cfg: GridConfig, head: GridConfig | None, windows: torch.Tensor, n_grid: int = 20,
                  duo_scaling: bool = True, clip: bool = True, loss_tokens: int = 4096):
-        self.cfg, self.lm_head, self.windows = cfg, lm_head, windows
+        self.cfg, self.head, self.windows = cfg, head, windows
         self.n_grid, self.duo_scaling, self.clip, self.loss_tokens = n_grid, duo_scaling, clip, loss_tokens
 
     def check(self, ir) -> None:
@@ -97,9 +97,9 @@ class QuantAWQ:
             x = out_fp
             log.info("    quant_awq: layer %d/%d (output error %.4f)", i + 1, len(model.layers),
                      layer_errors[f"layers.{i}"])
-        if self.lm_head:
+        if self.head:  # RTN, as the reference implementation leaves the head alone
             weight = untie_lm_head(model).weight
-            weight_errors["lm_head"] = store(ir, "lm_head", weight, quantize_rtn(weight, self.cfg))
-        return record(self.cfg, self.lm_head, weight_errors, calibration_windows=list(self.windows.shape),
+            weight_errors["lm_head"] = store(ir, "lm_head", weight, quantize_rtn(weight, self.head))
+        return record(self.cfg, self.head, weight_errors, calibration_windows=list(self.windows.shape),
                       n_grid=self.n_grid, duo_scaling=self.duo_scaling, clip=self.clip,
                       per_layer_output_error=layer_errors, scale_exponents=ratios)

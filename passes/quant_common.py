@@ -35,11 +35,12 @@ def store(ir, name: str, weight: torch.Tensor, qw: QuantizedWeight) -> dict:
     return {"rel_error": float((deq - original).norm() / original.norm().clamp(min=1e-12))}
 
 
-def record(cfg: GridConfig, lm_head: bool, weight_errors: dict, **extra) -> dict:
+def record(cfg: GridConfig, head: GridConfig | None, weight_errors: dict, **extra) -> dict:
     """The pass record: the grid, the mean and worst weight error, and every linear's error."""
     worst = max(weight_errors, key=lambda k: weight_errors[k]["rel_error"])
     return {"bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
-            "zero_point": None if cfg.symmetric else cfg.zero_point, "lm_head": lm_head,
+            "zero_point": None if cfg.symmetric else cfg.zero_point,
+            "lm_head_bits": head.bits if head else None,
             "num_quantized": len(weight_errors),
             "mean_rel_weight_error": float(np.mean([e["rel_error"] for e in weight_errors.values()])),
             "worst": {"name": worst, **weight_errors[worst]}, **extra, "per_linear": weight_errors}

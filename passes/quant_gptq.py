@@ -21,14 +21,14 @@ from llmc.passes.quant_common import check_unquantized, record, store, untie_lm_
 log = logging.getLogger(__name__)
 
 class QuantGPTQ:
-    """GPTQ to the grid `cfg`, calibrated on token windows [S, T]."""
+    """GPTQ to the grid `cfg` (the LM head to `head`, if given), calibrated on token windows [S, T]."""
 
     name = "quant_gptq"
 
-    def __init__(self, cfg: GridConfig, lm_head: bool, windows: torch.Tensor, damp: float = 0.01,
-                 block_size: int = 128, act_order: bool = False):
-        self.cfg, self.lm_head, self.windows = cfg, lm_head, windows
-        self.damp, self.block_size, self.act_order = damp, block_size, act_order
+    def __init__(self, cfg: GridConfig, head: GridConfig | None, windows: torch.Tensor, damp: float = 0.01,
+                 block_size: int = 128, act_order: bool = False, mse: bool = False):
+        self.cfg, self.head, self.windows = cfg, head, windows
+        self.damp, self.block_size, self.act_order, self.mse = damp, block_size, act_order, mse
 
     def check(self, ir) -> None:
         check_unquantized(ir, self.name)
@@ -37,7 +37,7 @@ class QuantGPTQ:
         h = hessian(x)  # the linears share this input
         for attr in linears:
             lin = getattr(layer, attr)
-            qw = gptq_quantize(lin.weight, h, self.cfg, self.damp, self.block_size, self.act_order)
+            qw = gptq_quantize(lin.weight, h, self.cfg, self.damp, self.block_size, self.act_order, self.mse)
             errors[f"{prefix}.{attr}"] = store(ir, f"{prefix}.{attr}", lin.weight, qw)
 
     @torch.no_grad()
@@ -70,11 +70,11 @@ class QuantGPTQ:
             layer_errors[f"layers.{i}"] = relative_error(x, out_fp)
             log.info("    quant_gptq: layer %d/%d (output error %.4f)", i + 1, len(model.layers),
                      layer_errors[f"layers.{i}"])
-        if self.lm_head:  # the head sees the final norm of the last layer's output
+        if self.head:  # the head sees the final norm of the last layer's output
             head = untie_lm_head(model)
             h = hessian(ref.rms_norm(x, model.norm, model.geo.rms_norm_eps))
-            qw = gptq_quantize(head.weight, h, self.cfg, self.damp, self.block_size, self.act_order)
+            qw = gptq_quantize(head.weight, h, self.head, self.damp, self.block_size, self.act_order, self.mse)
             weight_errors["lm_head"] = store(ir, "lm_head", head.weight, qw)
-        return record(self.cfg, self.lm_head, weight_errors, calibration_windows=list(self.windows.shape),
-                      damp=self.damp, block_size=self.block_size, act_order=self.act_order,
+        return record(self.cfg, self.head, weight_errors, calibration_windows=list(self.windows.shape),
+                      damp=self.damp, block_size=self.block_size, act_order=self.act_order, mse_grid=self.mse,
                       per_layer_output_error=layer_errors)

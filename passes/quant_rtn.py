@@ -15,12 +15,12 @@ log = logging.getLogger(__name__)
 
 
 class QuantRTN:
-    """Group-wise RTN on the grid `cfg`; needs no calibration data."""
+    """Group-wise RTN on the grid `cfg` (the LM head on `head`, if given); needs no calibration data."""
 
     name = "quant_rtn"
 
-    def __init__(self, cfg: GridConfig, lm_head: bool):
-        self.cfg, self.lm_head = cfg, lm_head
+    def __init__(self, cfg: GridConfig, head: GridConfig | None):
+        self.cfg, self.head = cfg, head
 
     def check(self, ir) -> None:
         check_unquantized(ir, self.name)
@@ -34,7 +34,7 @@ class QuantRTN:
                 weight = getattr(layer, attr).weight
                 errors[f"layers.{i}.{attr}"] = store(ir, f"layers.{i}.{attr}", weight, quantize_rtn(weight, self.cfg))
             log.info("    quant_rtn: layer %d/%d", i + 1, len(model.layers))
-        if self.lm_head:
+        if self.head:
             weight = untie_lm_head(model).weight
-            errors["lm_head"] = store(ir, "lm_head", weight, quantize_rtn(weight, self.cfg))
-        return record(self.cfg, self.lm_head, errors)
+            errors["lm_head"] = store(ir, "lm_head", weight, quantize_rtn(weight, self.head))
+        return record(self.cfg, self.head, errors)

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from llmc.artifacts.bundle import Bundle
+from llmc.errors import BundleError
 from llmc.runtime.kv_pool import KVPool
 from llmc.runtime.step_inputs import StepInputs
 
@@ -19,6 +20,10 @@ class OrtEngine:
     """One InferenceSession over the bundle's step graph."""
 
     def __init__(self, bundle: Bundle, num_threads: int | None = None):
+        if "onnxruntime" not in bundle.manifest["engines"]:
+            raise BundleError(f"{bundle.path} has no onnxruntime engine (it has: "
+                              f"{', '.join(bundle.manifest['engines'])}); llmc's runtime runs onnxruntime engines: "
+                              "rebuild with targets: [onnxruntime, ...]")
         entry = bundle.manifest["engines"]["onnxruntime"]
         path = bundle.engine_dir("onnxruntime") / entry["graph"]
         options = ort.SessionOptions()

@@ -79,3 +79,25 @@ def assert_same_or_near_tie(tokens: list[int], ref_tokens: list[int], ref_logpro
     (_, lp1), (_, lp2) = ref_logprobs[i][:2]
     gap = lp1 - lp2
     assert gap < tol, f"outputs diverge at token {i} where the top-2 logit gap is {gap:.2e} (not a near-tie)"
+
+
+def step_graph_vs_torch(graph_path, model, n: int = 21, options=None):
+    """One prefill step of n random tokens through an emitted step graph and through the torch model.
+
+    Returns (onnx logits, torch logits), both [n, vocab].
+    """
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, model.geo.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+    kv = model.new_kv_cache(8, 4)
+    i32 = torch.int32
+    inputs = {"input_ids": ids, "positions": torch.arange(n), "block_tables": torch.arange(6, dtype=i32)[None],
+              "context_lens": torch.tensor([n], dtype=i32), "query_start": torch.tensor([0, n], dtype=i32),
+              "logits_index": torch.arange(n)}
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    for i, (k, v) in enumerate(kv):
+        feeds[f"key_pool_{i}"], feeds[f"value_pool_{i}"] = k.numpy().copy(), v.numpy().copy()
+    logits = session.run(None, feeds)[0]
+    return logits, model(slot_mapping=torch.arange(n), kv_cache=kv, **inputs).numpy()

@@ -43,7 +43,7 @@ def test_missing_source(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("speculative", {"num_tokens": 4}),
-                                         ("targets", ["tensorrt"]), ("dtype", "float16")])
+                                         ("dtype", "float16")])
 def test_later_features_refused_as_not_supported_yet(tmp_path, field, value):
     with pytest.raises(ConfigError) as err:
         _parse(tmp_path, name="m", source="x", **{field: value})
@@ -91,6 +91,9 @@ def test_relative_source_resolves_against_yaml(tmp_path, tiny_checkpoint):
     ({"method": "gptq", "awq": {"grid": 10}}, {"calibration": {"texts": ["a.txt"]}}, "quantization", "awq"),
     ({"method": "gptq", "gptq": {"damp": 0}}, {"calibration": {"texts": ["a.txt"]}}, "quantization.gptq.damp", ""),
     ({"method": "gptq"}, {"calibration": {"n_samples": 4}}, "calibration", "texts or token_files"),
+    ({"method": "rtn"}, {"targets": ["onnxruntime", "tensorrt"]}, "quantization.symmetric", "zero point of 0"),
+    ({"method": "rtn", "symmetric": True}, {"targets": ["tensorrt"]}, "quantization.bits", "int4 blocks only"),
+    ({"method": "rtn", "bits": 8, "zero_point": "float"}, {}, "quantization", "no 8-bit kernel"),
 ])
 def test_bad_quantization_configs(tmp_path, quantization, extra, path, words):
     with pytest.raises(ConfigError) as err:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llmc.kernels.gptq import gptq_quantize, hessian
-from llmc.kernels.quant import GridConfig, decode, grid, quantize_rtn, to_groups
+from llmc.kernels.quant import GridConfig, decode, encode, grid, grid_mse, quantize_rtn, to_groups
 
 
 def _correlated_inputs(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -60,3 +60,13 @@ def test_partial_last_group():
     x, w = _correlated_inputs(1024, 80), torch.randn(8, 80)
     qw = gptq_quantize(w, hessian(x), GridConfig(4, 32))
     assert qw.q.shape == (8, 3, 32) and qw.dequantize().shape == (8, 80)
+
+
+@pytest.mark.parametrize("cfg", [GridConfig(4, 32), GridConfig(4, 32, True)])
+def test_mse_grid_never_rounds_worse_than_min_max(cfg):
+    groups = to_groups(torch.randn(64, 128, generator=torch.Generator().manual_seed(6)) ** 3, 32)  # heavy tails
+    def error(scale, zero):
+        q = encode(groups, scale[..., None], zero[..., None], cfg)
+        return (decode(q, scale[..., None], zero[..., None]) - groups).abs().pow(2.4).sum(-1)
+    plain, searched = error(*grid(groups, cfg)), error(*grid_mse(groups, cfg))
+    assert torch.all(searched <= plain + 1e-6) and searched.sum() < plain.sum()

@@ -1,0 +1,66 @@
+"""The TensorRT target: its int4 QDQ step graph runs in onnxruntime and matches the fake-quant model; the engine
+build itself needs TensorRT and an NVIDIA GPU and is skipped (visibly) elsewhere."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from llmc.artifacts.bundle import load_bundle
+from llmc.compiler.importer import import_checkpoint
+from llmc.compiler.pipeline import build
+from llmc.compiler.spec import load_spec
+from llmc.errors import BundleError
+from llmc.runtime.llm import LLM
+from tests.helpers import step_graph_vs_torch, write_yaml
+
+
+@pytest.fixture(scope="module")
+def trt_bundle(tmp_path_factory, tiny_checkpoint):
+    work = tmp_path_factory.mktemp("trt")
+    spec = load_spec(write_yaml(work / "model.yaml", name="tiny-trt", source=str(tiny_checkpoint), output="out",
+                                targets=["tensorrt"], kv_cache={"block_size": 4},
+                                quantization={"method": "rtn", "symmetric": True, "group_size": 32,
+                                              "lm_head_bits": 4}))
+    return load_bundle(build(spec))
+
+
+def test_qdq_graph_uses_standard_int4_dequantize(trt_bundle):
+    entry = trt_bundle.manifest["engines"]["tensorrt"]
+    graph = onnx.load(str(trt_bundle.engine_dir("tensorrt") / entry["graph"]), load_external_data=False)
+    ops = {node.op_type for node in graph.graph.node}
+    assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
+    int4 = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 2 * 7 + 1 and entry["weight_format"] == "qdq"
+
+
+def test_qdq_graph_matches_fake_quant_in_onnxruntime(trt_bundle, tiny_checkpoint, tmp_path):
+    ir = import_checkpoint(tiny_checkpoint, work_dir=tmp_path)
+    from llmc.compiler.pipeline import build_passes
+    from llmc.passes.base import run_passes
+
+    spec = load_spec(write_yaml(tmp_path / "m.yaml", name="m", source=str(tiny_checkpoint), targets=["tensorrt"],
+                                quantization={"method": "rtn", "symmetric": True, "group_size": 32,
+                                              "lm_head_bits": 4}))
+    run_passes(ir, build_passes(spec, ir))  # the same fake-quant weights the bundle was built from
+    path = trt_bundle.engine_dir("tensorrt") / trt_bundle.manifest["engines"]["tensorrt"]["graph"]
+    exact = ort.SessionOptions()
+    exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # plain DequantizeLinear + MatMul
+    logits, expected = step_graph_vs_torch(path, ir.model, options=exact)
+    assert np.abs(logits - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_engine_state_is_recorded(trt_bundle):
+    entry = trt_bundle.manifest["engines"]["tensorrt"]
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert entry["plan"] is None and "not installed" in entry["skipped"]
+        assert not (trt_bundle.engine_dir("tensorrt") / "model.plan").exists()
+        pytest.skip("TensorRT is not installed: the tensorrt engine build was not run (ONNX verified above)")
+    assert (trt_bundle.engine_dir("tensorrt") / entry["plan"]).stat().st_size > 0
+
+
+def test_runtime_refuses_a_bundle_without_an_onnxruntime_engine(trt_bundle):
+    with pytest.raises(BundleError, match="no onnxruntime engine"):
+        LLM(trt_bundle.path)
