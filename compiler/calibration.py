@@ -23,7 +23,8 @@ def _read_token_file(path: Path) -> list[int]:
     try:
         ids = np.load(path) if path.suffix == ".npy" else np.asarray(json.loads(path.read_text()))
     except (OSError, ValueError) as err:
-        raise ConfigError(f"token file {path}: cannot read it ({err}); give a .npy array or a .json list of ids") from None
+        raise ConfigError(f"token file {path}: cannot read it ({err}); "
+                          "give a .npy array or a .json list of ids") from None
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ConfigError(f"token file {path}: expected a flat list of integer token ids, got shape {ids.shape} "
                           f"of {ids.dtype}")

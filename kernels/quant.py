@@ -144,9 +144,9 @@ def pack_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: Gr
                            cfg.bits, cfg.group_size, in_features)
 
 
-def quantize_rtn(w: np.ndarray | torch.Tensor, cfg: GridConfig) -> QuantizedWeight:
-    """Round-to-nearest per group."""
+def quantize_rtn(w: np.ndarray | torch.Tensor, cfg: GridConfig, mse: bool = False) -> QuantizedWeight:
+    """Round-to-nearest per group, on the min/max grid or (mse) the searched one."""
     w = torch.as_tensor(w).detach().float()
     groups = to_groups(w, cfg.group_size)  # [N, G, bs]
-    scale, zero = grid(groups, cfg)
+    scale, zero = grid_mse(groups, cfg) if mse else grid(groups, cfg)
     return pack_codes(encode(groups, scale[..., None], zero[..., None], cfg), scale, zero, cfg, w.shape[1])

@@ -19,8 +19,8 @@ class QuantRTN:
 
     name = "quant_rtn"
 
-    def __init__(self, cfg: GridConfig, head: GridConfig | None):
-        self.cfg, self.head = cfg, head
+    def __init__(self, cfg: GridConfig, head: GridConfig | None, mse: bool = False):
+        self.cfg, self.head, self.mse = cfg, head, mse
 
     def check(self, ir) -> None:
         check_unquantized(ir, self.name)
@@ -32,9 +32,10 @@ class QuantRTN:
         for i, layer in enumerate(model.layers):
             for attr in LINEARS:
                 weight = getattr(layer, attr).weight
-                errors[f"layers.{i}.{attr}"] = store(ir, f"layers.{i}.{attr}", weight, quantize_rtn(weight, self.cfg))
+                errors[f"layers.{i}.{attr}"] = store(ir, f"layers.{i}.{attr}", weight,
+                                                       quantize_rtn(weight, self.cfg, self.mse))
             log.info("    quant_rtn: layer %d/%d", i + 1, len(model.layers))
         if self.head:
             weight = untie_lm_head(model).weight
-            errors["lm_head"] = store(ir, "lm_head", weight, quantize_rtn(weight, self.head))
-        return record(self.cfg, self.head, errors)
+            errors["lm_head"] = store(ir, "lm_head", weight, quantize_rtn(weight, self.head, self.mse))
+        return record(self.cfg, self.head, errors, mse_grid=self.mse)
