@@ -20,6 +20,7 @@ from llmc.compiler import calibration
 from llmc.compiler.evaluate import evaluate, torch_scorer
 from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec
 from llmc.compiler.tokenizer_meta import tokenizer_manifest
+from llmc.errors import ConfigError
 from llmc.kernels.quant import GridConfig
 from llmc.passes.base import run_passes
 from llmc.passes.quant_awq import QuantAWQ
@@ -86,7 +87,12 @@ def _stage(timings: dict, index: int, name: str, stages: int):
 
 def build(spec: BuildSpec) -> Path:
     """Run the whole build; returns the bundle directory."""
-    source = spec.source_path()  # a missing checkpoint fails before anything is written
+    source = spec.source_path()  # a missing checkpoint or text file fails before anything is written
+    for section in (spec.calibration, spec.eval):
+        for path in [*(section.texts if section else []), *getattr(section, "token_files", [])]:
+            if not spec.resolve(path).is_file():
+                raise ConfigError(f"{spec.resolve(path)}: no such file (listed in model.yaml's "
+                                  f"{'calibration' if section is spec.calibration else 'eval'} section)")
     final = spec.output_dir()
     staging = bundle_io.staging_dir(final)
     timings: dict[str, float] = {}

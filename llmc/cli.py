@@ -72,8 +72,20 @@ def inspect(bundle: Path, as_json: bool) -> None:
                f"vocab {geo['vocab_size']}, context {geo['max_position']}")
     click.echo(f"kv cache  block {kv['block_size']} tokens, {kv['dtype']}, {kv['bytes_per_token']:,} bytes/token")
     for target, engine in m["engines"].items():
-        click.echo(f"engine    {target}: {engine['dir']}/{engine['graph']} (attention op {engine['attention_op']})")
+        skipped = f"; engine not built: {engine['skipped']}" if engine.get("skipped") else ""
+        click.echo(f"engine    {target}: {engine['dir']}/{engine['graph']} (attention op {engine['attention_op']})"
+                   f"{skipped}")
     click.echo(f"passes    {', '.join(p['name'] for p in m['passes']) or 'none'}")
+    for p in m["passes"]:
+        if "num_quantized" in p:
+            click.echo(f"          {p['name']}: {p['num_quantized']} linears, {p['bits']}-bit groups of "
+                       f"{p['group_size']}, mean relative weight error {p['mean_rel_weight_error']:.4f}")
+    quality = (m.get("quality") or {}).get("eval")
+    if quality:
+        source = (f", source {quality['reference_perplexity']:.3f}, KL {quality['kl_from_reference']:.4f}"
+                  if "kl_from_reference" in quality else "")
+        click.echo(f"quality   perplexity {quality['perplexity']:.3f}{source} on {quality['windows']} held-out "
+                   f"windows of {quality['window_tokens']} tokens (report.json has the per-layer errors)")
     click.echo("timings   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
     total = sum(f["size"] for f in m["files"].values())
     for rel, meta in m["files"].items():

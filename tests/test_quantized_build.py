@@ -72,3 +72,21 @@ def test_calibration_text_too_short_fails_before_writing(tmp_path, tiny_checkpoi
                                    calibration={"texts": ["short.txt"], "n_samples": 8, "seq_len": 64}))
     assert out.returncode != 0 and "calibration" in out.stderr and "n_samples" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "out" / "m").exists()
+
+
+def test_missing_eval_text_fails_before_the_passes_run(tmp_path, tiny_checkpoint, texts):
+    out = llmc("build", write_yaml(tmp_path / "model.yaml", name="m", source=str(tiny_checkpoint),
+                                   quantization={"method": "gptq", "group_size": 32},
+                                   calibration={"texts": [str(texts[0])], "n_samples": 2, "seq_len": 64},
+                                   eval={"texts": ["nowhere.txt"]}))
+    assert out.returncode != 0 and "nowhere.txt: no such file" in out.stderr and "eval section" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "out" / "m").exists()
+
+
+def test_inspect_shows_the_quality_report(tmp_path, tiny_checkpoint, texts):
+    spec = load_spec(write_yaml(tmp_path / "model.yaml", name="q", source=str(tiny_checkpoint), output="out",
+                                quantization={"method": "rtn", "group_size": 32},
+                                eval={"texts": [str(texts[1])], "seq_len": 64, "max_windows": 2}))
+    out = llmc("inspect", build(spec))
+    assert out.returncode == 0 and "quant_rtn: 15 linears, 4-bit groups of 32" in out.stdout
+    assert "quality   perplexity" in out.stdout and "KL" in out.stdout
