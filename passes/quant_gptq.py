@@ -3,7 +3,8 @@
 Linears are quantized in the order data flows (q/k/v, then o, then gate/up, then down); each
 group's Hessian is collected with the earlier groups already quantized, and the next layer sees
 this layer's quantized output, as the reference implementation does ("true sequential"). The
-layer is run part by part (the model's own attention and MLP), so that costs one forward.
+layer is run part by part (the model's own attention and MLP), so that costs one forward,
+plus one float forward of the layer for the per-layer output error in the record.
 """
 
 from __future__ import annotations
