@@ -20,10 +20,11 @@ from onnx import TensorProto, helper
 from llmc.compiler import onnx_paged_attention as pa
 from llmc.compiler.model import LlamaModel
 from llmc.compiler.onnx_builder import GraphBuilder
+from llmc.kernels.quant import concat_rows
 
 log = logging.getLogger(__name__)
 
-OPSET = 21
+OPSET = pa.OPSET  # 23: the standard Attention and RotaryEmbedding ops
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 
@@ -40,15 +41,34 @@ def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
 
 
 def _linear(g: GraphBuilder, x: str, name: str, linear: torch.nn.Linear, quant: dict) -> str:
-    if name in quant:
-        out = (_matmul_qdq(g, x, name, quant[name]) if quant["format"] == "qdq"
-               else _matmul_nbits(g, x, name, quant[name], quant["accuracy_level"]))
-        return out if linear.bias is None else g.op("Add", out, g.weight(f"{name}.bias", _np(linear.bias)))
-    # Gemm with transB keeps the [out, in] weight as stored: no transposed copy.
-    inputs = [x, g.weight(f"{name}.weight", _np(linear.weight))]
-    if linear.bias is not None:
-        inputs.append(g.weight(f"{name}.bias", _np(linear.bias)))
-    return g.op("Gemm", *inputs, transB=1)
+    return _fused_linear(g, x, [name], [linear], quant)[0]
+
+
+def _fused_linear(g: GraphBuilder, x: str, names: list[str], linears: list[torch.nn.Linear],
+                  quant: dict) -> list[str]:
+    """Linears that read the same x, as one matmul over their stacked weights (then split): fewer,
+    larger kernels per step. Falls back to one matmul each when their formats differ."""
+    quantized = [quant.get(name) for name in names]
+    if all(q is not None for q in quantized):
+        stacked = concat_rows(quantized)
+        if stacked is None:
+            return [_linear(g, x, name, linear, quant) for name, linear in zip(names, linears)]
+        fused = "+".join(names)
+        out = (_matmul_qdq(g, x, fused, stacked) if quant["format"] == "qdq"
+               else _matmul_nbits(g, x, fused, stacked, quant["accuracy_level"]))
+    elif any(q is not None for q in quantized):
+        return [_linear(g, x, name, linear, quant) for name, linear in zip(names, linears)]
+    else:  # Gemm with transB keeps the [out, in] weight as stored: no transposed copy.
+        weight = np.concatenate([_np(linear.weight) for linear in linears])
+        out = g.op("Gemm", x, g.weight("+".join(names) + ".weight", weight), transB=1)
+    if any(linear.bias is not None for linear in linears):
+        bias = np.concatenate([np.zeros(linear.out_features, np.float32) if linear.bias is None else _np(linear.bias)
+                               for linear in linears])
+        out = g.op("Add", out, g.weight("+".join(names) + ".bias", bias))
+    if len(linears) == 1:
+        return [out]
+    sizes = g.const([linear.out_features for linear in linears])
+    return g.op("Split", out, sizes, axis=-1, outputs=len(linears))
 
 
 def _matmul_nbits(g: GraphBuilder, x: str, name: str, qw, accuracy_level: int) -> str:
@@ -77,57 +97,49 @@ def _matmul_qdq(g: GraphBuilder, x: str, name: str, qw) -> str:
     return g.op("MatMul", x, w)
 
 
-def _rope(g: GraphBuilder, x: str, cos: str, sin: str, half: int) -> str:
-    lo, hi = g.op("Split", x, g.const([half, half]), axis=-1, outputs=2)
-    rotated = g.op("Concat", g.op("Neg", hi), lo, axis=-1)
-    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", rotated, sin))  # [T, H, D]
-
-
 def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level: int = 4,
                 weight_format: str = "matmulnbits") -> onnx.ModelProto:
     """Translate llmc's torch model into the step graph (weights inline; saved as external data).
 
     Linears named in `quantized` become com.microsoft.MatMulNBits nodes over their codes, or with
-    weight_format "qdq" standard DequantizeLinear + MatMul (the TensorRT target).
+    weight_format "qdq" standard DequantizeLinear + MatMul (the TensorRT target). q/k/v and gate/up
+    each run as one matmul over stacked weights.
     """
     geo = model.geo
     quant = {**(quantized or {}), "accuracy_level": accuracy_level, "format": weight_format}
     g = GraphBuilder()
     embed = g.weight("embed.weight", _np(model.embed.weight))
-    cos_table = g.weight("rope.cos", _np(model.rope_cos))
-    sin_table = g.weight("rope.sin", _np(model.rope_sin))
-    one = g.const([1])
+    half = geo.head_dim // 2
+    rope = {"rope_cos": g.weight("rope.cos", _np(model.rope_cos[:, :half])),  # [P, D/2]
+            "rope_sin": g.weight("rope.sin", _np(model.rope_sin[:, :half]))}
+    plan = pa.build_plan(g, geo.num_kv_heads, geo.head_dim, "key_pool_0")
     x = g.op("Gather", embed, "input_ids", axis=0)  # [T, hidden]
-    cos = g.op("Unsqueeze", g.op("Gather", cos_table, "positions", axis=0), one)  # [T, 1, D]
-    sin = g.op("Unsqueeze", g.op("Gather", sin_table, "positions", axis=0), one)
-    q_shape = g.const([0, geo.num_heads, geo.head_dim])
-    kv_shape = g.const([0, geo.num_kv_heads, geo.head_dim])
     new_keys, new_values = [], []
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
         h = _rms_norm(g, x, g.weight(f"{p}.attn_norm", _np(layer.attn_norm)), geo.rms_norm_eps)
-        half = geo.head_dim // 2
-        q = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.q_proj", layer.q_proj, quant), q_shape), cos, sin, half)
-        k = _rope(g, g.op("Reshape", _linear(g, h, f"{p}.k_proj", layer.k_proj, quant), kv_shape), cos, sin, half)
-        v = g.op("Reshape", _linear(g, h, f"{p}.v_proj", layer.v_proj, quant), kv_shape)  # [T, KVH, D]
-        attn = g.op(pa.OP_TYPE, q, k, v, f"key_pool_{i}", f"value_pool_{i}", "block_tables", "context_lens",
-                    "query_start", "positions", domain=pa.DOMAIN, name=f"{p}.paged_attention",
-                    scale=float(geo.head_dim ** -0.5))
+        q, k, v = _fused_linear(g, h, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"],
+                                [layer.q_proj, layer.k_proj, layer.v_proj], quant)  # [T, heads * D]
+        attn, k_rotated = g.op(pa.OP_TYPE, q, k, v, f"key_pool_{i}", f"value_pool_{i}", *plan.values(),
+                               rope["rope_cos"], rope["rope_sin"], domain=pa.DOMAIN, name=f"{p}.paged_attention",
+                               outputs=2, scale=float(geo.head_dim ** -0.5), num_heads=geo.num_heads,
+                               kv_num_heads=geo.num_kv_heads)
         x = g.op("Add", x, _linear(g, attn, f"{p}.o_proj", layer.o_proj, quant))
         h = _rms_norm(g, x, g.weight(f"{p}.mlp_norm", _np(layer.mlp_norm)), geo.rms_norm_eps)
-        gate = _linear(g, h, f"{p}.gate_proj", layer.gate_proj, quant)
-        mlp = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), _linear(g, h, f"{p}.up_proj", layer.up_proj, quant))
+        gate, up = _fused_linear(g, h, [f"{p}.gate_proj", f"{p}.up_proj"], [layer.gate_proj, layer.up_proj], quant)
+        mlp = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
         x = g.op("Add", x, _linear(g, mlp, f"{p}.down_proj", layer.down_proj, quant))
-        new_keys.append(g.op("Unsqueeze", k, g.const([0])))
-        new_values.append(g.op("Unsqueeze", v, g.const([0])))
+        new_keys.append(k_rotated)
+        new_values.append(v)
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
     if "lm_head" in quant:
         g.op_to("Identity", [_linear(g, h, "lm_head", model.lm_head, quant)], "logits")
     else:
         head = embed if model.lm_head is None else g.weight("lm_head.weight", _np(model.lm_head.weight))
         g.op_to("Gemm", [h, head], "logits", transB=1)
-    g.op_to("Concat", new_keys, "new_keys", axis=0)
-    g.op_to("Concat", new_values, "new_values", axis=0)
+    kv_shape = g.const([geo.num_layers, -1, geo.num_kv_heads, geo.head_dim])
+    g.op_to("Reshape", [g.op("Concat", *new_keys, axis=0), kv_shape], "new_keys")  # [layers, T, KVH, D]
+    g.op_to("Reshape", [g.op("Concat", *new_values, axis=0), kv_shape], "new_values")
 
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     pool_shape = [geo.num_kv_heads, "num_blocks", "block_size", geo.head_dim]

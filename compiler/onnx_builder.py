@@ -21,11 +21,16 @@ class GraphBuilder:
         return f"{self._prefix}{hint}_{self._count}"
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", name: str | None = None,
-           **attrs):
-        """Add a node; returns one output name, or a list when outputs > 1."""
+           refs: dict[str, tuple[str, int]] | None = None, **attrs):
+        """Add a node; returns one output name, or a list when outputs > 1.
+
+        refs maps attribute names to (the enclosing function's attribute, its AttributeProto type).
+        """
         out_names = [self._name(op_type.lower()) for _ in range(outputs)]
         node = helper.make_node(op_type, list(inputs), out_names, name=name or self._name(op_type),
                                 domain=domain, **attrs)
+        for attr, (ref, kind) in (refs or {}).items():
+            node.attribute.append(onnx.AttributeProto(name=attr, ref_attr_name=ref, type=kind))
         self.nodes.append(node)
         return out_names[0] if outputs == 1 else out_names
 
@@ -33,15 +38,6 @@ class GraphBuilder:
         """Add a node whose single output has a fixed name (graph outputs)."""
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=self._name(op_type), **attrs))
         return output
-
-    def ref_attr_const(self, attr: str, attr_type: int) -> str:
-        """A Constant whose value is the enclosing function's attribute `attr` (function bodies only)."""
-        out = self._name(f"attr_{attr}")
-        node = helper.make_node("Constant", [], [out], name=self._name("Constant"))
-        kind = {onnx.AttributeProto.FLOAT: "value_float", onnx.AttributeProto.INT: "value_int"}[attr_type]
-        node.attribute.append(onnx.AttributeProto(name=kind, ref_attr_name=attr, type=attr_type))
-        self.nodes.append(node)
-        return out
 
     def const(self, value, dtype=np.int64, name: str | None = None) -> str:
         """A constant tensor as a Constant node (small values, usable inside functions too)."""

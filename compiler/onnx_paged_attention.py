@@ -1,13 +1,26 @@
-"""The `llmc.PagedAttention` op: an ONNX local function with a decomposed, Gather-based body.
+"""Paged attention in ONNX: a step plan computed once per step, and the `llmc.PagedAttention` op per layer.
 
-onnxruntime (any EP) runs the body; a TensorRT build can map the node to a plugin instead.
-Contract (all shapes dynamic):
-    q [T, H, D], k_new/v_new [T, KVH, D] (already rotated), k_pool/v_pool [KVH, NB, B, D],
-    block_tables int32 [S, M], context_lens int32 [S], query_start int32 [S+1],
-    positions int64 [T]  ->  out [T, H*D];  attribute `scale` (float).
-The pools are only read (the new tokens' K/V come in as k_new/v_new, and the runtime writes
-them into its pools after the step). Tokens of a sequence sit at positions
-context_len - q_len ... context_len - 1, in order.
+The plan (`build_plan`, nodes in the main graph) turns the step contract's ragged layout into a
+padded one that every layer shares: each sequence's queries padded to the longest chunk, its
+cached blocks, one additive mask. The op (`build_function`, an ONNX local function) is then a
+handful of nodes around the standard ONNX `Attention` op (opset 23: grouped-query heads, the
+cached keys as `past_key`, the mask). onnxruntime (any EP) runs the body; a TensorRT build can
+map the node to a plugin instead.
+
+Op contract (S sequences, T tokens, Qmax the longest chunk, L = cached blocks * block_size):
+    q [T, H*D], k [T, KVH*D], v [T, KVH*D]          the step's projections, before RoPE
+    k_pool, v_pool [KVH, NB, B, D]                  the layer's pools, read only
+    query_index int64 [S, Qmax]                     token of each padded query (plan)
+    query_positions int64 [S, Qmax]                 its position (plan)
+    cached_tables [S, Mc]                           blocks holding cached tokens (plan)
+    past_shape int64 [4] = [S, KVH, L, D]           (plan)
+    mask float [S, 1, Qmax, L + Qmax]               0 where a query may attend, -inf elsewhere (plan)
+    token_index int64 [T, 2]                        (sequence, row) of each token in the padded layout (plan)
+    rope_cos, rope_sin [P, D/2]
+    -> out [T, H*D], k_rotated [T, KVH*D] (the keys to write into the pool)
+    attributes: scale (float), num_heads, kv_num_heads (int)
+The new tokens' K/V come in as k/v; the runtime writes them into its pools after the step.
+Tokens of a sequence sit at positions context_len - q_len ... context_len - 1, in order.
 """
 
 from __future__ import annotations
@@ -20,86 +33,73 @@ from llmc.compiler.onnx_builder import GraphBuilder
 
 DOMAIN = "llmc"
 OP_TYPE = "PagedAttention"
-INPUTS = ["q", "k_new", "v_new", "k_pool", "v_pool", "block_tables", "context_lens", "query_start", "positions"]
+OPSET = 23
+PLAN = ["query_index", "query_positions", "cached_tables", "past_shape", "mask", "token_index"]
+INPUTS = ["q", "k", "v", "k_pool", "v_pool", *PLAN, "rope_cos", "rope_sin"]
 
 
-def _dim(g: GraphBuilder, tensor: str, axis: int) -> str:
-    return g.op("Shape", tensor, start=axis, end=axis + 1)  # [1]
-
-
-def build_function() -> onnx.FunctionProto:
-    """The function body; see the module docstring for the contract.
-
-    Attention runs in two parts that share one softmax: the cached keys gathered from the pool
-    (positions < context_len - q_len) and the step's own new keys (causal among themselves), so
-    the gathered context is never copied to insert the new tokens.
-    """
-    g = GraphBuilder("pa_")
+def build_plan(g: GraphBuilder, num_kv_heads: int, head_dim: int, pool: str) -> dict[str, str]:
+    """Add the per-step plan nodes (reading the graph inputs positions, query_start, context_lens,
+    block_tables and the pool's block size); returns the names of the PLAN tensors."""
     zero, one = g.const(0), g.const(1)
-    scale = g.ref_attr_const("scale", onnx.AttributeProto.FLOAT)
     i64 = onnx.TensorProto.INT64
-
-    # [STEP 1] per-sequence query ranges, the sequence of each token, cached lengths.
+    # Ragged layout: query ranges, cached lengths, the sequence of each token.
     qstart = g.op("Cast", "query_start", to=i64)  # [S+1]
     q_begin = g.op("Slice", qstart, g.const([0]), g.const([-1]))  # [S]
     q_end = g.op("Slice", qstart, g.const([1]), g.const([np.iinfo(np.int64).max]))  # [S]
     q_len = g.op("Sub", q_end, q_begin)  # [S]
     num_cached = g.op("Sub", g.op("Cast", "context_lens", to=i64), q_len)  # [S]
     q_max = g.op("ReduceMax", q_len, keepdims=0)  # scalar Qmax
-    num_tokens = g.op("Squeeze", _dim(g, "q", 0))  # scalar T
+    num_tokens = g.op("Squeeze", g.op("Shape", "positions"))  # scalar T
     t_range = g.op("Range", zero, num_tokens, one)  # [T]
     after_end = g.op("GreaterOrEqual", g.op("Unsqueeze", t_range, one), g.op("Unsqueeze", q_end, zero))  # [T, S]
     seq_of_token = g.op("ReduceSum", g.op("Cast", after_end, to=i64), g.const([1]), keepdims=0)  # [T]
+    row_of_token = g.op("Sub", t_range, g.op("Gather", q_begin, seq_of_token, axis=0))  # [T]
+    token_index = g.op("Concat", g.op("Unsqueeze", seq_of_token, one), g.op("Unsqueeze", row_of_token, one), axis=1)
 
-    # [STEP 2] queries and new K/V padded per sequence: [S, Qmax, ...].
-    num_kv_heads, head_dim = _dim(g, "k_new", 1), _dim(g, "k_new", 2)
+    # Padded queries: row r of sequence s is token q_begin[s] + r (clamped; masked rows are padding).
     q_range = g.op("Range", zero, q_max, one)  # [Qmax]
-    q_idx = g.op("Min", g.op("Add", g.op("Unsqueeze", q_begin, one), g.op("Unsqueeze", q_range, zero)),
-                 g.op("Sub", num_tokens, one))  # [S, Qmax]
-    q5_shape = g.op("Concat", g.const([0, 0]), num_kv_heads, g.const([-1]), head_dim, axis=0)
-    q5 = g.op("Transpose", g.op("Reshape", g.op("Gather", "q", q_idx, axis=0), q5_shape),
-              perm=[2, 0, 3, 1, 4])  # [KVH, S, G, Qmax, D]
-    q4 = g.op("Reshape", q5, g.op("Concat", g.const([0, 0, -1]), head_dim, axis=0))  # [KVH, S, GQ, D]
-    # row r of GQ = (group r // Qmax, query r % Qmax)
-    k_new = g.op("Transpose", g.op("Gather", "k_new", q_idx, axis=0), perm=[2, 0, 1, 3])  # [KVH, S, Qmax, D]
-    v_new = g.op("Transpose", g.op("Gather", "v_new", q_idx, axis=0), perm=[2, 0, 1, 3])
+    query_index = g.op("Min", g.op("Add", g.op("Unsqueeze", q_begin, one), g.op("Unsqueeze", q_range, zero)),
+                       g.op("Sub", num_tokens, one))  # [S, Qmax]
+    query_positions = g.op("Gather", "positions", query_index, axis=0)  # [S, Qmax]
 
-    # [STEP 3] cached K/V: only the blocks holding cached tokens (none for a fresh prefill).
-    # The head-major pool makes the gathered blocks [KVH, S, Mc, B, D]: a reshape, not a copy, away.
-    block_size = _dim(g, "k_pool", 2)  # [1]
+    # Cached blocks: at least one (a zero-length past is not worth a special case; it is masked out).
+    block_size = g.op("Shape", pool, start=2, end=3)  # [1]
     max_cached = g.op("ReduceMax", num_cached, keepdims=1)  # [1]
-    num_cached_blocks = g.op("Div", g.op("Sub", g.op("Add", max_cached, block_size), one), block_size)  # [1]
-    tables = g.op("Slice", "block_tables", g.const([0]), num_cached_blocks, g.const([1]))  # [S, Mc]
-    ctx_len = g.op("Mul", num_cached_blocks, block_size)  # [1] L = Mc * B
-    ctx_shape = g.op("Concat", num_kv_heads, _dim(g, "block_tables", 0), ctx_len, head_dim, axis=0)
-    k_ctx, v_ctx = (g.op("Reshape", g.op("Gather", pool, tables, axis=1), ctx_shape)
-                    for pool in ("k_pool", "v_pool"))  # [KVH, S, L, D]
+    num_blocks = g.op("Max", g.op("Div", g.op("Sub", g.op("Add", max_cached, block_size), one), block_size), one)
+    cached_tables = g.op("Slice", "block_tables", g.const([0]), num_blocks, g.const([1]))  # [S, Mc]
+    ctx_len = g.op("Mul", num_blocks, block_size)  # [1] L
+    past_shape = g.op("Concat", g.op("Shape", "block_tables", start=0, end=1), g.const([num_kv_heads]), ctx_len,
+                      g.const([head_dim]), axis=0)
 
-    # [STEP 4] scores of both parts plus additive masks, one softmax over their concatenation.
-    neg_inf, no_bias = g.const(-np.inf, dtype=np.float32), g.const(0.0, dtype=np.float32)
-    q4 = g.op("Mul", q4, scale)
-    scores_c = g.op("MatMul", q4, g.op("Transpose", k_ctx, perm=[0, 1, 3, 2]))  # [KVH, S, GQ, L]
-    scores_n = g.op("MatMul", q4, g.op("Transpose", k_new, perm=[0, 1, 3, 2]))  # [KVH, S, GQ, Qmax]
+    # Mask: cached key j < num_cached; new key j <= the query's row and j < q_len.
     key_c = g.op("Range", zero, g.op("Squeeze", ctx_len), one)  # [L]
-    mask_c = g.op("Unsqueeze", g.op("Less", key_c, g.op("Unsqueeze", num_cached, one)), g.const([0, 2]))  # [1,S,1,L]
-    group = g.op("Div", _dim(g, "q", 1), num_kv_heads)  # [1] G
-    row_query = g.op("Tile", q_range, group)  # [GQ]: the query index of each row
-    causal_n = g.op("LessOrEqual", q_range, g.op("Unsqueeze", row_query, one))  # [GQ, Qmax]
+    allowed_c = g.op("Less", key_c, g.op("Unsqueeze", num_cached, one))  # [S, L]
+    causal = g.op("LessOrEqual", q_range, g.op("Unsqueeze", q_range, one))  # [Qmax, Qmax]
     valid_n = g.op("Less", q_range, g.op("Unsqueeze", q_len, one))  # [S, Qmax]
-    mask_n = g.op("Unsqueeze", g.op("And", causal_n, g.op("Unsqueeze", valid_n, one)), zero)  # [1, S, GQ, Qmax]
-    scores = g.op("Concat", g.op("Add", scores_c, g.op("Where", mask_c, no_bias, neg_inf)),
-                  g.op("Add", scores_n, g.op("Where", mask_n, no_bias, neg_inf)), axis=-1)
-    probs_c, probs_n = g.op("Split", g.op("Softmax", scores, axis=-1),
-                            g.op("Concat", ctx_len, g.op("Unsqueeze", q_max, zero), axis=0), axis=-1, outputs=2)
-    out = g.op("Add", g.op("MatMul", probs_c, v_ctx), g.op("MatMul", probs_n, v_new))  # [KVH, S, GQ, D]
+    allowed_n = g.op("And", g.op("Unsqueeze", causal, zero), g.op("Unsqueeze", valid_n, one))  # [S, Qmax, Qmax]
+    rows = g.op("Concat", g.op("Unsqueeze", q_max, zero), ctx_len, axis=0)  # [2] = [Qmax, L]
+    allowed = g.op("Concat", g.op("Expand", g.op("Unsqueeze", allowed_c, one), rows), allowed_n, axis=-1)
+    mask = g.op("Unsqueeze", g.op("Where", allowed, g.const(0.0, np.float32), g.const(-np.inf, np.float32)),
+                one)  # [S, 1, Qmax, L + Qmax]
+    return dict(zip(PLAN, (query_index, query_positions, cached_tables, past_shape, mask, token_index)))
 
-    # [STEP 5] back to [T, H*D] in the flattened token order.
-    out5_shape = g.op("Concat", g.const([0, 0]), group, g.op("Unsqueeze", q_max, zero), head_dim, axis=0)
-    out = g.op("Transpose", g.op("Reshape", out, out5_shape), perm=[1, 3, 0, 2, 4])  # [S, Qmax, KVH, G, D]
-    out = g.op("Reshape", out, g.const([0, 0, -1]))  # [S, Qmax, H*D]
-    local = g.op("Sub", t_range, g.op("Gather", q_begin, seq_of_token, axis=0))  # [T]
-    out_idx = g.op("Concat", g.op("Unsqueeze", seq_of_token, one), g.op("Unsqueeze", local, one), axis=1)
-    g.nodes.append(helper.make_node("GatherND", [out, out_idx], ["out"], name="pa_GatherND_out"))
+
+def build_function() -> onnx.FunctionProto:
+    """The op's body; see the module docstring for the contract."""
+    g = GraphBuilder("pa_")
+    integer, real = onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT
+    q, k, v = (g.op("Gather", name, "query_index", axis=0) for name in ("q", "k", "v"))  # [S, Qmax, heads*D]
+    rope_inputs = ("rope_cos", "rope_sin", "query_positions")
+    q = g.op("RotaryEmbedding", q, *rope_inputs, interleaved=0, refs={"num_heads": ("num_heads", integer)})
+    k = g.op("RotaryEmbedding", k, *rope_inputs, interleaved=0, refs={"num_heads": ("kv_num_heads", integer)})
+    past = [g.op("Reshape", g.op("Transpose", g.op("Gather", pool, "cached_tables", axis=1), perm=[1, 0, 2, 3, 4]),
+                 "past_shape") for pool in ("k_pool", "v_pool")]  # [S, KVH, L, D]
+    # onnxruntime's CPU kernel insists on the present K/V outputs when given a past (unused here).
+    out, _, _ = g.op("Attention", q, k, v, "mask", *past, outputs=3, refs={
+        "scale": ("scale", real), "q_num_heads": ("num_heads", integer), "kv_num_heads": ("kv_num_heads", integer)})
+    g.nodes.append(helper.make_node("GatherND", [out, "token_index"], ["out"], name="pa_out"))  # [T, H*D]
+    g.nodes.append(helper.make_node("GatherND", [k, "token_index"], ["k_rotated"], name="pa_k_rotated"))
     return helper.make_function(
-        DOMAIN, OP_TYPE, INPUTS, ["out"], g.nodes,
-        opset_imports=[helper.make_opsetid("", 21)], attributes=["scale"])
+        DOMAIN, OP_TYPE, INPUTS, ["out", "k_rotated"], g.nodes,
+        opset_imports=[helper.make_opsetid("", OPSET)], attributes=["scale", "num_heads", "kv_num_heads"])

@@ -65,6 +65,18 @@ class QuantizedWeight:
         return (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
 
 
+def concat_rows(weights: list[QuantizedWeight]) -> QuantizedWeight | None:
+    """Weights that read the same input, stacked along N into one (one matmul instead of several);
+    None when their formats differ (bits, block size, zero points)."""
+    first = weights[0]
+    kinds = {(w.bits, w.block_size, w.in_features, None if w.zero is None else w.zero.dtype) for w in weights}
+    if len(kinds) > 1:
+        return None
+    zero = None if first.zero is None else np.concatenate([w.zero for w in weights])
+    return QuantizedWeight(np.concatenate([w.q for w in weights]), np.concatenate([w.scale for w in weights]),
+                           zero, first.bits, first.block_size, first.in_features)
+
+
 def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """[N, K] -> [N, G, group_size]; a partial last group is padded with copies of its last column,
     so padding never widens a group's range."""

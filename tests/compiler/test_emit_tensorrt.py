@@ -31,7 +31,8 @@ def test_qdq_graph_uses_standard_int4_dequantize(trt_bundle):
     ops = {node.op_type for node in graph.graph.node}
     assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
     int4 = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT4]
-    assert len(int4) == 2 * 7 + 1 and entry["weight_format"] == "qdq"
+    # per layer: q/k/v stacked, o, gate/up stacked, down; plus the LM head
+    assert len(int4) == 2 * 4 + 1 and entry["weight_format"] == "qdq"
 
 
 def test_qdq_graph_matches_fake_quant_in_onnxruntime(trt_bundle, tiny_checkpoint, tmp_path):
