@@ -6,9 +6,11 @@ the same model, and llama.cpp on the model's own Q4_1 GGUF. One system at a time
         --llama-server PATH/llama-server --out benchmarks/results/int4_decode.json
 
 Greedy, EOS ignored, the prompt of decode_speed.py; decode rate excludes the prompt (time after the first
-token). onnxruntime-genai runs benchmarks/ortgenai_peer.py in its own venv. llama.cpp: a fresh llama-server
-with -np B slots gets B concurrent /completion requests; its own timings (predicted_n, predicted_ms) give
-the decode rate: sum of tokens / the longest decode time.
+token). This machine's speed drifts by up to ~25% over minutes (shared host), so systems are measured in
+turn, round after round (--rounds), and the summary reports each one's median and range.
+onnxruntime-genai runs benchmarks/ortgenai_peer.py in its own venv. llama.cpp: a fresh llama-server with
+-np B slots gets B concurrent /completion requests; its own timings (predicted_n, predicted_ms) give the
+decode rate: sum of tokens / the longest decode time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +57,22 @@ def llamacpp_decode(server: str, gguf: str, batch: int, tokens: int) -> dict:
             "decode_tok_s": sum(t["predicted_n"] - 1 for t in timings) / max(t["predicted_ms"] for t in timings) * 1000}
 
 
+def summarize(results: list[dict]) -> list[dict]:
+    """Median (and range) over rounds per system and batch, with the ratio to llama.cpp's median."""
+    rows = []
+    for batch in sorted({r["batch"] for r in results}):
+        systems = dict.fromkeys(r["system"] for r in results if r["batch"] == batch)
+        medians = {name: statistics.median(r["decode_tok_s"] for r in results
+                                           if r["batch"] == batch and r["system"] == name) for name in systems}
+        peer = next((m for name, m in medians.items() if name.startswith("llama.cpp")), None)
+        for name, median in medians.items():
+            runs = [r["decode_tok_s"] for r in results if r["batch"] == batch and r["system"] == name]
+            rows.append({"system": name, "batch": batch, "median_tok_s": round(median, 1), "min": round(min(runs), 1),
+                         "max": round(max(runs), 1), "rounds": len(runs),
+                         "vs_llama_cpp": round(median / peer, 3) if peer else None})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundles", nargs="+")
@@ -61,25 +80,29 @@ def main() -> None:
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3, help="each round measures every system once, in turn")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    results = []
+    runs = []
     for batch in args.batches:
-        for bundle in args.bundles:
-            results.append({**llmc_decode(bundle, batch, args.tokens), "system": f"llmc ({Path(bundle).name})"})
-            print(json.dumps(results[-1]), flush=True)
-        for model in args.ortgenai[1:]:
-            results.append(ortgenai_decode(args.ortgenai[0], model, batch, args.tokens))
-            print(json.dumps(results[-1]), flush=True)
-        if args.llama_server:
-            from llmc.artifacts.bundle import load_bundle
+        for round_index in range(args.rounds):
+            measured = [{**llmc_decode(bundle, batch, args.tokens), "system": f"llmc ({Path(bundle).name})"}
+                        for bundle in args.bundles]
+            measured += [ortgenai_decode(args.ortgenai[0], model, batch, args.tokens) for model in args.ortgenai[1:]]
+            if args.llama_server:
+                from llmc.artifacts.bundle import load_bundle
 
-            gguf = load_bundle(args.bundles[0], verify=False).manifest["source"]["path"]
-            results.append(llamacpp_decode(args.llama_server, gguf, batch, args.tokens))
-            print(json.dumps(results[-1]), flush=True)
+                gguf = load_bundle(args.bundles[0], verify=False).manifest["source"]["path"]
+                measured.append(llamacpp_decode(args.llama_server, gguf, batch, args.tokens))
+            for result in measured:
+                runs.append({**result, "round": round_index})
+                print(json.dumps(runs[-1]), flush=True)
+    summary = summarize(runs)
+    for row in summary:
+        print(json.dumps(row), flush=True)
     if args.out:
         args.out.write_text(json.dumps({"machine": f"{os.cpu_count()} cores", "tokens": args.tokens,
-                                        "results": results}, indent=2))
+                                        "rounds": args.rounds, "summary": summary, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from llmc.compiler.emit_tensorrt import emit_tensorrt
 from llmc.compiler.importer import import_checkpoint
 from llmc.compiler import calibration
 from llmc.compiler.evaluate import evaluate, torch_scorer
-from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec
+from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec, load_spec
 from llmc.compiler.tokenizer_meta import tokenizer_manifest
 from llmc.errors import ConfigError
 from llmc.kernels.quant import GridConfig
@@ -26,10 +26,12 @@ from llmc.passes.base import run_passes
 from llmc.passes.quant_awq import QuantAWQ
 from llmc.passes.quant_gptq import QuantGPTQ
 from llmc.passes.quant_rtn import QuantRTN
+from llmc.passes.spec_pairing import SpecPairing
 
 log = logging.getLogger(__name__)
 
 # Head-major pools: gathering a sequence's blocks yields [KVH, S, L, D] directly (no transpose copy).
+DRAFT_DIR = "engines/draft"
 KV_LAYOUT = "[num_kv_heads, num_blocks, block_size, head_dim] per layer, separate K and V pools"
 
 
@@ -64,6 +66,27 @@ def build_passes(spec: BuildSpec, ir) -> list:
     return passes
 
 
+def draft_spec(spec: BuildSpec) -> BuildSpec:
+    """The draft model's build: its own model.yaml, or a checkpoint source compiled without passes."""
+    ref = spec.speculative.draft
+    path = None if ref.startswith("pypi:") else spec.resolve(ref)
+    if path is not None and path.suffix in (".yaml", ".yml"):
+        draft = load_spec(path)
+        if draft.speculative is not None:
+            raise ConfigError(f"speculative.draft: {path} has a speculative section itself; a draft cannot have "
+                              "its own draft — remove that section")
+        return draft
+    return BuildSpec(name=f"{spec.name}-draft", source=ref, base_dir=spec.base_dir)
+
+
+def _compile_draft(spec: BuildSpec, staging: Path):
+    """Import the draft and run its own passes; returns (IR, its pass records, its spec)."""
+    dspec = draft_spec(spec)
+    log.info("  draft %s from %s", dspec.name, dspec.source)
+    ir = import_checkpoint(dspec.source_path(), spec.max_context, dspec.allow_pickle, work_dir=staging / "draft-work")
+    return ir, run_passes(ir, build_passes(dspec, ir)), dspec
+
+
 def _evaluate(spec: BuildSpec, ir, reference_model) -> dict:
     """Held-out perplexity of the built model and, when quantized, of the source model and their KL."""
     windows = _windows(spec, ir, spec.eval, None, None, "eval")[: spec.eval.max_windows]
@@ -74,6 +97,23 @@ def _evaluate(spec: BuildSpec, ir, reference_model) -> dict:
              f" (source {result['reference_perplexity']:.3f}, KL {result['kl_from_reference']:.4f})"
              if reference else "")
     return result
+
+
+def _speculative(spec: BuildSpec, ir, staging: Path, passes: list[dict]) -> dict | None:
+    """The manifest's speculative section; for a draft model, compile it and run the pairing pass."""
+    s = spec.speculative
+    if s is None:
+        return None
+    section = {"method": s.method, "num_tokens": s.num_tokens, "adaptive": s.adaptive}
+    if s.method == "ngram":
+        ngram = s.ngram.model_dump() if s.ngram else {"min_n": 1, "max_n": 3}
+        return {**section, "ngram": ngram}
+    draft_ir, draft_passes, dspec = _compile_draft(spec, staging)
+    passes.extend(run_passes(ir, [SpecPairing(draft_ir, dspec.name, s.num_tokens)]))
+    q = dspec.quantization
+    return {**section, "pairing": passes[-1], "_ir": draft_ir, "_accuracy_level": q.accuracy_level if q else 0,
+            "draft": {"name": dspec.name, "source": str(dspec.source_path()), "model": draft_ir.geometry.to_dict(),
+                      "passes": [{k: v for k, v in p.items() if not k.startswith("per_")} for p in draft_passes]}}
 
 
 @contextmanager
@@ -93,6 +133,8 @@ def build(spec: BuildSpec) -> Path:
             if not spec.resolve(path).is_file():
                 raise ConfigError(f"{spec.resolve(path)}: no such file (listed in model.yaml's "
                                   f"{'calibration' if section is spec.calibration else 'eval'} section)")
+    if spec.speculative is not None and spec.speculative.method == "draft":
+        draft_spec(spec).source_path()  # a missing draft fails before the long work too
     final = spec.output_dir()
     staging = bundle_io.staging_dir(final)
     timings: dict[str, float] = {}
@@ -105,6 +147,7 @@ def build(spec: BuildSpec) -> Path:
             pass_list = build_passes(spec, ir)
             reference = copy.deepcopy(ir.model) if spec.eval and pass_list else None  # for KL after the passes
             passes = run_passes(ir, pass_list)
+            speculative = _speculative(spec, ir, staging, passes)
         if spec.eval:
             with _stage(timings, 3, "evaluate", stages):
                 quality = _evaluate(spec, ir, reference)
@@ -119,6 +162,12 @@ def build(spec: BuildSpec) -> Path:
                 else:
                     entry = emit_onnx(ir.model, engine_dir, ir.quantized, level)
                 engines[target] = {"dir": f"engines/{target}", **entry}
+            if speculative and speculative["method"] == "draft":
+                draft_ir = speculative.pop("_ir")
+                level = speculative.pop("_accuracy_level")
+                entry = emit_onnx(draft_ir.model, staging / DRAFT_DIR, draft_ir.quantized, level)
+                speculative["draft"]["engine"] = {"dir": DRAFT_DIR, **entry}
+                shutil.rmtree(staging / "draft-work", ignore_errors=True)
         with _stage(timings, stages, "bundle", stages):
             geo = ir.geometry
             manifest = {
@@ -136,6 +185,7 @@ def build(spec: BuildSpec) -> Path:
                 "tokenizer": tokenizer_manifest(ir.tokenizer_dir, "tokenizer"),
                 "passes": [{k: v for k, v in p.items() if not k.startswith("per_")} for p in passes],
                 "quality": {"eval": quality, "report": "report.json"},
+                "speculative": speculative,
                 "notes": ir.notes,
             }
             manifest["timings_s"] = dict(timings)

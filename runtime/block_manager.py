@@ -163,6 +163,12 @@ class BlockManager:
             self._release(block)
         seq.block_table.clear()
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the blocks past the first num_tokens tokens (rejected draft tokens' slots)."""
+        keep = blocks_needed(num_tokens, self.block_size)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+
     def waste(self, seqs: list[Sequence]) -> float:
         """Allocated-but-unfilled KV slots / allocated slots over these sequences' distinct blocks."""
         filled: dict[int, int] = {}

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from llmc.artifacts.bundle import Bundle
+from llmc.artifacts.geometry import ModelGeometry
 from llmc.errors import BundleError
 from llmc.runtime.kv_pool import KVPool
 from llmc.runtime.step_inputs import StepInputs
@@ -19,19 +20,25 @@ log = logging.getLogger(__name__)
 class OrtEngine:
     """One InferenceSession over the bundle's step graph."""
 
-    def __init__(self, bundle: Bundle, num_threads: int | None = None):
-        if "onnxruntime" not in bundle.manifest["engines"]:
+    def __init__(self, bundle: Bundle, num_threads: int | None = None, draft: bool = False):
+        """The bundle's target engine, or (draft=True) its speculative draft model's engine."""
+        if draft:
+            entry = bundle.manifest["speculative"]["draft"]["engine"]
+            geometry = ModelGeometry.from_dict(bundle.manifest["speculative"]["draft"]["model"])
+        elif "onnxruntime" in bundle.manifest["engines"]:
+            entry, geometry = bundle.manifest["engines"]["onnxruntime"], bundle.geometry
+        else:
             raise BundleError(f"{bundle.path} has no onnxruntime engine (it has: "
                               f"{', '.join(bundle.manifest['engines'])}); llmc's runtime runs onnxruntime engines: "
                               "rebuild with targets: [onnxruntime, ...]")
-        entry = bundle.manifest["engines"]["onnxruntime"]
-        path = bundle.engine_dir("onnxruntime") / entry["graph"]
+        path = bundle.path / entry["dir"] / entry["graph"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = num_threads or len(os.sched_getaffinity(0))
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.num_layers = bundle.geometry.num_layers
+        self.geometry = geometry
+        self.num_layers = geometry.num_layers
         log.info("onnxruntime %s engine loaded from %s", ort.__version__, path)
 
     def step(self, inputs: StepInputs, pool: KVPool) -> np.ndarray:

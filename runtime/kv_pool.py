@@ -66,16 +66,25 @@ class KVPool:
         self._flat_values = self.values.reshape(flat)
 
     @classmethod
-    def from_budget(cls, geo: ModelGeometry, block_size: int, budget_bytes: int) -> "KVPool":
-        """As many blocks as fit in budget_bytes (same formula as `llmc kv-size`)."""
-        per_block = kv_bytes_per_token(geo.num_layers, geo.num_kv_heads, geo.head_dim, "float32") * block_size
+    def from_budget(cls, geo: ModelGeometry, block_size: int, budget_bytes: int,
+                    draft: ModelGeometry | None = None) -> "KVPool | tuple[KVPool, KVPool]":
+        """As many blocks as fit in budget_bytes (same formula as `llmc kv-size`).
+
+        With a draft model, the budget holds each block twice, once per model (the two pools share
+        block ids), and a (target, draft) pair is returned.
+        """
+        geos = [geo] if draft is None else [geo, draft]
+        per_block = sum(kv_bytes_per_token(g.num_layers, g.num_kv_heads, g.head_dim, "float32") for g in geos)
+        per_block *= block_size
         num_blocks = budget_bytes // per_block
         if num_blocks < 1:
             raise ConfigError(f"KV-cache budget {budget_bytes} bytes holds no block of {block_size} tokens "
                               f"({per_block} bytes); raise --kv-cache-memory")
-        log.info("KV cache: %d blocks x %d tokens = %d tokens in %.1f MiB", num_blocks, block_size,
-                 num_blocks * block_size, num_blocks * per_block / (1 << 20))
-        return cls(geo, int(num_blocks), block_size)
+        log.info("KV cache: %d blocks x %d tokens = %d tokens in %.1f MiB%s", num_blocks, block_size,
+                 num_blocks * block_size, num_blocks * per_block / (1 << 20),
+                 " (target and draft pools)" if draft else "")
+        pools = tuple(cls(g, int(num_blocks), block_size) for g in geos)
+        return pools[0] if draft is None else pools
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write of shared blocks)."""

@@ -19,9 +19,12 @@ from llmc.errors import RequestError
 from llmc.runtime.block_manager import BlockManager, blocks_needed
 from llmc.runtime.engine_ort import OrtEngine
 from llmc.runtime.kv_pool import KVPool, plan_kv_budget
+from llmc.runtime.drafters import ModelDrafter, NgramDrafter
 from llmc.runtime.sampler import sample_token, top_logprobs
-from llmc.runtime.scheduler import Scheduler
+from llmc.runtime.scheduler import ScheduledSeq, Scheduler
 from llmc.runtime.sequence import RequestOutput, SamplingParams, Sequence
+from llmc.runtime.spec_policy import SpecPolicy
+from llmc.runtime.speculative import Draft, SpecStats, verify
 from llmc.runtime.step_inputs import build_step_inputs
 from llmc.runtime.tokenizer import BundleTokenizer, IncrementalDetokenizer
 
@@ -56,13 +59,32 @@ class LLM:
     def __init__(self, bundle: str | Path | Bundle, kv_cache_memory: str | int | None = "1GiB",
                  kv_cache_fraction: float | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, policy: str = "continuous", num_threads: int | None = None,
-                 verify: bool = True):
+                 verify: bool = True, speculation: bool = True, num_spec_tokens: int | None = None,
+                 adaptive_speculation: bool | None = None):
+        """speculation=False ignores the bundle's speculative section; num_spec_tokens and
+        adaptive_speculation override its k and its adaptive switch."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         self.geometry = self.bundle.geometry
         self.tokenizer = BundleTokenizer(self.bundle)
         self.engine = OrtEngine(self.bundle, num_threads)
         budget = plan_kv_budget(kv_cache_memory, kv_cache_fraction)
-        self.pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget)
+        spec = self.bundle.manifest.get("speculative") if speculation else None
+        self.drafter, self.draft_pool, self.spec_policy = None, None, None
+        if spec and spec["method"] == "draft":
+            draft_engine = OrtEngine(self.bundle, num_threads, draft=True)
+            self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
+                                                            draft=draft_engine.geometry)
+            self.drafter = ModelDrafter(draft_engine, self.draft_pool, self.geometry.vocab_size)
+            self.draft_max_position = draft_engine.geometry.max_position
+        else:
+            self.pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget)
+            self.draft_max_position = self.geometry.max_position
+        if spec and spec["method"] == "ngram":
+            self.drafter = NgramDrafter(**spec["ngram"])
+        if spec:
+            self.spec_policy = SpecPolicy(num_spec_tokens or spec["num_tokens"],
+                                          spec["adaptive"] if adaptive_speculation is None else adaptive_speculation)
+        self.spec_stats = SpecStats()
         self.block_manager = BlockManager(self.pool.num_blocks, self.pool.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, policy)
         self.timing = StepTiming()
@@ -112,44 +134,116 @@ class LLM:
         self.abort(seq)
         for s in [seq, *seq.children]:
             self._state.pop(s, None)
+            if self.spec_policy is not None:
+                self.drafter.forget(s)
+                self.spec_policy.acceptance.forget(s)
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Run one scheduler iteration; returns the sequences that produced a token."""
         start = time.perf_counter()
+        self._plan_speculation()
         plan = self.scheduler.schedule()
         for seq in plan.out_of_memory:
             self.scheduler.finish(seq, "length")
         if not plan.scheduled:
             return []
         self.pool.copy_blocks(plan.block_copies)
+        if self.draft_pool is not None:
+            self.draft_pool.copy_blocks(plan.block_copies)
+        drafts = self._draft(plan.scheduled)
         updated = []
         for group in self._engine_calls(plan.scheduled):
             inputs = build_step_inputs(group, self.pool.block_size)
             engine_start = time.perf_counter()
             logits = self.engine.step(inputs, self.pool)  # [N, vocab]
-            self.timing.engine_s += time.perf_counter() - engine_start
+            seconds = time.perf_counter() - engine_start
+            self.timing.engine_s += seconds
+            if self.spec_policy is not None:
+                self.spec_policy.target.add(len(inputs.input_ids), seconds)
+                if any(item.spec_tokens for item in group):
+                    self.spec_stats.verify_s += seconds
             row = 0
             for item in group:
-                item.seq.num_computed_tokens += item.num_new_tokens
-                self.block_manager.cache_computed_blocks(item.seq)
-                if item.completes:
-                    updated.extend(self._append_tokens(item.seq, logits[row]))
-                    row += 1
+                rows = len(item.spec_tokens) + 1 if item.completes else 0
+                updated.extend(self._finish_chunk(item, logits[row:row + rows], drafts.get(item.seq)))
+                row += rows
         self.timing.steps += 1
         self.timing.total_s += time.perf_counter() - start
         return updated
 
+    def _plan_speculation(self) -> None:
+        """Pick this step's k (adaptive) and let the scheduler reserve draft slots for decodes."""
+        if self.spec_policy is None:
+            return
+        decoding = [s for s in self.scheduler.running if s.num_tokens - s.num_computed_tokens == 1]
+        k = self.spec_policy.choose_k(decoding)
+        self.spec_stats.last_k = k
+        if decoding:
+            if k:
+                self.spec_stats.steps_with_speculation += 1
+            else:
+                self.spec_stats.steps_without += 1
+
+        def slots(seq: Sequence) -> int:  # never draft past max_tokens or the context
+            left = min(seq.params.max_tokens - len(seq.output_ids),
+                       min(self.geometry.max_position, self.draft_max_position) - seq.num_tokens)
+            return max(0, min(k, left - 1))
+        self.scheduler.spec_slots = slots
+
+    def _draft(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, Draft]:
+        """Draft tokens for the decodes that have slots; attaches them to their ScheduledSeq."""
+        items = [item for item in scheduled if item.spec_slots > 0]
+        if not items:
+            return {}
+        start = time.perf_counter()
+        drafts = self.drafter.propose(items, {item.seq: self._state[item.seq].rng for item in items})
+        for item in items:
+            item.set_draft(drafts[item.seq].tokens if item.seq in drafts else [])
+        seconds = time.perf_counter() - start
+        self.spec_stats.draft_s += seconds
+        self.spec_policy.draft.add(len(items), seconds / max(item.spec_slots for item in items))
+        return drafts
+
+    def _finish_chunk(self, item: ScheduledSeq, logits: np.ndarray, draft: Draft | None) -> list[Sequence]:
+        """After the engine ran a chunk: advance its sequence, sample (or verify drafts), append tokens."""
+        seq = item.seq
+        if not item.completes:
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_computed_blocks(seq)
+            return []
+        if not item.spec_slots:
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_computed_blocks(seq)
+            return self._append_tokens(seq, logits[0])
+        proposed = item.spec_tokens
+        emitted = verify(logits, Draft(proposed, draft.probs[:len(proposed)] if draft and draft.probs is not None
+                                       else None), seq.params, self._state[seq].rng)
+        accepted = len(emitted) - 1
+        self.spec_stats.proposed += len(proposed)
+        self.spec_stats.accepted += accepted
+        self.spec_stats.verifications += bool(proposed)
+        if proposed:
+            self.spec_policy.acceptance.update(seq, len(proposed), accepted)
+        seq.num_computed_tokens += 1 + accepted  # the last token and the accepted drafts now have KV
+        self.block_manager.trim(seq, seq.num_computed_tokens)  # rejected drafts' slots go back
+        self.block_manager.cache_computed_blocks(seq)
+        for token, row in zip(emitted, logits):
+            self._append_token(seq, row, token)
+            if seq.is_finished:
+                break
+        return [seq]
+
     @staticmethod
     def _engine_calls(scheduled: list) -> list[list]:
-        """Split a step into single-token work and multi-token chunks when it holds both.
+        """Split a step into decodes (with their drafted tokens) and prefill chunks when it holds both.
 
         The portable attention pads every sequence's queries to the longest chunk of the call, so
-        a 1-token decode batched with a 500-token prefill chunk would cost as much as 500 tokens
-        of attention; two calls (decodes, then chunks) avoid that padding.
+        a decode batched with a 500-token prefill chunk would cost as much as 500 tokens of
+        attention; two calls (decodes, then chunks) avoid that padding.
         """
-        decodes = [item for item in scheduled if item.num_new_tokens == 1]
-        chunks = [item for item in scheduled if item.num_new_tokens > 1]
+        decodes = [item for item in scheduled if item.num_new_tokens - len(item.spec_tokens) == 1]
+        chunks = [item for item in scheduled if item.num_new_tokens - len(item.spec_tokens) > 1]
         return [group for group in (decodes, chunks) if group]
 
     def _append_tokens(self, seq: Sequence, logits: np.ndarray) -> list[Sequence]:
@@ -167,10 +261,11 @@ class LLM:
             self._append_token(target, logits)
         return targets
 
-    def _append_token(self, seq: Sequence, logits: np.ndarray) -> None:
+    def _append_token(self, seq: Sequence, logits: np.ndarray, token: int | None = None) -> None:
+        """Append one token (sampled from logits unless given) and apply the stop conditions."""
         params = seq.params
         state = self._state[seq]
-        token = sample_token(logits, params, state.rng)
+        token = sample_token(logits, params, state.rng) if token is None else token
         if params.logprobs is not None:
             seq.logprobs.append(top_logprobs(logits, max(params.logprobs, 1)))
         seq.output_ids.append(token)

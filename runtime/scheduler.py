@@ -8,6 +8,7 @@ When the pool runs dry, the most recently admitted sequence is preempted (recomp
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmc.runtime.block_manager import BlockManager
@@ -16,16 +17,28 @@ from llmc.runtime.sequence import Sequence, SequenceStatus
 
 @dataclass(slots=True)
 class ScheduledSeq:
-    """One sequence's share of a step: tokens [start, start + num_new_tokens)."""
+    """One sequence's share of a step: tokens [start, start + num_new_tokens).
+
+    A decode may also carry drafted tokens after its last token (speculative decoding):
+    spec_slots is how many the scheduler reserved KV slots for; spec_tokens are the ones drafted
+    (set before the step runs; num_new_tokens counts them).
+    """
 
     seq: Sequence
     start: int
     num_new_tokens: int
+    spec_slots: int = 0
+    spec_tokens: list[int] = field(default_factory=list)
 
     @property
     def completes(self) -> bool:
         """Whether this chunk reaches the sequence's last token (so it needs logits)."""
-        return self.start + self.num_new_tokens == self.seq.num_tokens
+        return self.start + self.num_new_tokens - len(self.spec_tokens) == self.seq.num_tokens
+
+    def set_draft(self, tokens: list[int]) -> None:
+        """Attach drafted tokens (at most spec_slots)."""
+        self.spec_tokens = list(tokens[:self.spec_slots])
+        self.num_new_tokens = 1 + len(self.spec_tokens)
 
 
 @dataclass(slots=True)
@@ -59,6 +72,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Speculative decoding: how many draft tokens a decoding sequence may carry this step.
+        self.spec_slots: Callable[[Sequence], int] | None = None
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence (validated by the caller)."""
@@ -105,6 +120,15 @@ class Scheduler:
         out.block_copies.extend(copies)
         return True
 
+    def _spec_slots(self, seq: Sequence, want: int, budget: int) -> int:
+        """Draft-token slots for a decode: only from free blocks (speculation never preempts anyone)."""
+        if self.spec_slots is None or want != 1:
+            return 0
+        slots = min(self.spec_slots(seq), budget - want)
+        while slots > 0 and self.block_manager.allocate(seq, seq.num_computed_tokens + want + slots) is None:
+            slots -= 1
+        return max(slots, 0)
+
     def _admit(self, budget: int, out: SchedulerOutput) -> None:
         """Continuous policy: FCFS from the waiting queue while sequences, budget and blocks allow."""
         bm = self.block_manager
@@ -141,8 +165,9 @@ class Scheduler:
             if not self._grow(seq, seq.num_computed_tokens + want, out):
                 out.out_of_memory.append(seq)  # alone and still does not fit: the caller ends it
                 continue
-            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want))
-            budget -= want
+            slots = self._spec_slots(seq, want, budget)
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want, slots))
+            budget -= want + slots
         if self.policy == "continuous":
             self._admit(budget, out)
         return out

@@ -1,4 +1,4 @@
-"""The engine step contract's inputs, built from a scheduler step."""
+"""The engine step contract's inputs, built from a scheduler step (or a draft model's step)."""
 
 from __future__ import annotations
 
@@ -22,26 +22,46 @@ class StepInputs:
     logits_index: np.ndarray  # int64 [N]
 
 
-def build_step_inputs(scheduled: list[ScheduledSeq], block_size: int) -> StepInputs:
-    """Lay out the scheduled chunks; logits only for chunks that reach their sequence's end."""
+@dataclass(slots=True)
+class Chunk:
+    """Tokens of one sequence to run: token_ids at positions start.., logits for the last num_logits."""
+
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    num_logits: int
+
+
+def layout_step(chunks: list[Chunk], block_size: int) -> StepInputs:
+    """Lay out chunks of several sequences as one step."""
     ids, positions, slots, logits_index = [], [], [], []
     query_start = [0]
-    max_blocks = max(len(s.seq.block_table) for s in scheduled)
-    block_tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)  # padding: block 0, masked out
-    context_lens = np.empty(len(scheduled), dtype=np.int32)
-    for i, item in enumerate(scheduled):
-        seq, end = item.seq, item.start + item.num_new_tokens
-        table = np.asarray(seq.block_table, dtype=np.int64)
-        pos = np.arange(item.start, end, dtype=np.int64)
-        ids.extend(seq.token_ids[item.start:end])
+    max_blocks = max(len(c.block_table) for c in chunks)
+    block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)  # padding: block 0, masked out
+    context_lens = np.empty(len(chunks), dtype=np.int32)
+    for i, chunk in enumerate(chunks):
+        end = chunk.start + len(chunk.token_ids)
+        table = np.asarray(chunk.block_table, dtype=np.int64)
+        pos = np.arange(chunk.start, end, dtype=np.int64)
+        ids.extend(chunk.token_ids)
         positions.append(pos)
         slots.append(table[pos // block_size] * block_size + pos % block_size)
         block_tables[i, :len(table)] = table
         context_lens[i] = end
-        query_start.append(query_start[-1] + item.num_new_tokens)
-        if item.completes:
-            logits_index.append(query_start[-1] - 1)
+        query_start.append(query_start[-1] + len(chunk.token_ids))
+        logits_index.extend(range(query_start[-1] - chunk.num_logits, query_start[-1]))
     return StepInputs(
         input_ids=np.asarray(ids, dtype=np.int64), positions=np.concatenate(positions),
         slot_mapping=np.concatenate(slots), block_tables=block_tables, context_lens=context_lens,
         query_start=np.asarray(query_start, dtype=np.int32), logits_index=np.asarray(logits_index, dtype=np.int64))
+
+
+def build_step_inputs(scheduled: list[ScheduledSeq], block_size: int) -> StepInputs:
+    """A scheduler step: each chunk's tokens, then its drafted tokens; logits for chunks that reach
+    their sequence's end (the last one, or the last k+1 when verifying k drafts)."""
+    chunks = []
+    for item in scheduled:
+        seq, end = item.seq, item.start + item.num_new_tokens - len(item.spec_tokens)
+        chunks.append(Chunk(seq.token_ids[item.start:end] + item.spec_tokens, item.start, seq.block_table,
+                            len(item.spec_tokens) + 1 if item.completes else 0))
+    return layout_step(chunks, block_size)

@@ -29,12 +29,13 @@ def write_tiny_tokenizer(directory: Path, vocab_size: int = 320) -> int:
     return tok.get_vocab_size()
 
 
-def write_tiny_checkpoint(directory: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+def write_tiny_checkpoint(directory: Path, arch: str = "llama", seed: int = 0, tokenizer_vocab: int = 320,
+                          **overrides) -> Path:
     """A random HF checkpoint (config.json + safetensors + tokenizer) of a tiny Llama-family model."""
     import torch
     import transformers
 
-    vocab = write_tiny_tokenizer(directory)
+    vocab = write_tiny_tokenizer(directory, tokenizer_vocab)
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=0)

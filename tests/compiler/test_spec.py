@@ -42,7 +42,7 @@ def test_missing_source(tmp_path):
     assert "source: required field is missing" in str(err.value)
 
 
-@pytest.mark.parametrize("field,value", [("speculative", {"num_tokens": 4}),
+@pytest.mark.parametrize("field,value", [("runtime", {"max_num_seqs": 4}),
                                          ("dtype", "float16")])
 def test_later_features_refused_as_not_supported_yet(tmp_path, field, value):
     with pytest.raises(ConfigError) as err:
@@ -112,3 +112,17 @@ def test_calibrated_spec_resolves_files_against_the_yaml(tmp_path):
                   calibration={"texts": ["data/cal.txt"], "n_samples": 8}, eval={"texts": ["/abs/eval.txt"]})
     assert spec.resolve(spec.calibration.texts[0]) == (tmp_path / "data" / "cal.txt").resolve()
     assert spec.resolve(spec.eval.texts[0]) == Path("/abs/eval.txt") and spec.quantization.gptq.act_order
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"method": "draft"}, "speculative: method draft needs `draft:`"),
+    ({"method": "ngram", "draft": "other.yaml"}, "method ngram drafts from the sequence itself"),
+    ({"method": "ngram", "num_tokens": 0}, "speculative.num_tokens"),
+    ({"method": "ngram", "ngram": {"min_n": 3, "max_n": 2}}, "min_n (3) must not exceed max_n (2)"),
+    ({"method": "medusa"}, "speculative.method"),
+    ({"method": "ngram", "k": 4}, "speculative.k: unknown key; allowed keys here: method, draft, num_tokens"),
+])
+def test_bad_speculative_sections(tmp_path, section, message):
+    with pytest.raises(ConfigError) as err:
+        _parse(tmp_path, name="m", source="x", speculative=section)
+    assert message in str(err.value)

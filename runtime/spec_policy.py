@@ -1,0 +1,100 @@
+"""Adaptive speculation: how many tokens to draft this step, from measured costs and acceptance.
+
+Per step the policy picks one k in 0..k_max for the running decodes, maximising expected tokens
+per second: sum over sequences of E[tokens | k] = (1 - a^(k+1)) / (1 - a) (a: the sequence's
+acceptance rate), divided by the predicted time of the verify step over S*(k+1) tokens plus k
+draft steps. Step times are least-squares lines over recent steps (seconds = fixed + per_token *
+tokens), so when a large batch makes the target step compute-bound (time grows with tokens) or
+acceptance is low, k drops — to 0, switching speculation off — instead of slowing the server.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from llmc.runtime.sequence import Sequence
+
+PRIOR_ACCEPTANCE = 0.6  # before a sequence has verified anything
+PRIOR_WEIGHT = 2.0  # pseudo-observations behind the prior
+DECAY = 0.9  # per verification: recent acceptance counts more
+
+
+class StepCost:
+    """seconds ~ fixed + per_token * tokens, fitted over the last `window` observed steps."""
+
+    def __init__(self, window: int = 64):
+        self.observations: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.observations.append((tokens, seconds))
+
+    def predict(self, tokens: int) -> float:
+        """Predicted seconds for a step of `tokens` tokens (0 until something was observed)."""
+        if not self.observations:
+            return 0.0
+        x = np.array([t for t, _ in self.observations], dtype=np.float64)
+        y = np.array([s for _, s in self.observations], dtype=np.float64)
+        if np.ptp(x) == 0:  # one step size seen so far: a flat line through it
+            return float(y.mean())
+        slope, intercept = np.polyfit(x, y, 1)
+        if slope < 0:  # noise: steps do not get cheaper with more tokens
+            slope, intercept = 0.0, y.mean()
+        return float(max(intercept, 0.0) + slope * tokens)
+
+
+class Acceptance:
+    """Decayed counts of accepted draft tokens and of rejections, per sequence.
+
+    A verification of m drafts that keeps a of them is a geometric trial: a successes, then one
+    failure if a < m. The estimate of the per-token acceptance rate is successes / trials.
+    """
+
+    def __init__(self):
+        self._counts: dict[Sequence, list[float]] = {}
+
+    def update(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        counts = self._counts.setdefault(seq, [0.0, 0.0])
+        counts[0] = DECAY * counts[0] + accepted
+        counts[1] = DECAY * counts[1] + (1.0 if accepted < proposed else 0.0)
+
+    def rate(self, seq: Sequence) -> float:
+        kept, rejected = self._counts.get(seq, (0.0, 0.0))
+        return (kept + PRIOR_WEIGHT * PRIOR_ACCEPTANCE) / (kept + rejected + PRIOR_WEIGHT)
+
+    def forget(self, seq: Sequence) -> None:
+        self._counts.pop(seq, None)
+
+
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens one verification of k drafts yields on average (accepted drafts + the target's token)."""
+    return float(k + 1) if rate >= 1.0 else (1.0 - rate ** (k + 1)) / (1.0 - rate)
+
+
+class SpecPolicy:
+    """Chooses k per step (fixed at k_max when not adaptive)."""
+
+    def __init__(self, k_max: int, adaptive: bool = True):
+        self.k_max = k_max
+        self.adaptive = adaptive
+        self.target = StepCost()
+        self.draft = StepCost()
+        self.acceptance = Acceptance()
+
+    def choose_k(self, decoding: list[Sequence]) -> int:
+        """k for this step's running decodes."""
+        if not decoding:
+            return 0
+        if not self.adaptive:
+            return self.k_max
+        rates = [self.acceptance.rate(seq) for seq in decoding]
+        num_seqs = len(decoding)
+        best_k, best_rate = 0, None
+        for k in range(self.k_max + 1):
+            seconds = self.target.predict(num_seqs * (k + 1)) + k * self.draft.predict(num_seqs)
+            tokens = sum(expected_tokens(rate, k) for rate in rates)
+            rate = tokens / seconds if seconds > 0 else float(k)  # nothing measured yet: try speculating
+            if best_rate is None or rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
