@@ -86,11 +86,35 @@ def inspect(bundle: Path, as_json: bool) -> None:
                   if "kl_from_reference" in quality else "")
         click.echo(f"quality   perplexity {quality['perplexity']:.3f}{source} on {quality['windows']} held-out "
                    f"windows of {quality['window_tokens']} tokens (report.json has the per-layer errors)")
+    spec = m.get("speculative")
+    if spec:
+        drafter = (f"draft model {spec['draft']['name']} ({spec['draft']['engine']['dir']}, passes: "
+                   f"{', '.join(p['name'] for p in spec['draft']['passes']) or 'none'}; vocabulary of "
+                   f"{spec['pairing']['tokens_compared']:,} tokens checked)" if spec["method"] == "draft"
+                   else f"n-gram lookup (n = {spec['ngram']['max_n']}..{spec['ngram']['min_n']})")
+        click.echo(f"speculate {drafter}, k <= {spec['num_tokens']}, {'adaptive' if spec['adaptive'] else 'fixed'}")
     click.echo("timings   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
     total = sum(f["size"] for f in m["files"].values())
     for rel, meta in m["files"].items():
         click.echo(f"  {meta['sha256'][:12]}  {human_bytes(meta['size']):>10}  {rel}")
     click.echo(f"verified  {len(m['files'])} files, {human_bytes(total)}: all sha256 checksums match")
+
+
+def _spec_options(command):
+    """--no-speculation, --num-spec-tokens, --fixed-speculation (for bundles with a speculative section)."""
+    command = click.option("--fixed-speculation", is_flag=True,
+                           help="Always draft k tokens (no adaptive k / switching off).")(command)
+    command = click.option("--num-spec-tokens", type=int, default=None,
+                           help="k, the most tokens drafted per step (default: the bundle's).")(command)
+    return click.option("--no-speculation", is_flag=True,
+                        help="Ignore the bundle's draft model / n-gram drafting.")(command)
+
+
+def _spec_kwargs(no_speculation: bool, num_spec_tokens: int | None, fixed_speculation: bool) -> dict:
+    if num_spec_tokens is not None and not 1 <= num_spec_tokens <= 16:
+        raise click.BadParameter(f"{num_spec_tokens}: k must be in 1..16", param_hint="--num-spec-tokens")
+    return {"speculation": not no_speculation, "num_spec_tokens": num_spec_tokens,
+            "adaptive_speculation": False if fixed_speculation else None}
 
 
 @cli.command()
@@ -105,10 +129,11 @@ def inspect(bundle: Path, as_json: bool) -> None:
 @click.option("--seed", default=None, type=int)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--kv-cache-memory", default="256MiB", show_default=True, help="KV-cache pool size.")
+@_spec_options
 @click.option("-v", "--verbose", count=True)
 def run(bundle: Path, prompt: str, chat: bool, system: str | None, max_tokens: int, temperature: float,
         top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], kv_cache_memory: str,
-        verbose: int) -> None:
+        no_speculation: bool, num_spec_tokens: int | None, fixed_speculation: bool, verbose: int) -> None:
     """Generate from BUNDLE, streaming tokens to the terminal."""
     _setup_logging(verbose)
     from llmc.runtime.llm import LLM
@@ -116,7 +141,8 @@ def run(bundle: Path, prompt: str, chat: bool, system: str | None, max_tokens: i
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=stop)
-    llm = LLM(bundle, kv_cache_memory=kv_cache_memory, max_num_seqs=1)
+    llm = LLM(bundle, kv_cache_memory=kv_cache_memory, max_num_seqs=1,
+              **_spec_kwargs(no_speculation, num_spec_tokens, fixed_speculation))
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         prompt = llm.tokenizer.apply_chat_template(messages)
@@ -172,10 +198,12 @@ def eval_command(bundle: Path, texts: tuple[Path, ...], reference: Path | None, 
 @click.option("--policy", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True)
 @click.option("--no-prefix-caching", is_flag=True, help="Disable KV block sharing between prompts.")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=float, help="Seconds SIGTERM waits.")
+@_spec_options
 @click.option("-v", "--verbose", count=True)
 def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_name: str | None,
           kv_cache_memory: str, kv_cache_fraction: float | None, max_num_seqs: int, max_num_batched_tokens: int,
-          max_waiting: int, policy: str, no_prefix_caching: bool, drain_timeout: float, verbose: int) -> None:
+          max_waiting: int, policy: str, no_prefix_caching: bool, drain_timeout: float, no_speculation: bool,
+          num_spec_tokens: int | None, fixed_speculation: bool, verbose: int) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API."""
     _setup_logging(verbose)
     from llmc.runtime.async_engine import AsyncEngine
@@ -185,17 +213,30 @@ def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_
 
     llm = LLM(bundle, kv_cache_memory=kv_cache_memory, kv_cache_fraction=kv_cache_fraction,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-              enable_prefix_caching=not no_prefix_caching, policy=policy)
+              enable_prefix_caching=not no_prefix_caching, policy=policy,
+              **_spec_kwargs(no_speculation, num_spec_tokens, fixed_speculation))
     pool, context = llm.pool, llm.geometry.max_position
-    per_token = (pool.keys.nbytes + pool.values.nbytes) // (pool.num_blocks * pool.block_size)
+    pools = [p for p in (pool, llm.draft_pool) if p is not None]  # a draft model's pool shares the block ids
+    total = sum(p.keys.nbytes + p.values.nbytes for p in pools)
+    per_token = total // (pool.num_blocks * pool.block_size)
+    with_draft = " with the draft's" if len(pools) > 1 else ""
     click.echo(f"KV cache: {pool.num_blocks} blocks x {pool.block_size} tokens = {pool.num_blocks * pool.block_size:,} "
-               f"tokens ({human_bytes(pool.keys.nbytes + pool.values.nbytes)}, {per_token:,} bytes/token); "
+               f"tokens ({human_bytes(total)}, {per_token:,} bytes/token{with_draft}); "
                f"max concurrency at full context ({context:,} tokens): "
                f"{pool.num_blocks // blocks_needed(context, pool.block_size)}")
     name = served_model_name or llm.bundle.manifest["name"]
     click.echo(f"serving '{name}' on http://{host}:{port}/v1 ({policy} batching, up to {max_num_seqs} sequences"
-               f"{', API key required' if api_key else ''}); Ctrl-C or SIGTERM drains and stops")
+               f"{', API key required' if api_key else ''}{_spec_summary(llm)}); Ctrl-C or SIGTERM drains and stops")
     run_server(AsyncEngine(llm, max_waiting), name, host, port, api_key, drain_timeout)
+
+
+def _spec_summary(llm) -> str:
+    if llm.spec_policy is None:
+        return ""
+    section = llm.bundle.manifest["speculative"]
+    drafter = section["draft"]["name"] if section["method"] == "draft" else "n-gram lookup"
+    mode = "adaptive" if llm.spec_policy.adaptive else "fixed"
+    return f", speculative decoding: {drafter}, k <= {llm.spec_policy.k_max} ({mode})"
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -223,9 +264,11 @@ def _range(text: str) -> tuple[int, int]:
 @click.option("--sweep", default=None, help="Offline sweep, e.g. max_num_seqs=1,2,4,8,16 (writes JSON + PNG).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "out_path", default="bench.json", show_default=True, type=click.Path(path_type=Path))
+@_spec_options
 def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_len: str, rate: str, url: str | None,
           max_num_seqs: int, max_num_batched_tokens: int, kv_cache_memory: str, policy: str,
-          no_prefix_caching: bool, sweep: str | None, seed: int, out_path: Path) -> None:
+          no_prefix_caching: bool, sweep: str | None, seed: int, out_path: Path, no_speculation: bool,
+          num_spec_tokens: int | None, fixed_speculation: bool) -> None:
     """Benchmark BUNDLE: tokens/s, TTFT, TPOT, inter-token latency, KV usage and waste."""
     _setup_logging(1)
     from llmc.artifacts.bundle import load_bundle
@@ -235,8 +278,9 @@ def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_le
     loaded = load_bundle(bundle)
     workload = b.make_workload(num_requests, _range(prompt_len), _range(output_len), loaded.geometry.vocab_size, seed)
     settings = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
+    spec = _spec_kwargs(no_speculation, num_spec_tokens, fixed_speculation)
     make = lambda **kw: LLM(loaded, kv_cache_memory=kv_cache_memory, policy=policy,  # noqa: E731
-                            enable_prefix_caching=not no_prefix_caching, **{**settings, **kw})
+                            enable_prefix_caching=not no_prefix_caching, **spec, **{**settings, **kw})
     if sweep:
         key, _, values = sweep.partition("=")
         if key not in settings:

@@ -174,3 +174,12 @@ class AsyncEngine:
         m.counters["llmc_preemptions_total"] = llm.scheduler.num_preemptions
         m.counters["llmc_prefix_cache_queried_tokens_total"] = bm.stats.queried_tokens
         m.counters["llmc_prefix_cache_hit_tokens_total"] = bm.stats.hit_tokens
+        spec = llm.spec_stats
+        m.counters.update({"llmc_spec_draft_tokens_total": spec.proposed,
+                           "llmc_spec_accepted_tokens_total": spec.accepted,
+                           "llmc_spec_verifications_total": spec.verifications,
+                           "llmc_spec_draft_seconds_total": round(spec.draft_s, 6),
+                           "llmc_spec_verify_seconds_total": round(spec.verify_s, 6)})
+        m.gauges.update({"llmc_spec_acceptance_rate": round(spec.acceptance_rate, 4),
+                         "llmc_spec_mean_accepted_tokens": round(spec.mean_accepted, 4),
+                         "llmc_spec_num_tokens": spec.last_k})

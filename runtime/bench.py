@@ -80,13 +80,15 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
     index = {seq: i for i, seq in enumerate(seqs)}
     usage, waste = [], []
     timing_before = replace(llm.timing)
+    spec_before = replace(llm.spec_stats)
     preemptions_before = llm.scheduler.num_preemptions
     done, next_report = 0, max(1, len(seqs) // 10)
     while llm.scheduler.has_unfinished():
         updated = llm.step()
         now = time.perf_counter()
         for seq in updated:
-            traces[index[seq]].token_times.append(now)
+            trace = traces[index[seq]]
+            trace.token_times.extend([now] * (len(seq.output_ids) - len(trace.token_times)))  # k+1 with drafts
             done += seq.is_finished
             if done >= next_report:
                 log.info("offline bench: %d/%d requests done (%.0f s)", done, len(seqs), now - start)
@@ -103,7 +105,18 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
         "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
         "host_overhead_fraction": run_timing.host_fraction,
         "preemptions": llm.scheduler.num_preemptions - preemptions_before,
-        "prefix_cache_hit_rate": llm.block_manager.stats.hit_rate})
+        "prefix_cache_hit_rate": llm.block_manager.stats.hit_rate,
+        "speculation": spec_delta(spec_before, llm.spec_stats) if llm.spec_policy else None})
+
+
+def spec_delta(before, after) -> dict:
+    """Speculation counters of one run (after - before)."""
+    from llmc.runtime.speculative import SpecStats
+
+    fields = ("proposed", "accepted", "verifications", "draft_s", "verify_s", "steps_with_speculation",
+              "steps_without")
+    delta = SpecStats(**{f: getattr(after, f) - getattr(before, f) for f in fields}, last_k=after.last_k)
+    return delta.to_dict()
 
 
 async def _stream_one(client, url: str, model: str | None, req: BenchRequest, trace: RequestTrace) -> None:

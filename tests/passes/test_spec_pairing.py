@@ -10,8 +10,8 @@ from tests.helpers import write_tiny_checkpoint, write_yaml
 
 
 def test_draft_pair_bundle_records_pairing_and_both_engines(tmp_path, tiny_checkpoint):
-    draft_yaml = write_yaml(tmp_path / "draft.yaml", name="tiny-int4", source=str(tiny_checkpoint),
-                            quantization={"method": "rtn", "bits": 4, "group_size": 32, "lm_head": False})
+    write_yaml(tmp_path / "draft.yaml", name="tiny-int4", source=str(tiny_checkpoint),
+               quantization={"method": "rtn", "bits": 4, "group_size": 32, "lm_head": False})
     spec = load_spec(write_yaml(tmp_path / "model.yaml", name="pair", source=str(tiny_checkpoint), output="out",
                                 kv_cache={"block_size": 4},
                                 speculative={"method": "draft", "draft": "draft.yaml", "num_tokens": 3}))
