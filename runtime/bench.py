@@ -114,7 +114,7 @@ def spec_delta(before, after) -> dict:
     from llmc.runtime.speculative import SpecStats
 
     fields = ("proposed", "accepted", "verifications", "draft_s", "verify_s", "steps_with_speculation",
-              "steps_without")
+              "steps_without", "k_total")
     delta = SpecStats(**{f: getattr(after, f) - getattr(before, f) for f in fields}, last_k=after.last_k)
     return delta.to_dict()
 

@@ -180,6 +180,7 @@ class LLM:
         k = self.spec_policy.choose_k(decoding)
         self.spec_stats.last_k = k
         if decoding:
+            self.spec_stats.k_total += k
             if k:
                 self.spec_stats.steps_with_speculation += 1
             else:

@@ -74,6 +74,7 @@ class SpecStats:
     verify_s: float = 0.0  # time of target steps that verified drafts
     steps_with_speculation: int = 0
     steps_without: int = 0  # steps where the policy chose k = 0 for running decodes
+    k_total: int = 0  # sum of the k chosen over those steps
     last_k: int = 0
 
     @property
@@ -92,4 +93,5 @@ class SpecStats:
                 "acceptance_rate": round(self.acceptance_rate, 4), "mean_accepted": round(self.mean_accepted, 3),
                 "draft_s": round(self.draft_s, 3), "verify_s": round(self.verify_s, 3),
                 "steps_with_speculation": self.steps_with_speculation, "steps_without": self.steps_without,
+                "mean_k": round(self.k_total / max(1, self.steps_with_speculation + self.steps_without), 2),
                 "last_k": self.last_k}
