@@ -7,6 +7,8 @@ same block tables index the draft's pools, so blocks are allocated, shared, copi
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from llmc.runtime.engine_ort import OrtEngine
@@ -26,13 +28,16 @@ class NgramDrafter:
 
     def __init__(self, min_n: int = 1, max_n: int = 3):
         self.min_n, self.max_n = min_n, max_n
+        self.timings: list[tuple[int, float]] = []  # (sequences, seconds) per proposal round
 
     def propose(self, items: list[ScheduledSeq], rngs: dict) -> dict[Sequence, Draft]:
+        start = time.perf_counter()
         drafts = {}
         for item in items:
             tokens = self.lookup(item.seq.token_ids, item.spec_slots)
             if tokens:
                 drafts[item.seq] = Draft(tokens)
+        self.timings.append((len(items), time.perf_counter() - start))
         return drafts
 
     def lookup(self, token_ids: list[int], k: int) -> list[int]:
@@ -60,6 +65,7 @@ class ModelDrafter:
     def __init__(self, engine: OrtEngine, pool: KVPool, vocab_size: int):
         self.engine, self.pool, self.vocab_size = engine, pool, vocab_size
         self._computed: dict[Sequence, tuple[int, int]] = {}  # seq -> (valid tokens, preemptions seen)
+        self.timings: list[tuple[int, float]] = []  # (tokens, seconds) per draft engine call
 
     def _valid(self, seq: Sequence) -> int:
         computed, preemptions = self._computed.get(seq, (0, seq.num_preemptions))
@@ -94,7 +100,10 @@ class ModelDrafter:
         for group in ([s for s, c in chunks.items() if len(c.token_ids) <= LONG_CHUNK],
                       [s for s, c in chunks.items() if len(c.token_ids) > LONG_CHUNK]):
             if group:
-                logits = self.engine.step(layout_step([chunks[s] for s in group], self.pool.block_size), self.pool)
+                inputs = layout_step([chunks[s] for s in group], self.pool.block_size)
+                start = time.perf_counter()
+                logits = self.engine.step(inputs, self.pool)
+                self.timings.append((len(inputs.input_ids), time.perf_counter() - start))
                 out.update(zip(group, logits))
         return out
 

@@ -66,12 +66,13 @@ class LLM:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         self.geometry = self.bundle.geometry
         self.tokenizer = BundleTokenizer(self.bundle)
-        self.engine = OrtEngine(self.bundle, num_threads)
         budget = plan_kv_budget(kv_cache_memory, kv_cache_fraction)
         spec = self.bundle.manifest.get("speculative") if speculation else None
+        two_engines = bool(spec) and spec["method"] == "draft"
+        self.engine = OrtEngine(self.bundle, num_threads, spinning=not two_engines)
         self.drafter, self.draft_pool, self.spec_policy = None, None, None
         if spec and spec["method"] == "draft":
-            draft_engine = OrtEngine(self.bundle, num_threads, draft=True)
+            draft_engine = OrtEngine(self.bundle, num_threads, draft=True, spinning=False)
             self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
                                                             draft=draft_engine.geometry)
             self.drafter = ModelDrafter(draft_engine, self.draft_pool, self.geometry.vocab_size)
@@ -201,9 +202,10 @@ class LLM:
         drafts = self.drafter.propose(items, {item.seq: self._state[item.seq].rng for item in items})
         for item in items:
             item.set_draft(drafts[item.seq].tokens if item.seq in drafts else [])
-        seconds = time.perf_counter() - start
-        self.spec_stats.draft_s += seconds
-        self.spec_policy.draft.add(len(items), seconds / max(item.spec_slots for item in items))
+        self.spec_stats.draft_s += time.perf_counter() - start
+        for tokens, seconds in self.drafter.timings:  # per draft call: the policy's cost model
+            self.spec_policy.draft.add(tokens, seconds)
+        self.drafter.timings.clear()
         return drafts
 
     def _finish_chunk(self, item: ScheduledSeq, logits: np.ndarray, draft: Draft | None) -> list[Sequence]:

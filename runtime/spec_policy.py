@@ -6,6 +6,7 @@ acceptance rate), divided by the predicted time of the verify step over S*(k+1) 
 draft steps. Step times are least-squares lines over recent steps (seconds = fixed + per_token *
 tokens), so when a large batch makes the target step compute-bound (time grows with tokens) or
 acceptance is low, k drops — to 0, switching speculation off — instead of slowing the server.
+While off, one step in PROBE_EVERY drafts a single token so the estimates stay current.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from llmc.runtime.sequence import Sequence
 PRIOR_ACCEPTANCE = 0.6  # before a sequence has verified anything
 PRIOR_WEIGHT = 2.0  # pseudo-observations behind the prior
 DECAY = 0.9  # per verification: recent acceptance counts more
+PROBE_EVERY = 32  # after this many steps at k = 0, draft one token once: acceptance and costs drift
 
 
 class StepCost:
@@ -81,6 +83,7 @@ class SpecPolicy:
         self.target = StepCost()
         self.draft = StepCost()
         self.acceptance = Acceptance()
+        self._steps_off = 0
 
     def choose_k(self, decoding: list[Sequence]) -> int:
         """k for this step's running decodes."""
@@ -97,4 +100,8 @@ class SpecPolicy:
             rate = tokens / seconds if seconds > 0 else float(k)  # nothing measured yet: try speculating
             if best_rate is None or rate > best_rate:
                 best_k, best_rate = k, rate
+        self._steps_off = self._steps_off + 1 if best_k == 0 else 0
+        if self._steps_off >= PROBE_EVERY:
+            self._steps_off = 0
+            return 1
         return best_k
