@@ -75,18 +75,19 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--parts", nargs="+", choices=["batch1", "concurrent"], default=["batch1", "concurrent"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     setups = configs(args.draft_bundle, args.ngram_bundle)
     runs = []
-    for round_index in range(args.rounds):
+    for round_index in range(args.rounds if "batch1" in args.parts else 0):
         for name, config in setups.items():
             llm = make_llm(config, 1)
             for prompt_name, prompt in PROMPTS.items():
                 result = decode_one(llm, prompt, args.tokens)
                 runs.append({"round": round_index, "config": name, "prompt": prompt_name, **result})
                 print(json.dumps({k: v for k, v in runs[-1].items() if k != "tokens"}), flush=True)
-    for concurrency in args.concurrency:
+    for concurrency in args.concurrency if "concurrent" in args.parts else []:
         workload = bench.make_workload(concurrency, (30, 200), (64, 128), 49152, seed=0)
         for round_index in range(args.rounds):
             for name, config in setups.items():

@@ -144,12 +144,21 @@ class NgramSpec(_Strict):
 class SpeculativeSpec(_Strict):
     """Speculative decoding: a draft proposes up to num_tokens tokens, the target verifies them in one step."""
 
-    method: Literal["draft", "ngram"]
+    method: Literal["draft", "ngram"]  # may be left out when `draft:` is given
     # method draft: another model.yaml (compiled with its own passes) or a checkpoint source (compiled as is)
     draft: str | None = None
     num_tokens: int = Field(default=4, ge=1, le=16)  # k, the most tokens drafted per step
     adaptive: bool = True  # shrink k, or switch speculation off, when it does not pay
     ngram: NgramSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_method(cls, data):
+        if isinstance(data, dict) and "method" not in data:
+            if not data.get("draft"):
+                raise ValueError("give `draft:` (a model.yaml or a checkpoint source) or `method: ngram`")
+            data = {**data, "method": "draft"}
+        return data
 
     @model_validator(mode="after")
     def _method_fields(self):

@@ -54,6 +54,10 @@ class NgramDrafter:
                 end = at + len(pattern) - 1
         return []
 
+    def lag(self, seq: Sequence) -> int:
+        """Tokens to process before drafting (none: lookup needs no state)."""
+        return 0
+
     def forget(self, seq: Sequence) -> None:
         pass
 
@@ -72,6 +76,10 @@ class ModelDrafter:
         if preemptions != seq.num_preemptions:  # its blocks were freed: start over
             return 0
         return min(computed, seq.num_computed_tokens)  # drafts past the accepted ones are stale
+
+    def lag(self, seq: Sequence) -> int:
+        """Tokens of seq the draft's KV does not cover yet (its first draft call processes them)."""
+        return seq.num_tokens - self._valid(seq)
 
     def propose(self, items: list[ScheduledSeq], rngs: dict) -> dict[Sequence, Draft]:
         """k draft steps for all items together: the first catches each sequence's draft KV up."""

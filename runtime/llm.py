@@ -178,7 +178,9 @@ class LLM:
         if self.spec_policy is None:
             return
         decoding = [s for s in self.scheduler.running if s.num_tokens - s.num_computed_tokens == 1]
-        k = self.spec_policy.choose_k(decoding)
+        lag = sum(self.drafter.lag(s) for s in decoding)
+        remaining = sum(max(0, s.params.max_tokens - len(s.output_ids)) for s in decoding)
+        k = self.spec_policy.choose_k(decoding, lag, remaining)
         self.spec_stats.last_k = k
         if decoding:
             self.spec_stats.k_total += k

@@ -6,7 +6,9 @@ acceptance rate), divided by the predicted time of the verify step over S*(k+1) 
 draft steps. Step times are least-squares lines over recent steps (seconds = fixed + per_token *
 tokens), so when a large batch makes the target step compute-bound (time grows with tokens) or
 acceptance is low, k drops — to 0, switching speculation off — instead of slowing the server.
-While off, one step in PROBE_EVERY drafts a single token so the estimates stay current.
+A draft model's KV lags while speculation is off; catching it up costs a draft prefill, so
+speculation resumes only when the expected saving over the remaining tokens repays it. While off,
+one step in PROBE_EVERY drafts a single token (when catching up is cheap) to keep estimates current.
 """
 
 from __future__ import annotations
@@ -85,23 +87,31 @@ class SpecPolicy:
         self.acceptance = Acceptance()
         self._steps_off = 0
 
-    def choose_k(self, decoding: list[Sequence]) -> int:
-        """k for this step's running decodes."""
+    def choose_k(self, decoding: list[Sequence], lag: int = 0, remaining: int = 0) -> int:
+        """k for this step's running decodes.
+
+        lag: tokens the draft model must first catch up on (its KV lags while k is 0, and a new
+        sequence's prompt has none); remaining: tokens the decodes may still produce. Speculating
+        starts only when the time it saves over the remaining tokens repays the catch-up.
+        """
         if not decoding:
             return 0
         if not self.adaptive:
             return self.k_max
         rates = [self.acceptance.rate(seq) for seq in decoding]
         num_seqs = len(decoding)
-        best_k, best_rate = 0, None
+        throughput = []  # tokens per second for k = 0..k_max, steady state
         for k in range(self.k_max + 1):
             seconds = self.target.predict(num_seqs * (k + 1)) + k * self.draft.predict(num_seqs)
             tokens = sum(expected_tokens(rate, k) for rate in rates)
-            rate = tokens / seconds if seconds > 0 else float(k)  # nothing measured yet: try speculating
-            if best_rate is None or rate > best_rate:
-                best_k, best_rate = k, rate
+            throughput.append(tokens / seconds if seconds > 0 else float(k))  # nothing measured: try it
+        best_k = max(range(self.k_max + 1), key=throughput.__getitem__)
+        catch_up = self.draft.predict(num_seqs + lag) - self.draft.predict(num_seqs) if lag else 0.0
+        if best_k and catch_up > 0 and throughput[0] > 0:
+            saved = remaining * (1.0 / throughput[0] - 1.0 / throughput[best_k])
+            best_k = best_k if saved > catch_up else 0
         self._steps_off = self._steps_off + 1 if best_k == 0 else 0
-        if self._steps_off >= PROBE_EVERY:
+        if self._steps_off >= PROBE_EVERY and catch_up <= 0.25 * self.target.predict(num_seqs):
             self._steps_off = 0
             return 1
         return best_k

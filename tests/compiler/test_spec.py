@@ -120,9 +120,15 @@ def test_calibrated_spec_resolves_files_against_the_yaml(tmp_path):
     ({"method": "ngram", "num_tokens": 0}, "speculative.num_tokens"),
     ({"method": "ngram", "ngram": {"min_n": 3, "max_n": 2}}, "min_n (3) must not exceed max_n (2)"),
     ({"method": "medusa"}, "speculative.method"),
+    ({"num_tokens": 4}, "give `draft:` (a model.yaml or a checkpoint source) or `method: ngram`"),
     ({"method": "ngram", "k": 4}, "speculative.k: unknown key; allowed keys here: method, draft, num_tokens"),
 ])
 def test_bad_speculative_sections(tmp_path, section, message):
     with pytest.raises(ConfigError) as err:
         _parse(tmp_path, name="m", source="x", speculative=section)
     assert message in str(err.value)
+
+
+def test_speculative_method_defaults_to_draft(tmp_path):
+    spec = _parse(tmp_path, name="m", source="x", speculative={"draft": "other.yaml", "num_tokens": 3})
+    assert spec.speculative.method == "draft" and spec.speculative.num_tokens == 3

@@ -83,12 +83,14 @@ def test_identical_draft_is_always_accepted(same_draft_bundle):
         assert stats.proposed > 20 and stats.accepted == stats.proposed, stats
 
 
-def test_greedy_equal_across_preemption(draft_bundle):
+@pytest.mark.parametrize("which,pools", [("ngram_bundle", 1), ("draft_bundle", 2)])
+def test_greedy_equal_across_preemption(which, pools, request):
+    bundle = request.getfixturevalue(which)
     prompts = PROMPTS * 3
-    plain = _greedy(LLM(draft_bundle, speculation=False), prompts, max_tokens=40)
+    plain = _greedy(LLM(bundle, speculation=False), prompts, max_tokens=40)
     # 40 blocks of 4 tokens cannot hold 12 sequences of ~50 tokens: the scheduler must preempt
-    per_block = 2 * 2 * 2 * 16 * 4 * 4 * 2  # target + draft pools: 2 layers, 2 KV heads, head_dim 16, fp32
-    llm = LLM(draft_bundle, kv_cache_memory=40 * per_block, num_spec_tokens=4, adaptive_speculation=False)
+    per_block = 2 * 2 * 2 * 16 * 4 * 4 * pools  # K+V, 2 layers, 2 KV heads, head_dim 16, 4 tokens, fp32
+    llm = LLM(bundle, kv_cache_memory=40 * per_block, num_spec_tokens=4, adaptive_speculation=False)
     outs = _greedy(llm, prompts, max_tokens=40)
     assert llm.scheduler.num_preemptions > 0 and llm.spec_stats.accepted > 0
     for out, ref in zip(outs, plain):
