@@ -84,13 +84,24 @@ class LLM:
             self.drafter = NgramDrafter(**spec["ngram"])
         if spec:
             self.spec_policy = SpecPolicy(num_spec_tokens or spec["num_tokens"],
-                                          spec["adaptive"] if adaptive_speculation is None else adaptive_speculation)
+                                          spec["adaptive"] if adaptive_speculation is None else adaptive_speculation,
+                                          self._draft_cost_ratio(spec))
         self.spec_stats = SpecStats()
         self.block_manager = BlockManager(self.pool.num_blocks, self.pool.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, policy)
         self.timing = StepTiming()
         self._ids = itertools.count()
         self._state: dict[Sequence, _SeqState] = {}
+
+    def _draft_cost_ratio(self, spec: dict) -> float:
+        """A draft model's engine bytes over the target's: its step cost before one is timed."""
+        if spec["method"] != "draft":
+            return 0.0
+        files = self.bundle.manifest["files"]
+        target_dir = self.bundle.manifest["engines"]["onnxruntime"]["dir"] + "/"
+        draft_dir = spec["draft"]["engine"]["dir"] + "/"
+        size = lambda prefix: sum(f["size"] for name, f in files.items() if name.startswith(prefix))  # noqa: E731
+        return size(draft_dir) / max(1, size(target_dir))
 
     # -- requests ---------------------------------------------------------------------------
     def validate_prompt(self, prompt: str | list[int]) -> list[int]:

@@ -79,9 +79,12 @@ def expected_tokens(rate: float, k: int) -> float:
 class SpecPolicy:
     """Chooses k per step (fixed at k_max when not adaptive)."""
 
-    def __init__(self, k_max: int, adaptive: bool = True):
+    def __init__(self, k_max: int, adaptive: bool = True, draft_cost_ratio: float = 0.0):
+        """draft_cost_ratio: the draft's cost relative to the target's before any draft step was timed
+        (for a draft model, its weight bytes over the target's; 0 for n-gram lookup)."""
         self.k_max = k_max
         self.adaptive = adaptive
+        self.draft_cost_ratio = draft_cost_ratio
         self.target = StepCost()
         self.draft = StepCost()
         self.acceptance = Acceptance()
@@ -102,11 +105,11 @@ class SpecPolicy:
         num_seqs = len(decoding)
         throughput = []  # tokens per second for k = 0..k_max, steady state
         for k in range(self.k_max + 1):
-            seconds = self.target.predict(num_seqs * (k + 1)) + k * self.draft.predict(num_seqs)
+            seconds = self.target.predict(num_seqs * (k + 1)) + k * self._draft_seconds(num_seqs)
             tokens = sum(expected_tokens(rate, k) for rate in rates)
             throughput.append(tokens / seconds if seconds > 0 else float(k))  # nothing measured: try it
         best_k = max(range(self.k_max + 1), key=throughput.__getitem__)
-        catch_up = self.draft.predict(num_seqs + lag) - self.draft.predict(num_seqs) if lag else 0.0
+        catch_up = self._draft_seconds(num_seqs + lag) - self._draft_seconds(num_seqs) if lag else 0.0
         if best_k and catch_up > 0 and throughput[0] > 0:
             saved = remaining * (1.0 / throughput[0] - 1.0 / throughput[best_k])
             best_k = best_k if saved > catch_up else 0
@@ -115,3 +118,8 @@ class SpecPolicy:
             self._steps_off = 0
             return 1
         return best_k
+
+    def _draft_seconds(self, tokens: int) -> float:
+        if self.draft.observations:
+            return self.draft.predict(tokens)
+        return self.draft_cost_ratio * self.target.predict(tokens)
