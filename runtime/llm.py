@@ -25,7 +25,7 @@ from llmc.runtime.scheduler import ScheduledSeq, Scheduler
 from llmc.runtime.sequence import RequestOutput, SamplingParams, Sequence
 from llmc.runtime.spec_policy import SpecPolicy
 from llmc.runtime.speculative import Draft, SpecStats, verify
-from llmc.runtime.step_inputs import build_step_inputs
+from llmc.runtime.step_inputs import Chunk, build_step_inputs, layout_step
 from llmc.runtime.tokenizer import BundleTokenizer, IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,30 @@ class LLM:
                                           spec["adaptive"] if adaptive_speculation is None else adaptive_speculation,
                                           self._draft_cost_ratio(spec))
         self.spec_stats = SpecStats()
+        if self.spec_policy is not None and self.spec_policy.adaptive:
+            self._time_engines()
         self.block_manager = BlockManager(self.pool.num_blocks, self.pool.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, policy)
         self.timing = StepTiming()
         self._ids = itertools.count()
         self._state: dict[Sequence, _SeqState] = {}
+
+    def _time_engines(self, sizes: tuple[int, ...] = (1, 64)) -> None:
+        """Seed the adaptive policy's cost lines with timed steps of 1 and 64 tokens (a fresh pool's
+        blocks are scratch space: no sequence reads a slot it has not written)."""
+        engines = [(self.engine, self.pool, self.spec_policy.target)]
+        if self.draft_pool is not None:
+            engines.append((self.drafter.engine, self.draft_pool, self.spec_policy.draft))
+        for engine, pool, cost in engines:
+            for tokens in sorted({min(t, pool.num_blocks * pool.block_size) for t in sizes}):
+                chunk = Chunk([0] * tokens, 0, list(range(blocks_needed(tokens, pool.block_size))), 1)
+                inputs = layout_step([chunk], pool.block_size)
+                timings = []
+                for _ in range(2):
+                    start = time.perf_counter()
+                    engine.step(inputs, pool)
+                    timings.append(time.perf_counter() - start)
+                cost.add(tokens, min(timings))
 
     def _draft_cost_ratio(self, spec: dict) -> float:
         """A draft model's engine bytes over the target's: its step cost before one is timed."""
