@@ -17,14 +17,29 @@ from llmc.runtime.step_inputs import StepInputs
 log = logging.getLogger(__name__)
 
 
+_GLOBAL_POOL_THREADS: int | None = None
+
+
+def _use_global_thread_pool(num_threads: int) -> None:
+    """Size onnxruntime's process-wide thread pool once (the first engine decides)."""
+    global _GLOBAL_POOL_THREADS
+    if _GLOBAL_POOL_THREADS is None:
+        ort.capi._pybind_state.set_global_thread_pool_sizes(num_threads, 1)
+        _GLOBAL_POOL_THREADS = num_threads
+    elif num_threads != _GLOBAL_POOL_THREADS:
+        log.warning("onnxruntime's thread pool already has %d threads in this process; %d requested",
+                    _GLOBAL_POOL_THREADS, num_threads)
+
+
 class OrtEngine:
     """One InferenceSession over the bundle's step graph."""
 
-    def __init__(self, bundle: Bundle, num_threads: int | None = None, draft: bool = False, spinning: bool = True):
+    def __init__(self, bundle: Bundle, num_threads: int | None = None, draft: bool = False):
         """The bundle's target engine, or (draft=True) its speculative draft model's engine.
 
-        spinning=False makes idle worker threads sleep at once: needed when two sessions take turns
-        (target and draft), where spinning threads of one slow the other down ~2x on a small CPU.
+        Every session of the process runs on one global thread pool: a target and a draft session
+        taking turns with pools of their own made each other ~2x slower on 2 cores (one pool's
+        spinning threads starve the other's).
         """
         if draft:
             entry = bundle.manifest["speculative"]["draft"]["engine"]
@@ -38,10 +53,9 @@ class OrtEngine:
         path = bundle.path / entry["dir"] / entry["graph"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = num_threads or len(os.sched_getaffinity(0))
+        _use_global_thread_pool(num_threads or len(os.sched_getaffinity(0)))
+        options.use_per_session_threads = False
         options.log_severity_level = 3
-        if not spinning:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.geometry = geometry
         self.num_layers = geometry.num_layers

@@ -68,11 +68,10 @@ class LLM:
         self.tokenizer = BundleTokenizer(self.bundle)
         budget = plan_kv_budget(kv_cache_memory, kv_cache_fraction)
         spec = self.bundle.manifest.get("speculative") if speculation else None
-        two_engines = bool(spec) and spec["method"] == "draft"
-        self.engine = OrtEngine(self.bundle, num_threads, spinning=not two_engines)
+        self.engine = OrtEngine(self.bundle, num_threads)
         self.drafter, self.draft_pool, self.spec_policy = None, None, None
         if spec and spec["method"] == "draft":
-            draft_engine = OrtEngine(self.bundle, num_threads, draft=True, spinning=False)
+            draft_engine = OrtEngine(self.bundle, num_threads, draft=True)
             self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
                                                             draft=draft_engine.geometry)
             self.drafter = ModelDrafter(draft_engine, self.draft_pool, self.geometry.vocab_size)
@@ -219,10 +218,12 @@ class LLM:
             else:
                 self.spec_stats.steps_without += 1
 
-        def slots(seq: Sequence) -> int:  # never draft past max_tokens or the context
+        def slots(seq: Sequence) -> int:  # decodes only (a prompt's first token may fork n samples)
+            if not seq.output_ids:
+                return 0
             left = min(seq.params.max_tokens - len(seq.output_ids),
                        min(self.geometry.max_position, self.draft_max_position) - seq.num_tokens)
-            return max(0, min(k, left - 1))
+            return max(0, min(k, left - 1))  # never draft past max_tokens or the context
         self.scheduler.spec_slots = slots
 
     def _draft(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, Draft]:

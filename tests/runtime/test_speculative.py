@@ -243,3 +243,12 @@ def test_metrics_and_bench_report_speculation(ngram_bundle):
     assert f"llmc_spec_accepted_tokens_total {llm.spec_stats.accepted}" in body
     assert f"llmc_spec_draft_tokens_total {llm.spec_stats.proposed}" in body
     assert "llmc_spec_acceptance_rate" in body and "llmc_spec_verify_seconds_total" in body
+
+
+def test_n_samples_with_a_cached_prompt_still_fork(ngram_bundle):
+    """A prompt whose blocks are all cached leaves one token to compute: that step must still fork n."""
+    llm = LLM(ngram_bundle, num_spec_tokens=4, adaptive_speculation=False)
+    prompt = llm.tokenizer.encode(PROMPTS[1])[:17]  # 4 full blocks of 4 + 1 token
+    llm.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))
+    outs = llm.generate([prompt], SamplingParams(max_tokens=6, n=3, temperature=1.0, seed=1, ignore_eos=True))
+    assert len(outs) == 3 and all(len(o.token_ids) == 6 for o in outs)
