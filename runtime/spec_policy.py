@@ -22,6 +22,7 @@ from llmc.runtime.sequence import Sequence
 PRIOR_ACCEPTANCE = 0.6  # before a sequence has verified anything
 PRIOR_WEIGHT = 2.0  # pseudo-observations behind the prior
 DECAY = 0.9  # per verification: recent acceptance counts more
+MIN_GAIN = 1.1  # speculate only for a predicted 10% more tokens/s: the cost lines are rough at the margin
 PROBE_EVERY = 32  # after this many steps at k = 0, draft one token once: acceptance and costs drift
 
 
@@ -109,6 +110,8 @@ class SpecPolicy:
             tokens = sum(expected_tokens(rate, k) for rate in rates)
             throughput.append(tokens / seconds if seconds > 0 else float(k))  # nothing measured: try it
         best_k = max(range(self.k_max + 1), key=throughput.__getitem__)
+        if throughput[best_k] < MIN_GAIN * throughput[0]:
+            best_k = 0
         catch_up = self._draft_seconds(num_seqs + lag) - self._draft_seconds(num_seqs) if lag else 0.0
         if best_k and catch_up > 0 and throughput[0] > 0:
             saved = remaining * (1.0 / throughput[0] - 1.0 / throughput[best_k])
