@@ -23,12 +23,14 @@ from llmc.runtime.drafters import ModelDrafter, NgramDrafter
 from llmc.runtime.sampler import sample_token, top_logprobs
 from llmc.runtime.scheduler import ScheduledSeq, Scheduler
 from llmc.runtime.sequence import RequestOutput, SamplingParams, Sequence
-from llmc.runtime.spec_policy import SpecPolicy
+from llmc.runtime.spec_policy import PRIOR_ACCEPTANCE, PRIOR_ACCEPTANCE_DRAFT, SpecPolicy
 from llmc.runtime.speculative import Draft, SpecStats, verify
 from llmc.runtime.step_inputs import Chunk, build_step_inputs, layout_step
 from llmc.runtime.tokenizer import BundleTokenizer, IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
+
+MAX_DRAFT_LAG = 64  # an admitted sequence whose draft KV lags more than this stops speculating
 
 
 @dataclass(slots=True)
@@ -84,7 +86,9 @@ class LLM:
         if spec:
             self.spec_policy = SpecPolicy(num_spec_tokens or spec["num_tokens"],
                                           spec["adaptive"] if adaptive_speculation is None else adaptive_speculation,
-                                          self._draft_cost_ratio(spec))
+                                          self._draft_cost_ratio(spec),
+                                          PRIOR_ACCEPTANCE_DRAFT if spec["method"] == "draft" else PRIOR_ACCEPTANCE)
+        self._speculating: dict[Sequence, bool] = {}  # admitted to speculation, per decoding sequence
         self.spec_stats = SpecStats()
         if self.spec_policy is not None and self.spec_policy.adaptive:
             self._time_engines()
@@ -167,6 +171,7 @@ class LLM:
             if self.spec_policy is not None:
                 self.drafter.forget(s)
                 self.spec_policy.acceptance.forget(s)
+                self._speculating.pop(s, None)
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
@@ -203,23 +208,27 @@ class LLM:
         return updated
 
     def _plan_speculation(self) -> None:
-        """Pick this step's k (adaptive) and let the scheduler reserve draft slots for decodes."""
+        """Admit new decodes to speculation, pick this step's k, let the scheduler reserve draft slots."""
         if self.spec_policy is None:
             return
-        decoding = [s for s in self.scheduler.running if s.num_tokens - s.num_computed_tokens == 1]
-        lag = sum(self.drafter.lag(s) for s in decoding)
-        remaining = sum(max(0, s.params.max_tokens - len(s.output_ids)) for s in decoding)
-        k = self.spec_policy.choose_k(decoding, lag, remaining)
+        decoding = [s for s in self.scheduler.running if s.num_tokens - s.num_computed_tokens == 1 and s.output_ids]
+        for seq in decoding:
+            if seq not in self._speculating:
+                self._speculating[seq] = self.spec_policy.admit(seq, len(decoding), self.drafter.lag(seq))
+            elif self._speculating[seq] and self.spec_policy.adaptive and self.drafter.lag(seq) > MAX_DRAFT_LAG:
+                self._speculating[seq] = False  # its draft fell too far behind (preempted, or k = 0 for long)
+        speculating = [seq for seq in decoding if self._speculating[seq]]
+        k = self.spec_policy.choose_k(speculating)
         self.spec_stats.last_k = k
         if decoding:
             self.spec_stats.k_total += k
-            if k:
+            if k and speculating:
                 self.spec_stats.steps_with_speculation += 1
             else:
                 self.spec_stats.steps_without += 1
 
-        def slots(seq: Sequence) -> int:  # decodes only (a prompt's first token may fork n samples)
-            if not seq.output_ids:
+        def slots(seq: Sequence) -> int:
+            if not self._speculating.get(seq):
                 return 0
             left = min(seq.params.max_tokens - len(seq.output_ids),
                        min(self.geometry.max_position, self.draft_max_position) - seq.num_tokens)

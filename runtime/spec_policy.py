@@ -6,9 +6,11 @@ acceptance rate), divided by the predicted time of the verify step over S*(k+1) 
 draft steps. Step times are least-squares lines over recent steps (seconds = fixed + per_token *
 tokens), so when a large batch makes the target step compute-bound (time grows with tokens) or
 acceptance is low, k drops — to 0, switching speculation off — instead of slowing the server.
-A draft model's KV lags while speculation is off; catching it up costs a draft prefill, so
-speculation resumes only when the expected saving over the remaining tokens repays it. While off,
-one step in PROBE_EVERY drafts a single token (when catching up is cheap) to keep estimates current.
+A sequence is admitted to speculation at its first decode, when speculation pays at the current
+batch size and the saving repays catching a draft model up on its prompt; sequences not admitted
+never draft (under heavy load nothing is spent on the draft at all). Admitted sequences keep their
+draft current; while k is 0 for them, one step in PROBE_EVERY drafts a single token to keep the
+estimates fresh.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import numpy as np
 
 from llmc.runtime.sequence import Sequence
 
-PRIOR_ACCEPTANCE = 0.6  # before a sequence has verified anything
+PRIOR_ACCEPTANCE = 0.6  # before a sequence has verified anything (n-gram lookup)
+PRIOR_ACCEPTANCE_DRAFT = 0.8  # a paired draft model: the same family, usually a quantized copy
 PRIOR_WEIGHT = 2.0  # pseudo-observations behind the prior
 DECAY = 0.9  # per verification: recent acceptance counts more
 MIN_GAIN = 1.1  # speculate only for a predicted 10% more tokens/s: the cost lines are rough at the margin
@@ -56,7 +59,8 @@ class Acceptance:
     failure if a < m. The estimate of the per-token acceptance rate is successes / trials.
     """
 
-    def __init__(self):
+    def __init__(self, prior: float = PRIOR_ACCEPTANCE):
+        self.prior = prior
         self._counts: dict[Sequence, list[float]] = {}
 
     def update(self, seq: Sequence, proposed: int, accepted: int) -> None:
@@ -66,7 +70,7 @@ class Acceptance:
 
     def rate(self, seq: Sequence) -> float:
         kept, rejected = self._counts.get(seq, (0.0, 0.0))
-        return (kept + PRIOR_WEIGHT * PRIOR_ACCEPTANCE) / (kept + rejected + PRIOR_WEIGHT)
+        return (kept + PRIOR_WEIGHT * self.prior) / (kept + rejected + PRIOR_WEIGHT)
 
     def forget(self, seq: Sequence) -> None:
         self._counts.pop(seq, None)
@@ -78,9 +82,10 @@ def expected_tokens(rate: float, k: int) -> float:
 
 
 class SpecPolicy:
-    """Chooses k per step (fixed at k_max when not adaptive)."""
+    """Which sequences speculate, and k per step (k_max for all when not adaptive)."""
 
-    def __init__(self, k_max: int, adaptive: bool = True, draft_cost_ratio: float = 0.0):
+    def __init__(self, k_max: int, adaptive: bool = True, draft_cost_ratio: float = 0.0,
+                 prior_acceptance: float = PRIOR_ACCEPTANCE):
         """draft_cost_ratio: the draft's cost relative to the target's before any draft step was timed
         (for a draft model, its weight bytes over the target's; 0 for n-gram lookup)."""
         self.k_max = k_max
@@ -88,39 +93,52 @@ class SpecPolicy:
         self.draft_cost_ratio = draft_cost_ratio
         self.target = StepCost()
         self.draft = StepCost()
-        self.acceptance = Acceptance()
+        self.acceptance = Acceptance(prior_acceptance)
         self._steps_off = 0
 
-    def choose_k(self, decoding: list[Sequence], lag: int = 0, remaining: int = 0) -> int:
-        """k for this step's running decodes.
+    def admit(self, seq: Sequence, num_decoding: int, lag: int) -> bool:
+        """At a sequence's first decode: will it speculate? Yes when, at the current batch size,
+        speculation is predicted to pay and the time it saves over the sequence's remaining tokens
+        repays catching the draft up on its `lag` tokens (a draft model's prefill of the prompt).
+        A sequence that is not admitted never drafts, so it never costs a catch-up."""
+        if not self.adaptive:
+            return True
+        throughput = self._throughput([seq] * num_decoding)
+        best_k = self._best(throughput)
+        if best_k == 0:
+            return False
+        catch_up = self._draft_seconds(lag) - self._draft_seconds(1) if lag > 1 else 0.0
+        remaining = max(0, seq.params.max_tokens - len(seq.output_ids))
+        saved = remaining * num_decoding * (1.0 / throughput[0] - 1.0 / throughput[best_k])
+        return saved > 2.0 * catch_up * num_decoding  # a margin: the remaining count is an upper bound
 
-        lag: tokens the draft model must first catch up on (its KV lags while k is 0, and a new
-        sequence's prompt has none); remaining: tokens the decodes may still produce. Speculating
-        starts only when the time it saves over the remaining tokens repays the catch-up.
-        """
-        if not decoding:
+    def choose_k(self, speculating: list[Sequence]) -> int:
+        """k for this step's admitted decodes (their drafts are current within a few tokens)."""
+        if not speculating:
             return 0
         if not self.adaptive:
             return self.k_max
-        rates = [self.acceptance.rate(seq) for seq in decoding]
-        num_seqs = len(decoding)
-        throughput = []  # tokens per second for k = 0..k_max, steady state
-        for k in range(self.k_max + 1):
-            seconds = self.target.predict(num_seqs * (k + 1)) + k * self._draft_seconds(num_seqs)
-            tokens = sum(expected_tokens(rate, k) for rate in rates)
-            throughput.append(tokens / seconds if seconds > 0 else float(k))  # nothing measured: try it
-        best_k = max(range(self.k_max + 1), key=throughput.__getitem__)
-        if throughput[best_k] < MIN_GAIN * throughput[0]:
-            best_k = 0
-        catch_up = self._draft_seconds(num_seqs + lag) - self._draft_seconds(num_seqs) if lag else 0.0
-        if best_k and catch_up > 0 and throughput[0] > 0:
-            saved = remaining * (1.0 / throughput[0] - 1.0 / throughput[best_k])
-            best_k = best_k if saved > catch_up else 0
+        best_k = self._best(self._throughput(speculating))
         self._steps_off = self._steps_off + 1 if best_k == 0 else 0
-        if self._steps_off >= PROBE_EVERY and catch_up <= 0.25 * self.target.predict(num_seqs):
+        if self._steps_off >= PROBE_EVERY:
             self._steps_off = 0
             return 1
         return best_k
+
+    def _throughput(self, seqs: list[Sequence]) -> list[float]:
+        """Predicted tokens per second for k = 0..k_max (steady state)."""
+        rates = [self.acceptance.rate(seq) for seq in seqs]
+        out = []
+        for k in range(self.k_max + 1):
+            seconds = self.target.predict(len(seqs) * (k + 1)) + k * self._draft_seconds(len(seqs))
+            tokens = sum(expected_tokens(rate, k) for rate in rates)
+            out.append(tokens / seconds if seconds > 0 else float(k))  # nothing measured: try it
+        return out
+
+    @staticmethod
+    def _best(throughput: list[float]) -> int:
+        best_k = max(range(len(throughput)), key=throughput.__getitem__)
+        return best_k if throughput[best_k] >= MIN_GAIN * throughput[0] else 0
 
     def _draft_seconds(self, tokens: int) -> float:
         if self.draft.observations:

@@ -227,6 +227,25 @@ def test_adaptive_k_drafts_when_steps_are_flat_and_stops_when_they_are_compute_b
     assert low.choose_k(seqs[:1]) == 0
 
 
+def test_admission_pays_a_draft_catch_up_only_when_it_is_repaid():
+    from llmc.runtime.sequence import Sequence
+    from llmc.runtime.spec_policy import SpecPolicy
+
+    def policy(fixed, per_token):
+        p = SpecPolicy(k_max=4, prior_acceptance=0.8)
+        for tokens in (1, 64):
+            p.target.add(tokens, fixed + per_token * tokens)
+            p.draft.add(tokens, 0.3 * (fixed + per_token * tokens))
+        return p
+
+    long_output = Sequence("a", [1] * 50, SamplingParams(max_tokens=500))
+    short_output = Sequence("b", [1] * 50, SamplingParams(max_tokens=3))
+    memory_bound = policy(0.030, 0.0002)
+    assert memory_bound.admit(long_output, num_decoding=1, lag=50)
+    assert not memory_bound.admit(short_output, num_decoding=1, lag=4000)  # catch-up never repaid
+    assert not policy(0.002, 0.002).admit(long_output, num_decoding=32, lag=50)  # compute-bound batch
+
+
 def test_metrics_and_bench_report_speculation(ngram_bundle):
     from llmc.runtime import bench
     from llmc.runtime.async_engine import AsyncEngine
