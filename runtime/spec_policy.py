@@ -34,22 +34,30 @@ class StepCost:
 
     def __init__(self, window: int = 64):
         self.observations: deque[tuple[int, float]] = deque(maxlen=window)
+        self._line: tuple[float, float] | None = None  # (fixed, per_token), refitted after an add
 
     def add(self, tokens: int, seconds: float) -> None:
         self.observations.append((tokens, seconds))
+        self._line = None
 
     def predict(self, tokens: int) -> float:
         """Predicted seconds for a step of `tokens` tokens (0 until something was observed)."""
         if not self.observations:
             return 0.0
+        if self._line is None:
+            self._line = self._fit()
+        fixed, per_token = self._line
+        return fixed + per_token * tokens
+
+    def _fit(self) -> tuple[float, float]:
         x = np.array([t for t, _ in self.observations], dtype=np.float64)
         y = np.array([s for _, s in self.observations], dtype=np.float64)
         if np.ptp(x) == 0:  # one step size seen so far: a flat line through it
-            return float(y.mean())
+            return float(y.mean()), 0.0
         slope, intercept = np.polyfit(x, y, 1)
         if slope < 0:  # noise: steps do not get cheaper with more tokens
-            slope, intercept = 0.0, y.mean()
-        return float(max(intercept, 0.0) + slope * tokens)
+            return float(y.mean()), 0.0
+        return max(float(intercept), 0.0), float(slope)
 
 
 class Acceptance:
@@ -101,13 +109,13 @@ class SpecPolicy:
         speculation is predicted to pay and the time it saves over the sequence's remaining tokens
         repays catching the draft up on its `lag` tokens (a draft model's prefill of the prompt).
         A sequence that is not admitted never drafts, so it never costs a catch-up."""
-        if not self.adaptive:
-            return True
+        if not self.adaptive or lag <= 1:
+            return True  # nothing to catch up (n-gram lookup): the per-step k alone decides
         throughput = self._throughput([seq] * num_decoding)
         best_k = self._best(throughput)
         if best_k == 0:
             return False
-        catch_up = self._draft_seconds(lag) - self._draft_seconds(1) if lag > 1 else 0.0
+        catch_up = self._draft_seconds(lag) - self._draft_seconds(1)
         remaining = max(0, seq.params.max_tokens - len(seq.output_ids))
         saved = remaining * num_decoding * (1.0 / throughput[0] - 1.0 / throughput[best_k])
         return saved > 2.0 * catch_up * num_decoding  # a margin: the remaining count is an upper bound
