@@ -93,6 +93,14 @@ class KVPool:
             self.values[:, :, dst] = self.values[:, :, src]
 
     def write(self, new_keys: np.ndarray, new_values: np.ndarray, slot_mapping: np.ndarray) -> None:
-        """Scatter new K/V [layers, T, kv_heads, head_dim] into their slots, in place."""
-        self._flat_keys[:, :, slot_mapping] = new_keys.transpose(0, 2, 1, 3)  # [layers, KVH, T, D]
-        self._flat_values[:, :, slot_mapping] = new_values.transpose(0, 2, 1, 3)
+        """Scatter new K/V [layers, T, kv_heads, head_dim] into their slots, in place.
+
+        One slice assignment per run of consecutive slots: numpy's fancy-index assignment into the
+        pool's third axis cost ~1 ms per step here, a slice ~3 us.
+        """
+        keys, values = new_keys.transpose(0, 2, 1, 3), new_values.transpose(0, 2, 1, 3)  # [layers, KVH, T, D]
+        breaks = np.flatnonzero(np.diff(slot_mapping) != 1) + 1
+        for start, end in zip(np.concatenate(([0], breaks)), np.concatenate((breaks, [len(slot_mapping)]))):
+            slot = int(slot_mapping[start])
+            self._flat_keys[:, :, slot:slot + end - start] = keys[:, :, start:end]
+            self._flat_values[:, :, slot:slot + end - start] = values[:, :, start:end]
