@@ -22,7 +22,8 @@ import numpy as np
 from llmc.runtime.sequence import Sequence
 
 PRIOR_ACCEPTANCE = 0.6  # before a sequence has verified anything (n-gram lookup)
-PRIOR_ACCEPTANCE_DRAFT = 0.8  # a paired draft model: the same family, usually a quantized copy
+PRIOR_ACCEPTANCE_DRAFT = 0.9  # a paired draft model: the same family, usually a quantized copy
+GLOBAL_DECAY = 0.98  # the drafter's acceptance over all sequences: the prior of a new sequence
 PRIOR_WEIGHT = 2.0  # pseudo-observations behind the prior
 DECAY = 0.9  # per verification: recent acceptance counts more
 MIN_GAIN = 1.1  # speculate only for a predicted 10% more tokens/s: the cost lines are rough at the margin
@@ -70,15 +71,23 @@ class Acceptance:
     def __init__(self, prior: float = PRIOR_ACCEPTANCE):
         self.prior = prior
         self._counts: dict[Sequence, list[float]] = {}
+        self._all = [0.0, 0.0]  # over every sequence, decayed more slowly
 
     def update(self, seq: Sequence, proposed: int, accepted: int) -> None:
+        rejected = 1.0 if accepted < proposed else 0.0
         counts = self._counts.setdefault(seq, [0.0, 0.0])
-        counts[0] = DECAY * counts[0] + accepted
-        counts[1] = DECAY * counts[1] + (1.0 if accepted < proposed else 0.0)
+        counts[0], counts[1] = DECAY * counts[0] + accepted, DECAY * counts[1] + rejected
+        self._all[0], self._all[1] = GLOBAL_DECAY * self._all[0] + accepted, GLOBAL_DECAY * self._all[1] + rejected
+
+    def drafter_rate(self) -> float:
+        """The drafter's acceptance so far over all sequences (the prior before any)."""
+        kept, rejected = self._all
+        return (kept + PRIOR_WEIGHT * self.prior) / (kept + rejected + PRIOR_WEIGHT)
 
     def rate(self, seq: Sequence) -> float:
+        """This sequence's acceptance rate, starting from the drafter's."""
         kept, rejected = self._counts.get(seq, (0.0, 0.0))
-        return (kept + PRIOR_WEIGHT * self.prior) / (kept + rejected + PRIOR_WEIGHT)
+        return (kept + PRIOR_WEIGHT * self.drafter_rate()) / (kept + rejected + PRIOR_WEIGHT)
 
     def forget(self, seq: Sequence) -> None:
         self._counts.pop(seq, None)
