@@ -30,8 +30,8 @@ from llmc.passes.spec_pairing import SpecPairing
 
 log = logging.getLogger(__name__)
 
-# Head-major pools: gathering a sequence's blocks yields [KVH, S, L, D] directly (no transpose copy).
 DRAFT_DIR = "engines/draft"
+# Head-major pools: gathering a sequence's blocks yields [KVH, S, L, D] directly (no transpose copy).
 KV_LAYOUT = "[num_kv_heads, num_blocks, block_size, head_dim] per layer, separate K and V pools"
 
 
@@ -99,21 +99,28 @@ def _evaluate(spec: BuildSpec, ir, reference_model) -> dict:
     return result
 
 
-def _speculative(spec: BuildSpec, ir, staging: Path, passes: list[dict]) -> dict | None:
-    """The manifest's speculative section; for a draft model, compile it and run the pairing pass."""
+def _pass_summaries(records: list[dict]) -> list[dict]:
+    """Pass records for the manifest (the per-layer details stay in report.json)."""
+    return [{k: v for k, v in r.items() if not k.startswith("per_")} for r in records]
+
+
+def _speculative(spec: BuildSpec, ir, staging: Path, passes: list[dict]) -> tuple[dict | None, tuple | None]:
+    """The manifest's speculative section and, for a draft model, (its compiled IR, its accuracy level)
+    to emit; the draft is compiled with its own passes and the pairing pass runs on the target."""
     s = spec.speculative
     if s is None:
-        return None
+        return None, None
     section = {"method": s.method, "num_tokens": s.num_tokens, "adaptive": s.adaptive}
     if s.method == "ngram":
         ngram = s.ngram.model_dump() if s.ngram else {"min_n": 1, "max_n": 3}
-        return {**section, "ngram": ngram}
+        return {**section, "ngram": ngram}, None
     draft_ir, draft_passes, dspec = _compile_draft(spec, staging)
     passes.extend(run_passes(ir, [SpecPairing(draft_ir, dspec.name, s.num_tokens)]))
     q = dspec.quantization
-    return {**section, "pairing": passes[-1], "_ir": draft_ir, "_accuracy_level": q.accuracy_level if q else 0,
-            "draft": {"name": dspec.name, "source": str(dspec.source_path()), "model": draft_ir.geometry.to_dict(),
-                      "passes": [{k: v for k, v in p.items() if not k.startswith("per_")} for p in draft_passes]}}
+    section.update(pairing=passes[-1], draft={"name": dspec.name, "source": str(dspec.source_path()),
+                                             "model": draft_ir.geometry.to_dict(),
+                                             "passes": _pass_summaries(draft_passes)})
+    return section, (draft_ir, q.accuracy_level if q else 0)
 
 
 @contextmanager
@@ -147,7 +154,7 @@ def build(spec: BuildSpec) -> Path:
             pass_list = build_passes(spec, ir)
             reference = copy.deepcopy(ir.model) if spec.eval and pass_list else None  # for KL after the passes
             passes = run_passes(ir, pass_list)
-            speculative = _speculative(spec, ir, staging, passes)
+            speculative, draft = _speculative(spec, ir, staging, passes)
         if spec.eval:
             with _stage(timings, 3, "evaluate", stages):
                 quality = _evaluate(spec, ir, reference)
@@ -162,9 +169,8 @@ def build(spec: BuildSpec) -> Path:
                 else:
                     entry = emit_onnx(ir.model, engine_dir, ir.quantized, level)
                 engines[target] = {"dir": f"engines/{target}", **entry}
-            if speculative and speculative["method"] == "draft":
-                draft_ir = speculative.pop("_ir")
-                level = speculative.pop("_accuracy_level")
+            if draft is not None:
+                draft_ir, level = draft
                 entry = emit_onnx(draft_ir.model, staging / DRAFT_DIR, draft_ir.quantized, level)
                 speculative["draft"]["engine"] = {"dir": DRAFT_DIR, **entry}
                 shutil.rmtree(staging / "draft-work", ignore_errors=True)
@@ -183,7 +189,7 @@ def build(spec: BuildSpec) -> Path:
                                                                    geo.head_dim, spec.kv_cache.dtype)},
                 "engines": engines,
                 "tokenizer": tokenizer_manifest(ir.tokenizer_dir, "tokenizer"),
-                "passes": [{k: v for k, v in p.items() if not k.startswith("per_")} for p in passes],
+                "passes": _pass_summaries(passes),
                 "quality": {"eval": quality, "report": "report.json"},
                 "speculative": speculative,
                 "notes": ir.notes,

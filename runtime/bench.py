@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
@@ -113,9 +113,8 @@ def spec_delta(before, after) -> dict:
     """Speculation counters of one run (after - before)."""
     from llmc.runtime.speculative import SpecStats
 
-    fields = ("proposed", "accepted", "verifications", "draft_s", "verify_s", "steps_with_speculation",
-              "steps_without", "k_total")
-    delta = SpecStats(**{f: getattr(after, f) - getattr(before, f) for f in fields}, last_k=after.last_k)
+    counters = [f.name for f in fields(SpecStats) if f.name != "last_k"]
+    delta = SpecStats(**{name: getattr(after, name) - getattr(before, name) for name in counters}, last_k=after.last_k)
     return delta.to_dict()
 
 

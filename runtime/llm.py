@@ -86,7 +86,6 @@ class LLM:
         if spec:
             self.spec_policy = SpecPolicy(num_spec_tokens or spec["num_tokens"],
                                           spec["adaptive"] if adaptive_speculation is None else adaptive_speculation,
-                                          self._draft_cost_ratio(spec),
                                           PRIOR_ACCEPTANCE_DRAFT if spec["method"] == "draft" else PRIOR_ACCEPTANCE)
         self._speculating: dict[Sequence, bool] = {}  # admitted to speculation, per decoding sequence
         self.spec_stats = SpecStats()
@@ -114,16 +113,6 @@ class LLM:
                     engine.step(inputs, pool)
                     timings.append(time.perf_counter() - start)
                 cost.add(tokens, min(timings))
-
-    def _draft_cost_ratio(self, spec: dict) -> float:
-        """A draft model's engine bytes over the target's: its step cost before one is timed."""
-        if spec["method"] != "draft":
-            return 0.0
-        files = self.bundle.manifest["files"]
-        target_dir = self.bundle.manifest["engines"]["onnxruntime"]["dir"] + "/"
-        draft_dir = spec["draft"]["engine"]["dir"] + "/"
-        size = lambda prefix: sum(f["size"] for name, f in files.items() if name.startswith(prefix))  # noqa: E731
-        return size(draft_dir) / max(1, size(target_dir))
 
     # -- requests ---------------------------------------------------------------------------
     def validate_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -253,14 +242,10 @@ class LLM:
     def _finish_chunk(self, item: ScheduledSeq, logits: np.ndarray, draft: Draft | None) -> list[Sequence]:
         """After the engine ran a chunk: advance its sequence, sample (or verify drafts), append tokens."""
         seq = item.seq
-        if not item.completes:
+        if not item.spec_slots:  # a prefill chunk, or a decode without draft slots
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_computed_blocks(seq)
-            return []
-        if not item.spec_slots:
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_computed_blocks(seq)
-            return self._append_tokens(seq, logits[0])
+            return self._append_tokens(seq, logits[0]) if item.completes else []
         proposed = item.spec_tokens
         emitted = verify(logits, Draft(proposed, draft.probs[:len(proposed)] if draft and draft.probs is not None
                                        else None), seq.params, self._state[seq].rng)

@@ -101,13 +101,9 @@ def expected_tokens(rate: float, k: int) -> float:
 class SpecPolicy:
     """Which sequences speculate, and k per step (k_max for all when not adaptive)."""
 
-    def __init__(self, k_max: int, adaptive: bool = True, draft_cost_ratio: float = 0.0,
-                 prior_acceptance: float = PRIOR_ACCEPTANCE):
-        """draft_cost_ratio: the draft's cost relative to the target's before any draft step was timed
-        (for a draft model, its weight bytes over the target's; 0 for n-gram lookup)."""
+    def __init__(self, k_max: int, adaptive: bool = True, prior_acceptance: float = PRIOR_ACCEPTANCE):
         self.k_max = k_max
         self.adaptive = adaptive
-        self.draft_cost_ratio = draft_cost_ratio
         self.target = StepCost()
         self.draft = StepCost()
         self.acceptance = Acceptance(prior_acceptance)
@@ -124,7 +120,7 @@ class SpecPolicy:
         best_k = self._best(throughput)
         if best_k == 0:
             return False
-        catch_up = self._draft_seconds(lag) - self._draft_seconds(1)
+        catch_up = self.draft.predict(lag) - self.draft.predict(1)
         remaining = max(0, seq.params.max_tokens - len(seq.output_ids))
         saved = remaining * num_decoding * (1.0 / throughput[0] - 1.0 / throughput[best_k])
         return saved > 2.0 * catch_up * num_decoding  # a margin: the remaining count is an upper bound
@@ -147,7 +143,7 @@ class SpecPolicy:
         rates = [self.acceptance.rate(seq) for seq in seqs]
         out = []
         for k in range(self.k_max + 1):
-            seconds = self.target.predict(len(seqs) * (k + 1)) + k * self._draft_seconds(len(seqs))
+            seconds = self.target.predict(len(seqs) * (k + 1)) + k * self.draft.predict(len(seqs))
             tokens = sum(expected_tokens(rate, k) for rate in rates)
             out.append(tokens / seconds if seconds > 0 else float(k))  # nothing measured: try it
         return out
@@ -156,8 +152,3 @@ class SpecPolicy:
     def _best(throughput: list[float]) -> int:
         best_k = max(range(len(throughput)), key=throughput.__getitem__)
         return best_k if throughput[best_k] >= MIN_GAIN * throughput[0] else 0
-
-    def _draft_seconds(self, tokens: int) -> float:
-        if self.draft.observations:
-            return self.draft.predict(tokens)
-        return self.draft_cost_ratio * self.target.predict(tokens)
