@@ -55,7 +55,7 @@ def _fused_linear(g: GraphBuilder, x: str, names: list[str], linears: list[torch
             return [_linear(g, x, name, linear, quant) for name, linear in zip(names, linears)]
         fused = "+".join(names)
         out = (_matmul_qdq(g, x, fused, stacked) if quant["format"] == "qdq"
-               else _matmul_nbits(g, x, fused, stacked, quant["accuracy_level"]))
+               else _matmul_nbits(g, x, fused, stacked, quant))
     elif any(q is not None for q in quantized):
         return [_linear(g, x, name, linear, quant) for name, linear in zip(names, linears)]
     else:  # Gemm with transB keeps the [out, in] weight as stored: no transposed copy.
@@ -71,8 +71,16 @@ def _fused_linear(g: GraphBuilder, x: str, names: list[str], linears: list[torch
     return g.op("Split", out, sizes, axis=-1, outputs=len(linears))
 
 
-def _matmul_nbits(g: GraphBuilder, x: str, name: str, qw, accuracy_level: int) -> str:
-    """com.microsoft.MatMulNBits over packed codes; float zero points when the weight has them."""
+def _matmul_nbits(g: GraphBuilder, x: str, name: str, qw, quant: dict) -> str:
+    """com.microsoft.MatMulNBits over packed codes; float zero points when the weight has them.
+
+    At accuracy level 4 the kernel quantizes activations to int8 per block of block_size input
+    channels: groups wider than quant["activation_block_size"] are split into blocks sharing their
+    scale and zero point (the same weight; int8 activation error as with small groups).
+    """
+    accuracy_level = quant["accuracy_level"]
+    if accuracy_level == 4 and quant.get("activation_block_size"):
+        qw = qw.split_blocks(quant["activation_block_size"])
     inputs = [x, g.weight(f"{name}.qweight", qw.packed()), g.weight(f"{name}.scales", qw.scale.reshape(-1))]
     if qw.zero is not None:
         inputs.append(g.weight(f"{name}.zeros", qw.packed_zeros()))
@@ -98,7 +106,7 @@ def _matmul_qdq(g: GraphBuilder, x: str, name: str, qw) -> str:
 
 
 def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level: int = 4,
-                weight_format: str = "matmulnbits") -> onnx.ModelProto:
+                weight_format: str = "matmulnbits", activation_block_size: int | None = None) -> onnx.ModelProto:
     """Translate llmc's torch model into the step graph (weights inline; saved as external data).
 
     Linears named in `quantized` become com.microsoft.MatMulNBits nodes over their codes, or with
@@ -106,7 +114,8 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     each run as one matmul over stacked weights.
     """
     geo = model.geo
-    quant = {**(quantized or {}), "accuracy_level": accuracy_level, "format": weight_format}
+    quant = {**(quantized or {}), "accuracy_level": accuracy_level, "format": weight_format,
+             "activation_block_size": activation_block_size}
     g = GraphBuilder()
     embed = g.weight("embed.weight", _np(model.embed.weight))
     half = geo.head_dim // 2
@@ -164,18 +173,20 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
 
 
 def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, accuracy_level: int = 4,
-              weight_format: str = "matmulnbits") -> dict:
+              weight_format: str = "matmulnbits", activation_block_size: int | None = None) -> dict:
     """Write model.onnx + model.onnx.data into out_dir; return the engine's manifest entry."""
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("building the ONNX step graph (%d layers, %d quantized linears)", model.geo.num_layers,
              len(quantized or {}))
-    proto = build_graph(model, quantized, accuracy_level, weight_format)
+    proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size)
     log.info("writing %s with external weights", out_dir / GRAPH_FILE)
     onnx.save_model(proto, str(out_dir / GRAPH_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
     onnx.checker.check_model(str(out_dir / GRAPH_FILE))
+    nbits = bool(quantized) and weight_format == "matmulnbits"
     return {"format": "onnx", "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
             "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "kv_update": "returned",
             "quantized_linears": sorted(quantized or {}), "weight_format": weight_format if quantized else None,
-            "accuracy_level": accuracy_level if quantized and weight_format == "matmulnbits" else None,
+            "accuracy_level": accuracy_level if nbits else None,
+            "activation_block_size": activation_block_size if nbits and accuracy_level == 4 else None,
             "outputs": ["logits", "new_keys", "new_values"]}

@@ -18,7 +18,7 @@ from llmc.compiler.emit_tensorrt import emit_tensorrt
 from llmc.compiler.importer import import_checkpoint
 from llmc.compiler import calibration
 from llmc.compiler.evaluate import evaluate, torch_scorer
-from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec, load_spec
+from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec, QuantizationSpec, load_spec
 from llmc.compiler.tokenizer_meta import tokenizer_manifest
 from llmc.errors import ConfigError
 from llmc.kernels.quant import GridConfig
@@ -120,7 +120,12 @@ def _speculative(spec: BuildSpec, ir, staging: Path, passes: list[dict]) -> tupl
     section.update(pairing=passes[-1], draft={"name": dspec.name, "source": str(dspec.source_path()),
                                              "model": draft_ir.geometry.to_dict(),
                                              "passes": _pass_summaries(draft_passes)})
-    return section, (draft_ir, q.accuracy_level if q else 0)
+    return section, (draft_ir, _onnx_options(q))
+
+
+def _onnx_options(q: QuantizationSpec | None) -> dict:
+    """emit_onnx's MatMulNBits settings for a quantization section."""
+    return {"accuracy_level": q.accuracy_level, "activation_block_size": q.activation_block_size} if q else {}
 
 
 @contextmanager
@@ -163,15 +168,14 @@ def build(spec: BuildSpec) -> Path:
         with _stage(timings, stages - 1, "emit", stages):
             for target in spec.targets:
                 engine_dir = staging / "engines" / target
-                level = spec.quantization.accuracy_level if spec.quantization else 0
                 if target == "tensorrt":
                     entry = emit_tensorrt(ir.model, engine_dir, ir.quantized, spec.kv_cache.block_size)
                 else:
-                    entry = emit_onnx(ir.model, engine_dir, ir.quantized, level)
+                    entry = emit_onnx(ir.model, engine_dir, ir.quantized, **_onnx_options(spec.quantization))
                 engines[target] = {"dir": f"engines/{target}", **entry}
             if draft is not None:
-                draft_ir, level = draft
-                entry = emit_onnx(draft_ir.model, staging / DRAFT_DIR, draft_ir.quantized, level)
+                draft_ir, options = draft
+                entry = emit_onnx(draft_ir.model, staging / DRAFT_DIR, draft_ir.quantized, **options)
                 speculative["draft"]["engine"] = {"dir": DRAFT_DIR, **entry}
                 shutil.rmtree(staging / "draft-work", ignore_errors=True)
         with _stage(timings, stages, "bundle", stages):

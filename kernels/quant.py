@@ -48,6 +48,21 @@ class QuantizedWeight:
         w = (self.q.astype(np.float32) - zero) * self.scale[..., None]
         return w.reshape(self.q.shape[0], -1)[:, : self.in_features]
 
+    def split_blocks(self, block_size: int) -> QuantizedWeight:
+        """The same weight in blocks of block_size (a divisor of this block size): each group's scale and
+        zero point repeated over its blocks, trailing all-padding blocks dropped."""
+        if block_size >= self.block_size:
+            return self
+        n, factor = self.q.shape[0], self.block_size // block_size
+        num_blocks = -(-self.in_features // block_size)
+
+        def per_block(a: np.ndarray) -> np.ndarray:  # [N, blocks] -> [N, blocks * factor][:, :num_blocks]
+            return np.ascontiguousarray(np.repeat(a, factor, axis=1)[:, :num_blocks])
+
+        q = np.ascontiguousarray(self.q.reshape(n, -1, block_size)[:, :num_blocks])  # [N, num_blocks, block_size]
+        return QuantizedWeight(q, per_block(self.scale), None if self.zero is None else per_block(self.zero),
+                               self.bits, block_size, self.in_features)
+
     def packed(self) -> np.ndarray:
         """MatMulNBits B input: [N, num_blocks, block_size * bits / 8], low bits first."""
         if self.bits == 8:

