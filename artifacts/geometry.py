@@ -58,4 +58,7 @@ def human_bytes(num: float, digits: int = 1) -> str:
     return f"{num:.{digits}f} TiB"
 
 
+# Token-major pools: a sequence's gathered blocks are its keys [L, KVH * D] as they are, the layout the
+# engines' Attention reads without a transpose or a copy into a present buffer.
+KV_LAYOUT = "[num_blocks, block_size, num_kv_heads, head_dim] per layer, separate K and V pools"
 KV_FORMULA = "bytes/token = 2 (K and V) x layers x kv_heads x head_dim x bytes(dtype)"

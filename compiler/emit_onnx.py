@@ -1,7 +1,7 @@
 """Emit the onnxruntime engine: one step graph implementing the engine step contract.
 
 Inputs  input_ids int64 [T], positions int64 [T], block_tables int32 [S, M], context_lens int32 [S],
-        query_start int32 [S+1], logits_index int64 [N], key_pool_{i}/value_pool_{i} [KVH, NB, B, D]
+        query_start int32 [S+1], logits_index int64 [N], key_pool_{i}/value_pool_{i} [NB, B, KVH, D]
 Outputs logits float32 [N, vocab], new_keys/new_values [layers, T, KVH, D] (the runtime writes
         them into its pools at slot_mapping: onnxruntime cannot update an input in place).
 Weights are stored as external data next to the graph.
@@ -151,7 +151,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     g.op_to("Reshape", [g.op("Concat", *new_values, axis=0), kv_shape], "new_values")
 
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
-    pool_shape = [geo.num_kv_heads, "num_blocks", "block_size", geo.head_dim]
+    pool_shape = ["num_blocks", "block_size", geo.num_kv_heads, geo.head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["T"]),
               helper.make_tensor_value_info("positions", i64, ["T"]),
               helper.make_tensor_value_info("block_tables", i32, ["S", "M"]),

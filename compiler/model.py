@@ -70,8 +70,8 @@ class LlamaModel(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Zeroed K/V pools per layer, [kv_heads, num_blocks, block_size, head_dim]."""
-        shape = (self.geo.num_kv_heads, num_blocks, block_size, self.geo.head_dim)
+        """Zeroed K/V pools per layer, [num_blocks, block_size, kv_heads, head_dim]."""
+        shape = (num_blocks, block_size, self.geo.num_kv_heads, self.geo.head_dim)
         return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.geo.num_layers)]
 
     @torch.no_grad()

@@ -4,16 +4,20 @@ The plan (`build_plan`, nodes in the main graph) turns the step contract's ragge
 padded one that every layer shares: each sequence's queries padded to the longest chunk, its
 cached blocks, one additive mask. The op (`build_function`, an ONNX local function) is then a
 handful of nodes around the standard ONNX `Attention` op (opset 23: grouped-query heads, the
-cached keys as `past_key`, the mask). onnxruntime (any EP) runs the body; a TensorRT build can
-map the node to a plugin instead.
+cached keys, concatenated with the new ones, as its key input, the mask). onnxruntime (any EP) runs the
+body; a TensorRT build can map the node to a plugin instead.
+
+The pools are token-major ([NB, B, KVH, D]): a gather of a sequence's blocks is already its keys
+[L, KVH * D], the 3-D layout onnxruntime's Attention kernel reads in place (strided), so each layer
+copies its cached K/V once (gather) and once more (concatenation with the step's tokens).
 
 Op contract (S sequences, T tokens, Qmax the longest chunk, L = cached blocks * block_size):
     q [T, H*D], k [T, KVH*D], v [T, KVH*D]          the step's projections, before RoPE
-    k_pool, v_pool [KVH, NB, B, D]                  the layer's pools, read only
+    k_pool, v_pool [NB, B, KVH, D]                  the layer's pools, read only
     query_index int64 [S, Qmax]                     token of each padded query (plan)
     query_positions int64 [S, Qmax]                 its position (plan)
     cached_tables [S, Mc]                           blocks holding cached tokens (plan)
-    past_shape int64 [4] = [S, KVH, L, D]           (plan)
+    cached_shape int64 [3] = [S, L, KVH*D]          (plan)
     mask float [S, 1, Qmax, L + Qmax]               0 where a query may attend, -inf elsewhere (plan)
     token_index int64 [T, 2]                        (sequence, row) of each token in the padded layout (plan)
     rope_cos, rope_sin [P, D/2]
@@ -34,7 +38,7 @@ from llmc.compiler.onnx_builder import GraphBuilder
 DOMAIN = "llmc"
 OP_TYPE = "PagedAttention"
 OPSET = 23
-PLAN = ["query_index", "query_positions", "cached_tables", "past_shape", "mask", "token_index"]
+PLAN = ["query_index", "query_positions", "cached_tables", "cached_shape", "mask", "token_index"]
 INPUTS = ["q", "k", "v", "k_pool", "v_pool", *PLAN, "rope_cos", "rope_sin"]
 
 
@@ -64,13 +68,13 @@ def build_plan(g: GraphBuilder, num_kv_heads: int, head_dim: int, pool: str) -> 
     query_positions = g.op("Gather", "positions", query_index, axis=0)  # [S, Qmax]
 
     # Cached blocks: at least one (a zero-length past is not worth a special case; it is masked out).
-    block_size = g.op("Shape", pool, start=2, end=3)  # [1]
+    block_size = g.op("Shape", pool, start=1, end=2)  # [1]
     max_cached = g.op("ReduceMax", num_cached, keepdims=1)  # [1]
     num_blocks = g.op("Max", g.op("Div", g.op("Sub", g.op("Add", max_cached, block_size), one), block_size), one)
     cached_tables = g.op("Slice", "block_tables", g.const([0]), num_blocks, g.const([1]))  # [S, Mc]
     ctx_len = g.op("Mul", num_blocks, block_size)  # [1] L
-    past_shape = g.op("Concat", g.op("Shape", "block_tables", start=0, end=1), g.const([num_kv_heads]), ctx_len,
-                      g.const([head_dim]), axis=0)
+    cached_shape = g.op("Concat", g.op("Shape", "block_tables", start=0, end=1), ctx_len,
+                        g.const([num_kv_heads * head_dim]), axis=0)
 
     # Mask: cached key j < num_cached; new key j <= the query's row and j < q_len.
     key_c = g.op("Range", zero, g.op("Squeeze", ctx_len), one)  # [L]
@@ -82,7 +86,7 @@ def build_plan(g: GraphBuilder, num_kv_heads: int, head_dim: int, pool: str) -> 
     allowed = g.op("Concat", g.op("Expand", g.op("Unsqueeze", allowed_c, one), rows), allowed_n, axis=-1)
     mask = g.op("Unsqueeze", g.op("Where", allowed, g.const(0.0, np.float32), g.const(-np.inf, np.float32)),
                 one)  # [S, 1, Qmax, L + Qmax]
-    return dict(zip(PLAN, (query_index, query_positions, cached_tables, past_shape, mask, token_index)))
+    return dict(zip(PLAN, (query_index, query_positions, cached_tables, cached_shape, mask, token_index)))
 
 
 def build_function() -> onnx.FunctionProto:
@@ -93,10 +97,10 @@ def build_function() -> onnx.FunctionProto:
     rope_inputs = ("rope_cos", "rope_sin", "query_positions")
     q = g.op("RotaryEmbedding", q, *rope_inputs, interleaved=0, refs={"num_heads": ("num_heads", integer)})
     k = g.op("RotaryEmbedding", k, *rope_inputs, interleaved=0, refs={"num_heads": ("kv_num_heads", integer)})
-    past = [g.op("Reshape", g.op("Transpose", g.op("Gather", pool, "cached_tables", axis=1), perm=[1, 0, 2, 3, 4]),
-                 "past_shape") for pool in ("k_pool", "v_pool")]  # [S, KVH, L, D]
-    # onnxruntime's CPU kernel insists on the present K/V outputs when given a past (unused here).
-    out, _, _ = g.op("Attention", q, k, v, "mask", *past, outputs=3, refs={
+    # Cached then new keys [S, L + Qmax, KVH*D]: no past_key input, so no present copy inside Attention.
+    k_all, v_all = (g.op("Concat", g.op("Reshape", g.op("Gather", pool, "cached_tables", axis=0), "cached_shape"),
+                         new, axis=1) for pool, new in (("k_pool", k), ("v_pool", v)))
+    out = g.op("Attention", q, k_all, v_all, "mask", refs={
         "scale": ("scale", real), "q_num_heads": ("num_heads", integer), "kv_num_heads": ("kv_num_heads", integer)})
     g.nodes.append(helper.make_node("GatherND", [out, "token_index"], ["out"], name="pa_out"))  # [T, H*D]
     g.nodes.append(helper.make_node("GatherND", [k, "token_index"], ["k_rotated"], name="pa_k_rotated"))

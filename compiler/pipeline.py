@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from llmc.artifacts import bundle as bundle_io
-from llmc.artifacts.geometry import KV_FORMULA, kv_bytes_per_token
+from llmc.artifacts.geometry import KV_FORMULA, KV_LAYOUT, kv_bytes_per_token
 from llmc.compiler.emit_onnx import emit_onnx
 from llmc.compiler.emit_tensorrt import emit_tensorrt
 from llmc.compiler.importer import import_checkpoint
@@ -31,8 +31,6 @@ from llmc.passes.spec_pairing import SpecPairing
 log = logging.getLogger(__name__)
 
 DRAFT_DIR = "engines/draft"
-# Head-major pools: gathering a sequence's blocks yields [KVH, S, L, D] directly (no transpose copy).
-KV_LAYOUT = "[num_kv_heads, num_blocks, block_size, head_dim] per layer, separate K and V pools"
 
 
 def _windows(spec: BuildSpec, ir, section, count, seed, what: str):

@@ -28,10 +28,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Scatter new K/V [T, KVH, D] into the pools [KVH, NB, B, D] at flat slots, in place."""
-    num_kv_heads, num_blocks, block_size, head_dim = k_pool.shape
-    k_pool.view(num_kv_heads, num_blocks * block_size, head_dim)[:, slot_mapping] = k_new.transpose(0, 1)
-    v_pool.view(num_kv_heads, num_blocks * block_size, head_dim)[:, slot_mapping] = v_new.transpose(0, 1)
+    """Scatter new K/V [T, KVH, D] into the pools [NB, B, KVH, D] at flat slots, in place."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
+    k_pool.view(num_blocks * block_size, num_kv_heads, head_dim)[slot_mapping] = k_new
+    v_pool.view(num_blocks * block_size, num_kv_heads, head_dim)[slot_mapping] = v_new
 
 
 def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -45,7 +45,7 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_new.shape[1]
-    block_size = k_pool.shape[2]
+    block_size = k_pool.shape[1]
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype)
     for s in range(context_lens.shape[0]):
         start, end = int(query_start[s]), int(query_start[s + 1])
@@ -54,8 +54,8 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         ctx = int(context_lens[s])
         num_blocks = (ctx + block_size - 1) // block_size
         blocks = block_tables[s, :num_blocks].long()
-        keys = k_pool[:, blocks].reshape(num_kv_heads, -1, head_dim).transpose(0, 1)[:ctx].clone()  # [L, KVH, D]
-        values = v_pool[:, blocks].reshape(num_kv_heads, -1, head_dim).transpose(0, 1)[:ctx].clone()
+        keys = k_pool[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].clone()  # [L, KVH, D]
+        values = v_pool[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].clone()
         pos = positions[start:end].long()
         keys[pos] = k_new[start:end]
         values[pos] = v_new[start:end]

@@ -38,7 +38,7 @@ class LayerwiseRunner:
 
     def _pools(self, num_seqs: int):
         geo = self.model.geo
-        shape = (geo.num_kv_heads, num_seqs, self.seq_len, geo.head_dim)
+        shape = (num_seqs, self.seq_len, geo.num_kv_heads, geo.head_dim)  # [NB, B, KVH, D]
         return torch.zeros(shape), torch.zeros(shape)
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from llmc.artifacts.bundle import Bundle
-from llmc.artifacts.geometry import ModelGeometry
+from llmc.artifacts.geometry import KV_LAYOUT, ModelGeometry
 from llmc.errors import BundleError
 from llmc.runtime.kv_pool import KVPool
 from llmc.runtime.step_inputs import StepInputs
@@ -50,6 +50,10 @@ class OrtEngine:
             raise BundleError(f"{bundle.path} has no onnxruntime engine (it has: "
                               f"{', '.join(bundle.manifest['engines'])}); llmc's runtime runs onnxruntime engines: "
                               "rebuild with targets: [onnxruntime, ...]")
+        layout = bundle.manifest["kv_cache"].get("layout")
+        if layout != KV_LAYOUT:
+            raise BundleError(f"{bundle.path} was built for KV pools laid out as {layout}; this runtime's engines "
+                              f"read {KV_LAYOUT}: rebuild it with this llmc (`llmc build` of its model.yaml)")
         path = bundle.path / entry["dir"] / entry["graph"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -53,15 +53,15 @@ def plan_kv_budget(memory: str | int | None, fraction: float | None) -> int:
 
 
 class KVPool:
-    """Per-layer K and V pools, [layers, kv_heads, num_blocks, block_size, head_dim] float32."""
+    """Per-layer K and V pools, [layers, num_blocks, block_size, kv_heads, head_dim] float32 (KV_LAYOUT)."""
 
     def __init__(self, geo: ModelGeometry, num_blocks: int, block_size: int):
-        shape = (geo.num_layers, geo.num_kv_heads, num_blocks, block_size, geo.head_dim)
+        shape = (geo.num_layers, num_blocks, block_size, geo.num_kv_heads, geo.head_dim)
         self.keys = np.zeros(shape, dtype=np.float32)
         self.values = np.zeros(shape, dtype=np.float32)
         self.num_blocks, self.block_size = num_blocks, block_size
-        # Flat views [layers, kv_heads, num_blocks * block_size, head_dim] for slot writes.
-        flat = (geo.num_layers, geo.num_kv_heads, num_blocks * block_size, geo.head_dim)
+        # Flat views [layers, num_blocks * block_size, kv_heads, head_dim]: one row per slot.
+        flat = (geo.num_layers, num_blocks * block_size, geo.num_kv_heads, geo.head_dim)
         self._flat_keys = self.keys.reshape(flat)
         self._flat_values = self.values.reshape(flat)
 
@@ -89,18 +89,17 @@ class KVPool:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write of shared blocks)."""
         for src, dst in copies:
-            self.keys[:, :, dst] = self.keys[:, :, src]
-            self.values[:, :, dst] = self.values[:, :, src]
+            self.keys[:, dst] = self.keys[:, src]
+            self.values[:, dst] = self.values[:, src]
 
     def write(self, new_keys: np.ndarray, new_values: np.ndarray, slot_mapping: np.ndarray) -> None:
         """Scatter new K/V [layers, T, kv_heads, head_dim] into their slots, in place.
 
         One slice assignment per run of consecutive slots: numpy's fancy-index assignment into the
-        pool's third axis cost ~1 ms per step here, a slice ~3 us.
+        pool cost ~1 ms per step here, a slice ~3 us.
         """
-        keys, values = new_keys.transpose(0, 2, 1, 3), new_values.transpose(0, 2, 1, 3)  # [layers, KVH, T, D]
         breaks = np.flatnonzero(np.diff(slot_mapping) != 1) + 1
         for start, end in zip(np.concatenate(([0], breaks)), np.concatenate((breaks, [len(slot_mapping)]))):
             slot = int(slot_mapping[start])
-            self._flat_keys[:, :, slot:slot + end - start] = keys[:, :, start:end]
-            self._flat_values[:, :, slot:slot + end - start] = values[:, :, start:end]
+            self._flat_keys[:, slot:slot + end - start] = new_keys[:, start:end]
+            self._flat_values[:, slot:slot + end - start] = new_values[:, start:end]

@@ -67,6 +67,20 @@ def test_newer_schema_refused(tiny_bundle, tmp_path):
         load_bundle(copy)
 
 
+def test_other_kv_layout_refused_with_a_rebuild_hint(tiny_bundle, tmp_path):
+    """A bundle from before the token-major KV pools (its engine reads [KVH, NB, B, D]) is refused."""
+    from llmc.runtime.engine_ort import OrtEngine
+
+    copy = _copy(tiny_bundle, tmp_path)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["kv_cache"]["layout"] = "[num_kv_heads, num_blocks, block_size, head_dim] per layer"
+    body = json.dumps(manifest).encode()
+    (copy / MANIFEST).write_bytes(body)
+    (copy / MANIFEST_CHECKSUM).write_text(hashlib.sha256(body).hexdigest())
+    with pytest.raises(BundleError, match=r"built for KV pools laid out as \[num_kv_heads.*rebuild it"):
+        OrtEngine(load_bundle(copy))
+
+
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="no such bundle"):
         load_bundle(tmp_path / "absent")

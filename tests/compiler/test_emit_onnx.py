@@ -60,9 +60,9 @@ def test_onnxruntime_matches_torch_over_interleaved_blocks(tiny_checkpoint, tmp_
         feeds = _feeds(inputs, [(torch.from_numpy(k), torch.from_numpy(v)) for k, v in kv_ort])
         logits, new_keys, new_values = session.run(None, feeds)
         flat = inputs["slot_mapping"].numpy()
-        for layer, (k, v) in enumerate(kv_ort):  # [KVH, NB, B, D] pools, written at flat slots
-            k.reshape(k.shape[0], -1, k.shape[3])[:, flat] = new_keys[layer].transpose(1, 0, 2)
-            v.reshape(v.shape[0], -1, v.shape[3])[:, flat] = new_values[layer].transpose(1, 0, 2)
+        for layer, (k, v) in enumerate(kv_ort):  # [NB, B, KVH, D] pools, written at flat slots
+            k.reshape(-1, *k.shape[2:])[flat] = new_keys[layer]
+            v.reshape(-1, *v.shape[2:])[flat] = new_values[layer]
         assert np.abs(logits - expected.numpy()).max() < 1e-4
         last = expected.argmax(-1)
     for layer, (k, _) in enumerate(kv_ort):  # the runtime-side scatter reproduces the in-place writes

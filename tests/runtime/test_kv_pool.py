@@ -18,9 +18,9 @@ def test_write_matches_a_scatter(slots):
     keys = rng.standard_normal((2, len(slots), 2, 4)).astype(np.float32)  # [layers, T, KVH, D]
     values = rng.standard_normal((2, len(slots), 2, 4)).astype(np.float32)
     pool.write(keys, values, np.asarray(slots, dtype=np.int64))
-    expected_k, expected_v = np.zeros((2, 2, 64, 4), np.float32), np.zeros((2, 2, 64, 4), np.float32)
+    expected_k, expected_v = np.zeros((2, 64, 2, 4), np.float32), np.zeros((2, 64, 2, 4), np.float32)
     for t, slot in enumerate(slots):
-        expected_k[:, :, slot] = keys[:, t]
-        expected_v[:, :, slot] = values[:, t]
-    assert np.array_equal(pool.keys.reshape(2, 2, 64, 4), expected_k)
-    assert np.array_equal(pool.values.reshape(2, 2, 64, 4), expected_v)
+        expected_k[:, slot] = keys[:, t]
+        expected_v[:, slot] = values[:, t]
+    assert np.array_equal(pool.keys.reshape(2, 64, 2, 4), expected_k)
+    assert np.array_equal(pool.values.reshape(2, 64, 2, 4), expected_v)
