@@ -178,6 +178,10 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("building the ONNX step graph (%d layers, %d quantized linears)", model.geo.num_layers,
              len(quantized or {}))
+    if weight_format == "matmulnbits" and accuracy_level != 4 and any(q.bits == 8 for q in (quantized or {}).values()):
+        log.warning("accuracy_level %d with 8-bit weights: onnxruntime's CPU MatMulNBits has no fp32 8-bit kernel "
+                    "and dequantizes them at every step (a SmolLM2-135M decode step: 84 ms instead of 8); use "
+                    "it to verify the engine, serve with accuracy_level 4", accuracy_level)
     proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size)
     log.info("writing %s with external weights", out_dir / GRAPH_FILE)
     onnx.save_model(proto, str(out_dir / GRAPH_FILE), save_as_external_data=True,

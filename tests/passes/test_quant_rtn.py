@@ -67,7 +67,7 @@ def test_split_blocks_is_the_same_weight(cfg):
 @pytest.mark.parametrize("accuracy_level,tol,symmetric,zero_point,activation_block", [
     (0, 1e-4, False, "int", None), (0, 1e-4, False, "float", None), (0, 1e-4, True, "int", None),
     (4, 0.05, False, "int", None), (4, 0.05, False, "int", 16), (4, 0.05, True, "int", 16)])
-def test_int4_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, accuracy_level, tol, symmetric,
+def test_int4_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, caplog, accuracy_level, tol, symmetric,
                                                   zero_point, activation_block):
     ir = import_checkpoint(tiny_checkpoint, work_dir=tmp_path)
     reference_fp32 = ir.model.lm_head_weight().detach().clone()
@@ -76,6 +76,8 @@ def test_int4_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, acc
     assert not torch.equal(ir.model.lm_head_weight(), reference_fp32)  # the torch model is now fake-quant
     entry = emit_onnx(ir.model, tmp_path / "engine", ir.quantized, accuracy_level,
                       activation_block_size=activation_block)
+    slow_head = "no fp32 8-bit kernel" in caplog.text  # the 8-bit head at level 0 dequantizes every step
+    assert slow_head == (accuracy_level == 0)
     graph = onnx.load(str(tmp_path / "engine" / entry["graph"]), load_external_data=False).graph
     blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
     assert blocks == {activation_block or 32}
