@@ -73,8 +73,11 @@ def inspect(bundle: Path, as_json: bool) -> None:
     click.echo(f"kv cache  block {kv['block_size']} tokens, {kv['dtype']}, {kv['bytes_per_token']:,} bytes/token")
     for target, engine in m["engines"].items():
         skipped = f"; engine not built: {engine['skipped']}" if engine.get("skipped") else ""
-        click.echo(f"engine    {target}: {engine['dir']}/{engine['graph']} (attention op {engine['attention_op']})"
-                   f"{skipped}")
+        level, block = engine.get("accuracy_level"), engine.get("activation_block_size")
+        kernels = (f"; MatMulNBits accuracy level {level}" if level is not None else "") + (
+            f", int8 activation blocks of {block}" if block else "")
+        click.echo(f"engine    {target}: {engine['dir']}/{engine['graph']} (attention op {engine['attention_op']}"
+                   f"{kernels}){skipped}")
     click.echo(f"passes    {', '.join(p['name'] for p in m['passes']) or 'none'}")
     for p in m["passes"]:
         if "num_quantized" in p:
