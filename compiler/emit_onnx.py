@@ -75,13 +75,11 @@ def _matmul_nbits(g: GraphBuilder, x: str, name: str, qw, quant: dict) -> str:
     """com.microsoft.MatMulNBits over packed codes; float zero points when the weight has them.
 
     At accuracy level 4 the kernel quantizes activations to int8 per block of block_size input
-    channels: the decoder's groups wider than quant["activation_block_size"] are split into blocks
-    sharing their scale and zero point (the same weight; int8 activation error as with small
-    groups). The LM head keeps its groups: on SmolLM2 its blocks of 128 add 0.07% perplexity, and
-    splitting them cost ~0.4 ms per decode step (the kernel's per-block work on the largest matrix).
+    channels: groups wider than quant["activation_block_size"] are split into blocks sharing their
+    scale and zero point (the same weight; int8 activation error as with small groups).
     """
     accuracy_level = quant["accuracy_level"]
-    if accuracy_level == 4 and quant.get("activation_block_size") and name != "lm_head":
+    if accuracy_level == 4 and quant.get("activation_block_size"):
         qw = qw.split_blocks(quant["activation_block_size"])
     inputs = [x, g.weight(f"{name}.qweight", qw.packed()), g.weight(f"{name}.scales", qw.scale.reshape(-1))]
     if qw.zero is not None:

@@ -79,11 +79,7 @@ def test_int4_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, cap
     slow_head = "no fp32 8-bit kernel" in caplog.text  # the 8-bit head at level 0 dequantizes every step
     assert slow_head == (accuracy_level == 0)
     graph = onnx.load(str(tmp_path / "engine" / entry["graph"]), load_external_data=False).graph
-    blocks = {}
-    for n in graph.node:
-        if n.op_type == "MatMulNBits":
-            is_head = n.input[1].startswith("lm_head.")
-            blocks.setdefault(is_head, set()).update(a.i for a in n.attribute if a.name == "block_size")
-    assert blocks == {False: {activation_block or 32}, True: {32}}  # the LM head keeps its groups
+    blocks = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    assert blocks == {activation_block or 32}
     logits, expected = step_graph_vs_torch(tmp_path / "engine" / entry["graph"], ir.model)
     assert np.abs(logits - expected).max() <= tol * max(1.0, np.abs(expected).max())
