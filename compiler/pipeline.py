@@ -103,8 +103,8 @@ def _pass_summaries(records: list[dict]) -> list[dict]:
 
 
 def _speculative(spec: BuildSpec, ir, staging: Path, passes: list[dict]) -> tuple[dict | None, tuple | None]:
-    """The manifest's speculative section and, for a draft model, (its compiled IR, its accuracy level)
-    to emit; the draft is compiled with its own passes and the pairing pass runs on the target."""
+    """The manifest's speculative section and, for a draft model, (its compiled IR, its emit_onnx
+    options) to emit; the draft is compiled with its own passes and the pairing pass runs on the target."""
     s = spec.speculative
     if s is None:
         return None, None
