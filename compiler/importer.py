@@ -20,6 +20,7 @@ from llmc.artifacts.geometry import ModelGeometry
 from llmc.compiler.hf_config import geometry_from_config
 from llmc.compiler.model import LlamaModel
 from llmc.errors import ModelImportError
+from llmc.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +140,6 @@ def import_hf_dir(directory: Path, max_context: int | None = None, allow_pickle:
 def _hf_source_files(directory: Path) -> list[SourceFile]:
     return [SourceFile(p.name, sha256_file(p), p.stat().st_size) for p in sorted(directory.iterdir())
             if p.is_file() and (p.suffix in (".json", ".safetensors", ".jinja", ".bin", ".pt"))]
-
-
-def cache_root() -> Path:
-    """Where converted checkpoints are cached ($LLMC_CACHE_DIR, default ~/.cache/llmc)."""
-    return Path(os.environ.get("LLMC_CACHE_DIR", Path.home() / ".cache" / "llmc"))
 
 
 def convert_gguf(path: Path, digest: str) -> Path:

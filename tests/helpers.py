@@ -102,3 +102,32 @@ def step_graph_vs_torch(graph_path, model, n: int = 21, options=None):
         feeds[f"key_pool_{i}"], feeds[f"value_pool_{i}"] = k.numpy().copy(), v.numpy().copy()
     logits = session.run(None, feeds)[0]
     return logits, model(slot_mapping=torch.arange(n), kv_cache=kv, **inputs).numpy()
+
+
+def ort_options(fused: bool, profile_prefix=None):
+    """onnxruntime session options running llmc.PagedAttention as llmc's fused CPU kernel (fused=True; skipped
+    when this machine has no C++ compiler, fails when the library does not build) or as its ONNX function body."""
+    import onnxruntime as ort
+    import pytest
+
+    from llmc.kernels import fused_cpu
+
+    options = ort.SessionOptions()
+    if fused:
+        if fused_cpu._compiler() is None:
+            pytest.skip("no C++ compiler here: llmc's fused CPU kernels cannot be built")
+        library = fused_cpu.fused_kernels_library()
+        assert library is not None, "the fused CPU kernels did not build (see the log)"
+        options.register_custom_ops_library(str(library))
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
+    return options
+
+
+def profiled_op_types(session) -> set[str]:
+    """Op types of the nodes a profiled session ran."""
+    import json
+
+    events = json.loads(open(session.end_profiling()).read())
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}

@@ -3,10 +3,12 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 
 from llmc.compiler.emit_onnx import emit_onnx
 from llmc.compiler.importer import import_checkpoint
+from tests.helpers import ort_options, profiled_op_types
 
 
 def _feeds(inputs, kv):
@@ -26,11 +28,14 @@ def test_graph_structure(tiny_checkpoint, tmp_path):
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
 
 
-def test_onnxruntime_matches_torch_over_interleaved_blocks(tiny_checkpoint, tmp_path):
-    """Two sequences prefill (one in two chunks) then decode, in interleaved blocks of the pool."""
+@pytest.mark.parametrize("fused", [False, True], ids=["function-body", "fused-kernel"])
+def test_onnxruntime_matches_torch_over_interleaved_blocks(tiny_checkpoint, tmp_path, fused):
+    """Two sequences prefill (one in two chunks) then decode, in interleaved blocks of the pool; attention
+    as the op's ONNX function body and as llmc's fused CPU kernel."""
     model = import_checkpoint(tiny_checkpoint, work_dir=tmp_path).model
     entry = emit_onnx(model, tmp_path / "engine")
-    session = ort.InferenceSession(str(tmp_path / "engine" / entry["graph"]), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(tmp_path / "engine" / entry["graph"]), ort_options(fused, tmp_path / "prof"),
+                                   providers=["CPUExecutionProvider"])
     block_size, num_blocks = 4, 16
     kv_torch = model.new_kv_cache(num_blocks, block_size)
     kv_ort = [(k.numpy().copy(), v.numpy().copy()) for k, v in kv_torch]
@@ -67,3 +72,5 @@ def test_onnxruntime_matches_torch_over_interleaved_blocks(tiny_checkpoint, tmp_
         last = expected.argmax(-1)
     for layer, (k, _) in enumerate(kv_ort):  # the runtime-side scatter reproduces the in-place writes
         assert np.abs(k - kv_torch[layer][0].numpy()).max() < 1e-5
+    ran = profiled_op_types(session)
+    assert ("PagedAttention" in ran) == fused and ("Attention" in ran) != fused

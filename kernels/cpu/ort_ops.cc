@@ -1,0 +1,183 @@
+// onnxruntime custom-op library: registers llmc.PagedAttention (paged_attention.h) for the CPU
+// execution provider. onnxruntime then runs this kernel for the step graph's attention nodes instead
+// of inlining the op's ONNX function body. Loaded by llmc.kernels.fused_cpu / runtime/engine_ort.py.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "ort_abi.h"
+#include "paged_attention.h"
+
+namespace {
+
+const char* kDomain = "llmc";
+const char* kOpName = "PagedAttention";
+
+// Inputs, in the order of the op's contract (compiler/onnx_paged_attention.py: INPUTS).
+enum Input : size_t {
+  kQ, kK, kV, kKeyPool, kValuePool, kQueryIndex, kQueryPositions, kCachedTables, kCachedShape, kMask,
+  kTokenIndex, kRopeCos, kRopeSin, kNumInputs
+};
+const ONNXTensorElementDataType kInputTypes[kNumInputs] = {
+    ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_INT64, ELEMENT_INT64,
+    ELEMENT_INT32, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_FLOAT};
+const size_t kInputRanks[kNumInputs] = {2, 2, 2, 4, 4, 2, 2, 2, 1, 4, 2, 2, 2};
+
+// Work below this many multiply-adds stays on the calling thread (a decode step's layer is ~0.1 M).
+constexpr int64_t kParallelWork = int64_t(1) << 20;
+
+struct Kernel {
+  ortabi::Api api;
+  float scale;
+  int64_t num_heads, kv_num_heads;
+};
+
+struct Tensor {
+  void* data = nullptr;
+  std::vector<int64_t> dims;
+};
+
+OrtStatus* error(const ortabi::Api& api, const std::string& message) {
+  return api.CreateStatus(ORT_INVALID_ARGUMENT, ("llmc.PagedAttention: " + message).c_str());
+}
+
+#define RETURN_IF_ERROR(expr)            \
+  do {                                   \
+    if (OrtStatus* status_ = (expr)) return status_; \
+  } while (0)
+
+OrtStatus* read_input(const ortabi::Api& api, OrtKernelContext* context, size_t index, Tensor* out) {
+  const OrtValue* value = nullptr;
+  RETURN_IF_ERROR(api.KernelContextGetInput(context, index, &value));
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  RETURN_IF_ERROR(api.GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  OrtStatus* status = api.GetDimensionsCount(info, &rank);
+  if (status == nullptr) {
+    out->dims.resize(rank);
+    status = api.GetDimensions(info, out->dims.data(), rank);
+  }
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  RETURN_IF_ERROR(status);
+  if (rank != kInputRanks[index]) {
+    return error(api, "input " + std::to_string(index) + " has rank " + std::to_string(rank) + ", expected " +
+                          std::to_string(kInputRanks[index]));
+  }
+  // Inputs are read only; onnxruntime's C API hands out their buffers through the mutable getter.
+  return api.GetTensorMutableData(const_cast<OrtValue*>(value), &out->data);
+}
+
+OrtStatus* make_output(const ortabi::Api& api, OrtKernelContext* context, size_t index, int64_t rows, int64_t cols,
+                       float** data) {
+  const int64_t dims[2] = {rows, cols};
+  OrtValue* value = nullptr;
+  RETURN_IF_ERROR(api.KernelContextGetOutput(context, index, dims, 2, &value));
+  return api.GetTensorMutableData(value, reinterpret_cast<void**>(data));
+}
+
+void attend_item(void* args, size_t item) {
+  llmc::attend(*static_cast<const llmc::PagedAttentionArgs*>(args), static_cast<int64_t>(item));
+}
+
+OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
+  const Kernel& kernel = *static_cast<Kernel*>(kernel_ptr);
+  const ortabi::Api& api = kernel.api;
+  Tensor in[kNumInputs];
+  for (size_t i = 0; i < kNumInputs; ++i) RETURN_IF_ERROR(read_input(api, context, i, &in[i]));
+
+  llmc::PagedAttentionArgs a{};
+  a.T = in[kQ].dims[0];
+  a.H = kernel.num_heads;
+  a.KVH = kernel.kv_num_heads;
+  a.D = a.H > 0 ? in[kQ].dims[1] / a.H : 0;
+  a.NB = in[kKeyPool].dims[0];
+  a.B = in[kKeyPool].dims[1];
+  a.S = in[kQueryIndex].dims[0];
+  a.Qmax = in[kQueryIndex].dims[1];
+  a.Mc = in[kCachedTables].dims[1];
+  a.P = in[kRopeCos].dims[0];
+  a.scale = kernel.scale;
+  const bool shapes_agree =
+      a.H > 0 && a.KVH > 0 && a.D > 0 && in[kQ].dims[1] == a.H * a.D && in[kK].dims == std::vector<int64_t>{a.T, a.KVH * a.D} &&
+      in[kV].dims == in[kK].dims && in[kKeyPool].dims == std::vector<int64_t>{a.NB, a.B, a.KVH, a.D} &&
+      in[kValuePool].dims == in[kKeyPool].dims && in[kQueryPositions].dims == in[kQueryIndex].dims &&
+      in[kCachedTables].dims[0] == a.S && in[kTokenIndex].dims == std::vector<int64_t>{a.T, 2} &&
+      in[kRopeCos].dims[1] == a.D / 2 && in[kRopeSin].dims == in[kRopeCos].dims && a.B > 0;
+  if (!shapes_agree) return error(api, "input shapes disagree with each other or with num_heads/kv_num_heads");
+
+  a.q = static_cast<const float*>(in[kQ].data);
+  a.k = static_cast<const float*>(in[kK].data);
+  a.v = static_cast<const float*>(in[kV].data);
+  a.k_pool = static_cast<const float*>(in[kKeyPool].data);
+  a.v_pool = static_cast<const float*>(in[kValuePool].data);
+  a.query_index = static_cast<const int64_t*>(in[kQueryIndex].data);
+  a.query_positions = static_cast<const int64_t*>(in[kQueryPositions].data);
+  a.cached_tables = static_cast<const int32_t*>(in[kCachedTables].data);
+  a.token_index = static_cast<const int64_t*>(in[kTokenIndex].data);
+  a.rope_cos = static_cast<const float*>(in[kRopeCos].data);
+  a.rope_sin = static_cast<const float*>(in[kRopeSin].data);
+  if (const char* problem = llmc::validate(a)) return error(api, problem);
+
+  RETURN_IF_ERROR(make_output(api, context, 0, a.T, a.H * a.D, &a.out));
+  RETURN_IF_ERROR(make_output(api, context, 1, a.T, a.KVH * a.D, &a.k_rotated));
+  std::vector<float> q_rotated(a.T * a.H * a.D);
+  a.q_rotated = q_rotated.data();
+  llmc::rotate_all(a);
+
+  const int64_t items = a.T * a.KVH;
+  const int64_t longest = a.B * a.Mc + a.Qmax;
+  if (items > 1 && a.T * longest * a.H * a.D >= kParallelWork) {
+    const size_t batches = static_cast<size_t>(std::min<int64_t>(items, 64));
+    RETURN_IF_ERROR(api.KernelContextParallelFor(context, attend_item, items, batches, &a));
+  } else {
+    for (int64_t item = 0; item < items; ++item) llmc::attend(a, item);
+  }
+  return nullptr;
+}
+
+OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo* info, void** out) {
+  ortabi::Api api(table);
+  Kernel kernel{api, 0.0f, 0, 0};
+  RETURN_IF_ERROR(api.KernelInfoGetAttributeFloat(info, "scale", &kernel.scale));
+  RETURN_IF_ERROR(api.KernelInfoGetAttributeInt64(info, "num_heads", &kernel.num_heads));
+  RETURN_IF_ERROR(api.KernelInfoGetAttributeInt64(info, "kv_num_heads", &kernel.kv_num_heads));
+  *out = new Kernel(kernel);
+  return nullptr;
+}
+
+OrtCustomOp make_op() {
+  OrtCustomOp op{};
+  op.version = 16;
+  op.GetName = [](const OrtCustomOp*) { return kOpName; };
+  op.GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
+  op.GetInputType = [](const OrtCustomOp*, size_t i) { return i < kNumInputs ? kInputTypes[i] : ELEMENT_UNDEFINED; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(kNumInputs); };
+  op.GetOutputType = [](const OrtCustomOp*, size_t) { return ELEMENT_FLOAT; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(2); };
+  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute;
+  return op;
+}
+
+const OrtCustomOp kPagedAttention = make_op();
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
+                                                                                 const OrtApiBase* base) {
+  const OrtApi* table = base->GetApi(ortabi::kApiVersion);
+  if (table == nullptr) return nullptr;  // an onnxruntime older than 1.17: nothing registered, the function body runs
+  ortabi::Api api(table);
+  OrtCustomOpDomain* domain = nullptr;  // kept for the life of the process, as onnxruntime requires
+  RETURN_IF_ERROR(api.CreateCustomOpDomain(kDomain, &domain));
+  RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kPagedAttention));
+  return api.AddCustomOpDomain(options, domain);
+}

@@ -1,0 +1,46 @@
+// llmc's fused paged attention for one layer of one engine step (CPU, fp32).
+//
+// The same contract as the `llmc.PagedAttention` ONNX function (compiler/onnx_paged_attention.py):
+// RoPE on the step's queries and keys, attention of each query over its sequence's cached keys
+// (read in place from the token-major pool through the block table) and the step's own keys up to
+// itself, grouped-query heads. No padding, no mask, no copy of the cached keys.
+#pragma once
+
+#include <cstdint>
+
+namespace llmc {
+
+struct PagedAttentionArgs {
+  // Step projections, before RoPE.
+  const float* q;  // [T, H*D]
+  const float* k;  // [T, KVH*D]
+  const float* v;  // [T, KVH*D]
+  // The layer's pools, token-major.
+  const float* k_pool;  // [NB, B, KVH, D]
+  const float* v_pool;  // [NB, B, KVH, D]
+  // The step plan (compiler/onnx_paged_attention.py: build_plan).
+  const int64_t* query_index;      // [S, Qmax] token of each padded query row
+  const int64_t* query_positions;  // [S, Qmax] its position; row 0 = the sequence's cached length
+  const int32_t* cached_tables;    // [S, Mc] blocks holding each sequence's cached tokens
+  const int64_t* token_index;      // [T, 2] (sequence, row) of each token
+  const float* rope_cos;           // [P, D/2]
+  const float* rope_sin;           // [P, D/2]
+  int64_t T, S, Qmax, Mc, NB, B, P;
+  int64_t H, KVH, D;
+  float scale;
+  // Outputs.
+  float* out;        // [T, H*D]
+  float* k_rotated;  // [T, KVH*D]
+  float* q_rotated;  // [T, H*D] scratch
+};
+
+// Checks indices against the shapes; returns nullptr or a message naming what is out of range.
+const char* validate(const PagedAttentionArgs& a);
+
+// RoPE of every token's queries and keys (into q_rotated and k_rotated).
+void rotate_all(const PagedAttentionArgs& a);
+
+// Attention for work item `item` in [0, T*KVH): token item / KVH, the query heads of KV head item % KVH.
+void attend(const PagedAttentionArgs& a, int64_t item);
+
+}  // namespace llmc

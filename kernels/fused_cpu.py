@@ -1,0 +1,101 @@
+"""llmc's fused CPU kernels for onnxruntime: a custom-op library compiled on first use.
+
+The library (kernels/cpu/) implements `llmc.PagedAttention`, the op each layer of a step graph calls,
+as one kernel that reads the KV pools in place through the block tables. onnxruntime runs it
+instead of the op's ONNX function body (gathers, concatenations, RoPE, a padded masked Attention:
+~13 nodes per layer). Both compute the same thing; tests hold them to each other and to torch.
+
+It is compiled once per machine with the system C++ compiler (-O3 -march=native) into llmc's cache,
+keyed by the sources, the flags, the compiler and the CPU. Without a compiler, or with
+LLMC_FUSED_KERNELS=0, engines run the function body: same results, slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from llmc.paths import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent / "cpu"
+SOURCES = ("ort_ops.cc", "paged_attention.cc")
+HEADERS = ("ort_abi.h", "paged_attention.h")
+LIBRARY = "libllmc_ort_ops.so"
+ENV_SWITCH = "LLMC_FUSED_KERNELS"
+
+
+def _flags() -> list[str]:
+    native = "-mcpu=native" if platform.machine() in ("arm64", "aarch64") else "-march=native"
+    return ["-O3", native, "-ffast-math", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden"]
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags (-march=native code is only valid on the same kind of CPU)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags", "Features"))}))
+
+
+def _compiler() -> str | None:
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _build_key(compiler: str) -> str:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    digest = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        digest.update((SOURCE_DIR / name).read_bytes())
+    for part in (" ".join(_flags()), version, _cpu_identity()):
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def compile_library(target: Path, compiler: str) -> None:
+    """Compile the sources into target (atomically: a half-written library is never left there)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("compiling llmc's fused CPU kernels with %s (once per machine) into %s", compiler, target)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / LIBRARY
+        subprocess.run([compiler, *_flags(), "-o", str(out), *(str(SOURCE_DIR / s) for s in SOURCES)],
+                       check=True, capture_output=True, text=True)
+        os.replace(out, target)
+    log.info("fused CPU kernels compiled in %.1f s", time.perf_counter() - start)
+
+
+@functools.cache
+def fused_kernels_library() -> Path | None:
+    """Path of the compiled library, building it if needed; None when it is switched off or cannot be built
+    (logged once, with the reason and what to do)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        log.info("%s=0: attention runs as the ONNX function body", ENV_SWITCH)
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C++ compiler ($CXX, c++, g++ or clang++) found: attention runs as the ONNX function "
+                    "body, which is slower; install one (e.g. apt install g++) to get llmc's fused CPU kernels")
+        return None
+    target = cache_root() / "kernels" / _build_key(compiler) / LIBRARY
+    if not target.is_file():
+        try:
+            compile_library(target, compiler)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            detail = getattr(exc, "stderr", None) or str(exc)
+            log.warning("compiling llmc's fused CPU kernels failed, attention runs as the ONNX function body "
+                        "(slower): %s", detail.strip()[-2000:])
+            return None
+    return target

@@ -1,0 +1,119 @@
+"""llmc's fused CPU kernel for llmc.PagedAttention: same results as the op's ONNX function body and torch,
+clear errors, and a clean fallback when it cannot be built."""
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from llmc.compiler.emit_onnx import emit_onnx
+from llmc.compiler.importer import import_checkpoint
+from llmc.kernels import fused_cpu
+from tests.helpers import ort_options, profiled_op_types
+
+BLOCK, NUM_BLOCKS = 4, 64
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint, tmp_path_factory):
+    work = tmp_path_factory.mktemp("fused")
+    model = import_checkpoint(tiny_checkpoint, work_dir=work).model
+    entry = emit_onnx(model, work / "engine")
+    return model, work / "engine" / entry["graph"]
+
+
+def _long_step(model):
+    """One step over random pools: sequence 0 has 40 cached tokens and brings 100 new ones, sequence 1
+    prefills 30. Large enough that the kernel splits the work over onnxruntime's threads."""
+    rng = np.random.default_rng(1)
+    geo = model.geo
+    shape = (NUM_BLOCKS, BLOCK, geo.num_kv_heads, geo.head_dim)
+    pools = [(rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32))
+             for _ in range(geo.num_layers)]
+    tables = np.zeros((2, 35), dtype=np.int32)
+    tables[0] = rng.permutation(NUM_BLOCKS)[:35]
+    tables[1, :8] = [b for b in range(NUM_BLOCKS) if b not in tables[0]][:8]
+    positions = np.concatenate([np.arange(40, 140), np.arange(0, 30)])
+    inputs = {"input_ids": rng.integers(0, geo.vocab_size, 130), "positions": positions,
+              "block_tables": tables, "context_lens": np.array([140, 30], dtype=np.int32),
+              "query_start": np.array([0, 100, 130], dtype=np.int32), "logits_index": np.arange(130)}
+    slots = np.concatenate([tables[0][positions[:100] // BLOCK] * BLOCK + positions[:100] % BLOCK,
+                            tables[1][positions[100:] // BLOCK] * BLOCK + positions[100:] % BLOCK])
+    return inputs, pools, slots
+
+
+def _feeds(inputs, pools):
+    feeds = {k: (v.astype(np.int64) if v.dtype == np.int64 or k in ("input_ids", "positions") else v)
+             for k, v in inputs.items()}
+    for i, (k, v) in enumerate(pools):
+        feeds[f"key_pool_{i}"], feeds[f"value_pool_{i}"] = k, v
+    return feeds
+
+
+def test_fused_kernel_matches_function_body_and_torch_on_a_long_step(engine, tmp_path):
+    model, graph = engine
+    inputs, pools, slots = _long_step(model)
+    fused = ort.InferenceSession(str(graph), ort_options(True, tmp_path / "prof"), providers=["CPUExecutionProvider"])
+    body = ort.InferenceSession(str(graph), ort_options(False), providers=["CPUExecutionProvider"])
+    got = fused.run(None, _feeds(inputs, pools))
+    want = body.run(None, _feeds(inputs, pools))
+    for name, a, b in zip(("logits", "new_keys", "new_values"), got, want):
+        assert np.abs(a - b).max() < 1e-4, name
+    kv = [(torch.from_numpy(k.copy()), torch.from_numpy(v.copy())) for k, v in pools]
+    expected = model(slot_mapping=torch.from_numpy(slots), kv_cache=kv,
+                     **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
+    assert np.abs(got[0] - expected.numpy()).max() < 1e-4
+    assert "PagedAttention" in profiled_op_types(fused)
+
+
+def test_fused_kernel_rejects_a_block_outside_the_pool(engine):
+    model, graph = engine
+    inputs, pools, _ = _long_step(model)
+    inputs["block_tables"][0, 3] = NUM_BLOCKS + 5
+    session = ort.InferenceSession(str(graph), ort_options(True), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="llmc.PagedAttention: a block table entry is outside the KV pool"):
+        session.run(None, _feeds(inputs, pools))
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """fused_kernels_library() recomputed under this test's environment, with an empty kernel cache."""
+    monkeypatch.setenv("LLMC_CACHE_DIR", str(tmp_path / "cache"))
+    fused_cpu.fused_kernels_library.cache_clear()
+    yield fused_cpu.fused_kernels_library
+    fused_cpu.fused_kernels_library.cache_clear()
+
+
+def test_switched_off_by_the_environment(fresh_library, monkeypatch):
+    monkeypatch.setenv(fused_cpu.ENV_SWITCH, "0")
+    assert fresh_library() is None
+
+
+def test_without_a_compiler_engines_fall_back_with_a_warning(fresh_library, monkeypatch, caplog):
+    monkeypatch.setenv("CXX", "no-such-compiler-llmc")
+    with caplog.at_level(logging.WARNING, logger="llmc.kernels.fused_cpu"):
+        assert fresh_library() is None
+    assert "no C++ compiler" in caplog.text and "apt install g++" in caplog.text
+
+
+def test_a_failing_compile_falls_back_with_the_compiler_message(fresh_library, monkeypatch, tmp_path, caplog):
+    fake = tmp_path / "fake-cxx"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\necho 'error: broken' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    with caplog.at_level(logging.WARNING, logger="llmc.kernels.fused_cpu"):
+        assert fresh_library() is None
+    assert "compiling llmc's fused CPU kernels failed" in caplog.text and "error: broken" in caplog.text
+    assert not list((tmp_path / "cache").rglob("*.so"))
+
+
+def test_the_library_is_built_once_and_reused(fresh_library, tmp_path):
+    if fused_cpu._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    path = fresh_library()
+    assert path is not None and path.is_file() and str(path).startswith(str(tmp_path / "cache"))
+    fused_cpu.fused_kernels_library.cache_clear()
+    mtime = path.stat().st_mtime_ns
+    assert fresh_library() == path and path.stat().st_mtime_ns == mtime
