@@ -75,8 +75,8 @@ OrtStatus* make_output(const ortabi::Api& api, OrtKernelContext* context, size_t
   return api.GetTensorMutableData(value, reinterpret_cast<void**>(data));
 }
 
-void attend_item(void* args, size_t item) {
-  llmc::attend(*static_cast<const llmc::PagedAttentionArgs*>(args), static_cast<int64_t>(item));
+void attend_token(void* args, size_t t) {
+  llmc::attend(*static_cast<const llmc::PagedAttentionArgs*>(args), static_cast<int64_t>(t));
 }
 
 OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
@@ -124,13 +124,12 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   a.q_rotated = q_rotated.data();
   llmc::rotate_all(a);
 
-  const int64_t items = a.T * a.KVH;
   const int64_t longest = a.B * a.Mc + a.Qmax;
-  if (items > 1 && a.T * longest * a.H * a.D >= kParallelWork) {
-    const size_t batches = static_cast<size_t>(std::min<int64_t>(items, 64));
-    RETURN_IF_ERROR(api.KernelContextParallelFor(context, attend_item, items, batches, &a));
+  if (a.T > 1 && a.T * longest * a.H * a.D >= kParallelWork) {
+    const size_t batches = static_cast<size_t>(std::min<int64_t>(a.T, 64));
+    RETURN_IF_ERROR(api.KernelContextParallelFor(context, attend_token, a.T, batches, &a));
   } else {
-    for (int64_t item = 0; item < items; ++item) llmc::attend(a, item);
+    for (int64_t t = 0; t < a.T; ++t) llmc::attend(a, t);
   }
   return nullptr;
 }

@@ -40,7 +40,7 @@ const char* validate(const PagedAttentionArgs& a);
 // RoPE of every token's queries and keys (into q_rotated and k_rotated).
 void rotate_all(const PagedAttentionArgs& a);
 
-// Attention for work item `item` in [0, T*KVH): token item / KVH, the query heads of KV head item % KVH.
-void attend(const PagedAttentionArgs& a, int64_t item);
+// Attention of token t's query heads (after rotate_all).
+void attend(const PagedAttentionArgs& a, int64_t t);
 
 }  // namespace llmc
