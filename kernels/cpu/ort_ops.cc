@@ -23,8 +23,8 @@ const ONNXTensorElementDataType kInputTypes[kNumInputs] = {
     ELEMENT_INT32, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_FLOAT};
 const size_t kInputRanks[kNumInputs] = {2, 2, 2, 4, 4, 2, 2, 2, 1, 4, 2, 2, 2};
 
-// Work below this many multiply-adds stays on the calling thread (a decode step's layer is ~0.1 M).
-constexpr int64_t kParallelWork = int64_t(1) << 20;
+// Work below this many multiply-adds (per Q.K or P.V) stays on the calling thread.
+constexpr int64_t kParallelWork = int64_t(1) << 16;
 
 struct Kernel {
   ortabi::Api api;
@@ -75,8 +75,8 @@ OrtStatus* make_output(const ortabi::Api& api, OrtKernelContext* context, size_t
   return api.GetTensorMutableData(value, reinterpret_cast<void**>(data));
 }
 
-void attend_token(void* args, size_t t) {
-  llmc::attend(*static_cast<const llmc::PagedAttentionArgs*>(args), static_cast<int64_t>(t));
+void attend_chunk(void* args, size_t item) {
+  llmc::attend_chunk(*static_cast<const llmc::PagedAttentionArgs*>(args), static_cast<int64_t>(item));
 }
 
 OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
@@ -120,17 +120,18 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
 
   RETURN_IF_ERROR(make_output(api, context, 0, a.T, a.H * a.D, &a.out));
   RETURN_IF_ERROR(make_output(api, context, 1, a.T, a.KVH * a.D, &a.k_rotated));
-  std::vector<float> q_rotated(a.T * a.H * a.D);
+  const int64_t chunks = llmc::num_chunks(a), items = a.T * chunks;
+  std::vector<float> q_rotated(a.T * a.H * a.D), partials(items * a.H * (a.D + 2));
   a.q_rotated = q_rotated.data();
+  a.partials = partials.data();
   llmc::rotate_all(a);
-
-  const int64_t longest = a.B * a.Mc + a.Qmax;
-  if (a.T > 1 && a.T * longest * a.H * a.D >= kParallelWork) {
-    const size_t batches = static_cast<size_t>(std::min<int64_t>(a.T, 64));
-    RETURN_IF_ERROR(api.KernelContextParallelFor(context, attend_token, a.T, batches, &a));
+  if (items > 1 && items * llmc::kChunk * a.H * a.D >= kParallelWork) {
+    const size_t batches = static_cast<size_t>(std::min<int64_t>(items, 64));
+    RETURN_IF_ERROR(api.KernelContextParallelFor(context, attend_chunk, items, batches, &a));
   } else {
-    for (int64_t t = 0; t < a.T; ++t) llmc::attend(a, t);
+    for (int64_t item = 0; item < items; ++item) llmc::attend_chunk(a, item);
   }
+  llmc::merge_chunks(a);
   return nullptr;
 }
 

@@ -1,8 +1,9 @@
 // llmc's fused paged attention (see paged_attention.h): plain loops the compiler vectorizes
-// (-O3 -march=native -ffast-math), one work item per token. A pool block's rows are contiguous
-// ([B, KVH, D]), so each cached block is read as one stream, all heads at once, with the next block
-// prefetched: the pools are not in cache at a decode step, and walking them per KV head with a stride
-// was latency bound (~4x slower at 145 tokens of context).
+// (-O3 -march=native -ffast-math). A work item is one token's chunk of keys, all heads: a pool
+// block's rows are contiguous ([B, KVH, D]), so each cached block is read as one stream with the next
+// block prefetched (the pools are not in cache at a decode step; walking them per KV head with a
+// stride was latency bound, ~4x slower at 145 tokens of context), and the chunks of a decode step's
+// single token run on all threads, merged afterwards as in flash-decoding.
 #include "paged_attention.h"
 
 #include <algorithm>
@@ -60,19 +61,23 @@ void rope(const float* x, const float* cos, const float* sin, int64_t heads, int
 
 constexpr int64_t kMaxHeadDim = 256;
 
-// Calls fn(rows, first, n) for each of sequence s's cached blocks: n token rows [n, KVH*D] of the pool holding
-// its cached tokens first .. first+n-1 (contiguous memory), prefetching the next block while fn runs.
+// Calls fn(rows, first, n) for sequence s's cached tokens [begin, end), a run of contiguous pool rows at a
+// time: n token rows [n, KVH*D] for tokens first .. first+n-1 (a block or part of one), prefetching the
+// next block while fn runs.
 template <typename Fn>
-inline void for_each_cached_block(const PagedAttentionArgs& a, const float* pool, int64_t s, int64_t cached, Fn fn) {
+inline void for_each_cached_run(const PagedAttentionArgs& a, const float* pool, int64_t s, int64_t begin,
+                                int64_t end, Fn fn) {
   const int64_t row = a.KVH * a.D;
   const int32_t* table = a.cached_tables + s * a.Mc;
-  for (int64_t first = 0; first < cached; first += a.B) {
-    if (first + a.B < cached) {
-      const float* next = pool + table[first / a.B + 1] * a.B * row;
-      const int64_t floats = std::min(a.B, cached - first - a.B) * row;
+  for (int64_t first = begin; first < end;) {
+    const int64_t block = first / a.B, slot = first % a.B, n = std::min(a.B - slot, end - first);
+    if (first + n < end) {
+      const float* next = pool + table[block + 1] * a.B * row;
+      const int64_t floats = std::min(a.B, end - first - n) * row;
       for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(next + i);
     }
-    fn(pool + table[first / a.B] * a.B * row, first, std::min(a.B, cached - first));
+    fn(pool + (table[block] * a.B + slot) * row, first, n);
+    first += n;
   }
 }
 
@@ -114,60 +119,96 @@ void rotate_all(const PagedAttentionArgs& a) {
   }
 }
 
+int64_t num_chunks(const PagedAttentionArgs& a) { return (a.Mc * a.B + a.Qmax + kChunk - 1) / kChunk; }
+
 template <int kD>
-void attend_token(const PagedAttentionArgs& a, int64_t t) {
-  const int64_t D = head_dim<kD>(a), H = a.H, group = a.H / a.KVH, row = a.KVH * D;
+void attend_chunk_d(const PagedAttentionArgs& a, int64_t item) {
+  const int64_t D = head_dim<kD>(a), H = a.H, group = a.H / a.KVH, row = a.KVH * D, chunks = num_chunks(a);
+  const int64_t t = item / chunks, c = item % chunks;
   const int64_t s = a.token_index[2 * t], r = a.token_index[2 * t + 1];
   const int64_t cached = a.query_positions[s * a.Qmax];  // row 0 sits right after the cached tokens
-  const int64_t total = cached + r + 1;                   // cached keys, then the step's rows 0..r
-  const float* q = a.q_rotated + t * H * D;               // [H, D]
-  const int64_t* rows = a.query_index + s * a.Qmax;       // step token of each row
+  const int64_t total = cached + r + 1;                   // keys: cached tokens, then the step's rows 0..r
+  const int64_t begin = c * kChunk, end = std::min(total, begin + kChunk), n = end - begin;
+  const float* q = a.q_rotated + t * H * D;          // [H, D]
+  const int64_t* rows = a.query_index + s * a.Qmax;  // step token of each row
+  float* partial = a.partials + item * H * (D + 2);  // [H, D + 2]
+  if (n <= 0) {  // past this token's keys: contributes nothing
+    for (int64_t h = 0; h < H; ++h) partial[h * (D + 2) + D + 1] = 0.0f;
+    return;
+  }
 
-  thread_local std::vector<float> scores;  // [H, total]
-  scores.resize(H * total);
-  for_each_cached_block(a, a.k_pool, s, cached, [&](const float* keys, int64_t first, int64_t n) {
+  thread_local std::vector<float> scores_buffer;
+  scores_buffer.resize(H * kChunk);
+  float* scores = scores_buffer.data();  // [H, n]
+  const int64_t cached_end = std::min(end, cached);
+  for_each_cached_run(a, a.k_pool, s, begin, cached_end, [&](const float* keys, int64_t first, int64_t m) {
     for (int64_t h = 0; h < H; ++h) {
       const float* key = keys + (h / group) * D;
-      float* out = scores.data() + h * total + first;
-      for (int64_t i = 0; i < n; ++i) out[i] = dot(q + h * D, key + i * row, D) * a.scale;
+      float* out = scores + h * n + (first - begin);
+      for (int64_t i = 0; i < m; ++i) out[i] = dot(q + h * D, key + i * row, D) * a.scale;
     }
   });
-  for (int64_t i = 0; i <= r; ++i) {
-    const float* key = a.k_rotated + rows[i] * row;
-    for (int64_t h = 0; h < H; ++h) scores[h * total + cached + i] = dot(q + h * D, key + (h / group) * D, D) * a.scale;
+  for (int64_t j = std::max(begin, cached); j < end; ++j) {
+    const float* key = a.k_rotated + rows[j - cached] * row;
+    for (int64_t h = 0; h < H; ++h) scores[h * n + j - begin] = dot(q + h * D, key + (h / group) * D, D) * a.scale;
   }
-  for (int64_t h = 0; h < H; ++h) {  // softmax over each head's row
-    float* w = scores.data() + h * total;
-    const float peak = *std::max_element(w, w + total);
+  for (int64_t h = 0; h < H; ++h) {  // exp relative to the chunk's maximum; merge_chunks rescales
+    float* w = scores + h * n;
+    const float peak = *std::max_element(w, w + n);
     float sum = 0.0f;
-    for (int64_t j = 0; j < total; ++j) sum += (w[j] = exp_nonpositive(w[j] - peak));
-    const float inv = 1.0f / sum;
-    for (int64_t j = 0; j < total; ++j) w[j] *= inv;
+    for (int64_t j = 0; j < n; ++j) sum += (w[j] = exp_nonpositive(w[j] - peak));
+    partial[h * (D + 2) + D] = peak;
+    partial[h * (D + 2) + D + 1] = sum;
+    std::fill(partial + h * (D + 2), partial + h * (D + 2) + D, 0.0f);
   }
 
-  float* out = a.out + t * H * D;  // [H, D]
-  std::fill(out, out + H * D, 0.0f);
   float acc[kD > 0 ? kD : kMaxHeadDim];
-  for_each_cached_block(a, a.v_pool, s, cached, [&](const float* values, int64_t first, int64_t n) {
+  for_each_cached_run(a, a.v_pool, s, begin, cached_end, [&](const float* values, int64_t first, int64_t m) {
     for (int64_t h = 0; h < H; ++h) {
       const float* value = values + (h / group) * D;
-      const float* w = scores.data() + h * total + first;
+      const float* w = scores + h * n + (first - begin);
       std::fill(acc, acc + D, 0.0f);
-      for (int64_t i = 0; i < n; ++i) axpy(acc, w[i], value + i * row, D);
-      axpy(out + h * D, 1.0f, acc, D);
+      for (int64_t i = 0; i < m; ++i) axpy(acc, w[i], value + i * row, D);
+      axpy(partial + h * (D + 2), 1.0f, acc, D);
     }
   });
-  for (int64_t i = 0; i <= r; ++i) {
-    const float* value = a.v + rows[i] * row;
-    for (int64_t h = 0; h < H; ++h) axpy(out + h * D, scores[h * total + cached + i], value + (h / group) * D, D);
+  for (int64_t j = std::max(begin, cached); j < end; ++j) {
+    const float* value = a.v + rows[j - cached] * row;
+    for (int64_t h = 0; h < H; ++h) axpy(partial + h * (D + 2), scores[h * n + j - begin], value + (h / group) * D, D);
   }
 }
 
-void attend(const PagedAttentionArgs& a, int64_t t) {
+void attend_chunk(const PagedAttentionArgs& a, int64_t item) {
   switch (a.D) {
-    case 64: return attend_token<64>(a, t);
-    case 128: return attend_token<128>(a, t);
-    default: return attend_token<0>(a, t);
+    case 64: return attend_chunk_d<64>(a, item);
+    case 128: return attend_chunk_d<128>(a, item);
+    default: return attend_chunk_d<0>(a, item);
+  }
+}
+
+void merge_chunks(const PagedAttentionArgs& a) {
+  const int64_t D = a.D, chunks = num_chunks(a), stride = D + 2;
+  for (int64_t t = 0; t < a.T; ++t) {
+    for (int64_t h = 0; h < a.H; ++h) {
+      const float* first = a.partials + (t * chunks * a.H + h) * stride;  // chunk c at first + c * H * stride
+      float peak = -3.0e38f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* p = first + c * a.H * stride;
+        if (p[D + 1] > 0.0f) peak = std::max(peak, p[D]);
+      }
+      float* out = a.out + (t * a.H + h) * D;
+      std::fill(out, out + D, 0.0f);
+      float sum = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* p = first + c * a.H * stride;
+        if (p[D + 1] <= 0.0f) continue;
+        const float w = exp_nonpositive(p[D] - peak);
+        sum += w * p[D + 1];
+        axpy(out, w, p, D);
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t i = 0; i < D; ++i) out[i] *= inv;
+    }
   }
 }
 

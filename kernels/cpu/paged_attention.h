@@ -31,8 +31,17 @@ struct PagedAttentionArgs {
   // Outputs.
   float* out;        // [T, H*D]
   float* k_rotated;  // [T, KVH*D]
-  float* q_rotated;  // [T, H*D] scratch
+  // Scratch (sized by the caller: see num_chunks).
+  float* q_rotated;  // [T, H*D]
+  float* partials;   // [T, chunks, H, D + 2]: each chunk's unnormalized output, its score maximum and sum
 };
+
+// Each token's keys (its cached tokens, then the step's rows up to itself) are split into chunks of
+// kChunk keys, the work items; a decode step's single token then still spreads over threads.
+constexpr int64_t kChunk = 64;
+
+// Chunks per token (the longest token's; shorter ones leave their last chunks empty).
+int64_t num_chunks(const PagedAttentionArgs& a);
 
 // Checks indices against the shapes; returns nullptr or a message naming what is out of range.
 const char* validate(const PagedAttentionArgs& a);
@@ -40,7 +49,11 @@ const char* validate(const PagedAttentionArgs& a);
 // RoPE of every token's queries and keys (into q_rotated and k_rotated).
 void rotate_all(const PagedAttentionArgs& a);
 
-// Attention of token t's query heads (after rotate_all).
-void attend(const PagedAttentionArgs& a, int64_t t);
+// Work item `item` in [0, T * num_chunks): token item / chunks, its keys in chunk item % chunks, all heads
+// (after rotate_all), into partials.
+void attend_chunk(const PagedAttentionArgs& a, int64_t item);
+
+// Combines each token's chunk partials into out (softmax over all its keys).
+void merge_chunks(const PagedAttentionArgs& a);
 
 }  // namespace llmc
