@@ -14,13 +14,36 @@
 namespace llmc {
 namespace {
 
+constexpr int64_t kMaxHeadDim = 256;
+
 // The head size as a compile-time constant where the template has one (the loops then fully unroll).
 template <int kD>
 inline int64_t head_dim(const PagedAttentionArgs& a) { return kD > 0 ? kD : a.D; }
 
-inline float dot(const float* __restrict x, const float* __restrict y, int64_t n) {
+// 16 floats as one value (GCC/Clang vector extension): one AVX-512 register, or two AVX2 ones.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// x . y over kD floats (a multiple of 16) or, with kD = 0, over D.
+template <int kD>
+inline float dot(const float* __restrict x, const float* __restrict y, int64_t D) {
+  if constexpr (kD > 0) {
+    f32x16 acc = load16(x) * load16(y);
+    for (int i = 16; i < kD; i += 16) acc += load16(x + i) * load16(y + i);
+    float sum = 0.0f;
+    for (int i = 0; i < 16; ++i) sum += acc[i];
+    return sum;
+  }
   float acc = 0.0f;
-  for (int64_t i = 0; i < n; ++i) acc += x[i] * y[i];
+  for (int64_t i = 0; i < D; ++i) acc += x[i] * y[i];
   return acc;
 }
 
@@ -28,24 +51,46 @@ inline void axpy(float* __restrict y, float w, const float* __restrict x, int64_
   for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the maximum), ~1e-7 relative error; plain arithmetic so
-// that loops over it vectorize without a vector math library. exp(x) = 2^n * 2^f, n = round(x log2 e),
-// |f| <= 1/2, 2^f by its Taylor series to degree 6.
-inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -87.0f) * 1.44269504f;
-  const float n = std::floor(t + 0.5f);
-  const float f = (t - n) * 0.693147181f;  // 2^(t-n) = e^f, |f| <= ln2 / 2
-  float p = 1.0f / 720;
-  p = p * f + 1.0f / 120;
+// exp(x) for x <= 0 (softmax after subtracting the maximum), 16 at a time, ~1e-7 relative error, no vector
+// math library: exp(x) = 2^n e^f, n = round(x log2 e) (truncating t - 1/2 rounds t <= 0 to nearest),
+// |f| <= ln2 / 2, e^f by its Taylor series to degree 6.
+inline f32x16 exp_nonpositive(f32x16 x) {
+  const f32x16 t = (x < -87.0f ? f32x16{} - 87.0f : x) * 1.44269504f;
+  const i32x16 n = __builtin_convertvector(t - 0.5f, i32x16);
+  const f32x16 f = (t - __builtin_convertvector(n, f32x16)) * 0.693147181f;
+  f32x16 p = f * (1.0f / 720) + 1.0f / 120;
   p = p * f + 1.0f / 24;
   p = p * f + 1.0f / 6;
   p = p * f + 0.5f;
   p = p * f + 1.0f;
   p = p * f + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * reinterpret_cast<f32x16>((n + 127) << 23);  // 2^n, n in [-126, 0]
+}
+
+// w[:n] = exp(w[:n] - peak); w has room for n rounded up to 16. Returns the sum.
+inline float exp_shifted(float* w, int64_t n, float peak) {
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; j += 16) {
+    store16(w + j, exp_nonpositive(load16(w + j) - peak));
+    for (int64_t i = j; i < std::min(n, j + 16); ++i) sum += w[i];
+  }
+  return sum;
+}
+
+// out[:D] += sum_i w[i] * rows[i * stride :][:D], accumulated in registers when D is a constant.
+template <int kD>
+inline void weighted_sum(const float* __restrict w, const float* __restrict rows, int64_t stride, int64_t n,
+                         int64_t D, float* __restrict out) {
+  if constexpr (kD > 0) {
+    f32x16 acc[kD / 16] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const f32x16 wi = f32x16{} + w[i];
+      for (int v = 0; v < kD / 16; ++v) acc[v] += wi * load16(rows + i * stride + 16 * v);
+    }
+    for (int v = 0; v < kD / 16; ++v) store16(out + 16 * v, load16(out + 16 * v) + acc[v]);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) axpy(out, w[i], rows + i * stride, D);
 }
 
 // Rotate-half RoPE of `heads` vectors of length D: out = x * cos + rotate_half(x) * sin.
@@ -59,14 +104,13 @@ void rope(const float* x, const float* cos, const float* sin, int64_t heads, int
   }
 }
 
-constexpr int64_t kMaxHeadDim = 256;
-
 // Calls fn(rows, first, n) for sequence s's cached tokens [begin, end), a run of contiguous pool rows at a
-// time: n token rows [n, KVH*D] for tokens first .. first+n-1 (a block or part of one), prefetching the
-// next block while fn runs.
+// time: n token rows [n, KVH*D] for tokens first .. first+n-1 (a block or part of one). Prefetches (into
+// L2) the next run while fn runs and, when `also` is given (the key pass names the value pool), the
+// same rows of that pool for the pass after.
 template <typename Fn>
 inline void for_each_cached_run(const PagedAttentionArgs& a, const float* pool, int64_t s, int64_t begin,
-                                int64_t end, Fn fn) {
+                                int64_t end, Fn fn, const float* also = nullptr) {
   const int64_t row = a.KVH * a.D;
   const int32_t* table = a.cached_tables + s * a.Mc;
   for (int64_t first = begin; first < end;) {
@@ -74,7 +118,11 @@ inline void for_each_cached_run(const PagedAttentionArgs& a, const float* pool, 
     if (first + n < end) {
       const float* next = pool + table[block + 1] * a.B * row;
       const int64_t floats = std::min(a.B, end - first - n) * row;
-      for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(next + i);
+      for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(next + i, 0, 1);
+    }
+    if (also != nullptr) {
+      const float* cur = also + (table[block] * a.B + slot) * row;
+      for (int64_t i = 0; i < n * row; i += 16) __builtin_prefetch(cur + i, 0, 1);
     }
     fn(pool + (table[block] * a.B + slot) * row, first, n);
     first += n;
@@ -139,42 +187,36 @@ void attend_chunk_d(const PagedAttentionArgs& a, int64_t item) {
 
   thread_local std::vector<float> scores_buffer;
   scores_buffer.resize(H * kChunk);
-  float* scores = scores_buffer.data();  // [H, n]
+  float* scores = scores_buffer.data();  // [H, kChunk]: row h's first n
   const int64_t cached_end = std::min(end, cached);
   for_each_cached_run(a, a.k_pool, s, begin, cached_end, [&](const float* keys, int64_t first, int64_t m) {
     for (int64_t h = 0; h < H; ++h) {
       const float* key = keys + (h / group) * D;
-      float* out = scores + h * n + (first - begin);
-      for (int64_t i = 0; i < m; ++i) out[i] = dot(q + h * D, key + i * row, D) * a.scale;
+      float* out = scores + h * kChunk + (first - begin);
+      for (int64_t i = 0; i < m; ++i) out[i] = dot<kD>(q + h * D, key + i * row, D) * a.scale;
     }
-  });
+  }, a.v_pool);
   for (int64_t j = std::max(begin, cached); j < end; ++j) {
     const float* key = a.k_rotated + rows[j - cached] * row;
-    for (int64_t h = 0; h < H; ++h) scores[h * n + j - begin] = dot(q + h * D, key + (h / group) * D, D) * a.scale;
+    for (int64_t h = 0; h < H; ++h) scores[h * kChunk + j - begin] = dot<kD>(q + h * D, key + (h / group) * D, D) * a.scale;
   }
   for (int64_t h = 0; h < H; ++h) {  // exp relative to the chunk's maximum; merge_chunks rescales
-    float* w = scores + h * n;
+    float* w = scores + h * kChunk;
     const float peak = *std::max_element(w, w + n);
-    float sum = 0.0f;
-    for (int64_t j = 0; j < n; ++j) sum += (w[j] = exp_nonpositive(w[j] - peak));
+    const float sum = exp_shifted(w, n, peak);
     partial[h * (D + 2) + D] = peak;
     partial[h * (D + 2) + D + 1] = sum;
     std::fill(partial + h * (D + 2), partial + h * (D + 2) + D, 0.0f);
   }
 
-  float acc[kD > 0 ? kD : kMaxHeadDim];
   for_each_cached_run(a, a.v_pool, s, begin, cached_end, [&](const float* values, int64_t first, int64_t m) {
     for (int64_t h = 0; h < H; ++h) {
-      const float* value = values + (h / group) * D;
-      const float* w = scores + h * n + (first - begin);
-      std::fill(acc, acc + D, 0.0f);
-      for (int64_t i = 0; i < m; ++i) axpy(acc, w[i], value + i * row, D);
-      axpy(partial + h * (D + 2), 1.0f, acc, D);
+      weighted_sum<kD>(scores + h * kChunk + (first - begin), values + (h / group) * D, row, m, D, partial + h * (D + 2));
     }
   });
   for (int64_t j = std::max(begin, cached); j < end; ++j) {
     const float* value = a.v + rows[j - cached] * row;
-    for (int64_t h = 0; h < H; ++h) axpy(partial + h * (D + 2), scores[h * n + j - begin], value + (h / group) * D, D);
+    for (int64_t h = 0; h < H; ++h) axpy(partial + h * (D + 2), scores[h * kChunk + j - begin], value + (h / group) * D, D);
   }
 }
 
@@ -202,7 +244,7 @@ void merge_chunks(const PagedAttentionArgs& a) {
       for (int64_t c = 0; c < chunks; ++c) {
         const float* p = first + c * a.H * stride;
         if (p[D + 1] <= 0.0f) continue;
-        const float w = exp_nonpositive(p[D] - peak);
+        const float w = exp_nonpositive(f32x16{} + (p[D] - peak))[0];
         sum += w * p[D + 1];
         axpy(out, w, p, D);
       }
