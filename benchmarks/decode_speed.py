@@ -31,7 +31,7 @@ def llmc_decode(bundle: str, batch: int, tokens: int) -> dict:
         steps += 1
     elapsed = time.perf_counter() - start
     return {"system": "llmc (onnxruntime, fp32)", "batch": batch, "decode_tok_s": batch * steps / elapsed,
-            "ms_per_step": 1000 * elapsed / steps}
+            "ms_per_step": 1000 * elapsed / steps, "attention": llm.engine.attention}
 
 
 def transformers_decode(hf_dir: str, batch: int, tokens: int) -> dict:

@@ -27,6 +27,7 @@ def test_offline_report(tiny_bundle, workload):
     assert report["output_tok_s"] == pytest.approx(report["output_tokens"] / report["duration_s"])
     assert 0 <= report["kv_waste_mean"] < 1 and 0 < report["kv_usage_peak"] <= 1
     assert 0 <= report["host_overhead_fraction"] < 1
+    assert report["attention"] in ("llmc fused CPU kernel", "ONNX function body")
 
 
 def test_online_report_over_http(tiny_bundle, workload):
