@@ -51,6 +51,11 @@ class Bundle:
         """Tokens per KV block the engines were built for."""
         return int(self.manifest["kv_cache"]["block_size"])
 
+    @property
+    def kv_dtype(self) -> str:
+        """The KV pools' dtype the engines were built for (float32 or float16)."""
+        return self.manifest["kv_cache"].get("dtype", "float32")
+
     def engine_dir(self, target: str) -> Path:
         """Directory of one target's engine files."""
         engines = self.manifest["engines"]

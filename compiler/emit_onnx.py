@@ -106,12 +106,13 @@ def _matmul_qdq(g: GraphBuilder, x: str, name: str, qw) -> str:
 
 
 def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level: int = 4,
-                weight_format: str = "matmulnbits", activation_block_size: int | None = None) -> onnx.ModelProto:
+                weight_format: str = "matmulnbits", activation_block_size: int | None = None,
+                kv_dtype: str = "float32") -> onnx.ModelProto:
     """Translate llmc's torch model into the step graph (weights inline; saved as external data).
 
     Linears named in `quantized` become com.microsoft.MatMulNBits nodes over their codes, or with
     weight_format "qdq" standard DequantizeLinear + MatMul (the TensorRT target). q/k/v and gate/up
-    each run as one matmul over stacked weights.
+    each run as one matmul over stacked weights. kv_dtype is the pools' (and the returned K/V's) dtype.
     """
     geo = model.geo
     quant = {**(quantized or {}), "accuracy_level": accuracy_level, "format": weight_format,
@@ -147,8 +148,12 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
         head = embed if model.lm_head is None else g.weight("lm_head.weight", _np(model.lm_head.weight))
         g.op_to("Gemm", [h, head], "logits", transB=1)
     kv_shape = g.const([geo.num_layers, -1, geo.num_kv_heads, geo.head_dim])
-    g.op_to("Reshape", [g.op("Concat", *new_keys, axis=0), kv_shape], "new_keys")  # [layers, T, KVH, D]
-    g.op_to("Reshape", [g.op("Concat", *new_values, axis=0), kv_shape], "new_values")
+    kv_type = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[kv_dtype]
+    for name, parts in (("new_keys", new_keys), ("new_values", new_values)):  # [layers, T, KVH, D]
+        if kv_type == TensorProto.FLOAT:
+            g.op_to("Reshape", [g.op("Concat", *parts, axis=0), kv_shape], name)
+        else:
+            g.op_to("Cast", [g.op("Reshape", g.op("Concat", *parts, axis=0), kv_shape)], name, to=kv_type)
 
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
     pool_shape = ["num_blocks", "block_size", geo.num_kv_heads, geo.head_dim]
@@ -159,21 +164,22 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
               helper.make_tensor_value_info("query_start", i32, ["S_plus_1"]),
               helper.make_tensor_value_info("logits_index", i64, ["N"])]
     for i in range(geo.num_layers):
-        inputs.append(helper.make_tensor_value_info(f"key_pool_{i}", f32, pool_shape))
-        inputs.append(helper.make_tensor_value_info(f"value_pool_{i}", f32, pool_shape))
+        inputs.append(helper.make_tensor_value_info(f"key_pool_{i}", kv_type, pool_shape))
+        inputs.append(helper.make_tensor_value_info(f"value_pool_{i}", kv_type, pool_shape))
     kv_out = [geo.num_layers, "T", geo.num_kv_heads, geo.head_dim]
     outputs = [helper.make_tensor_value_info("logits", f32, ["N", geo.vocab_size]),
-               helper.make_tensor_value_info("new_keys", f32, kv_out),
-               helper.make_tensor_value_info("new_values", f32, kv_out)]
+               helper.make_tensor_value_info("new_keys", kv_type, kv_out),
+               helper.make_tensor_value_info("new_values", kv_type, kv_out)]
     graph = helper.make_graph(g.nodes, "llmc_step", inputs, outputs, g.initializers)
     return helper.make_model(
-        graph, functions=[pa.build_function()], producer_name="llmc",
+        graph, functions=[pa.build_function(kv_dtype)], producer_name="llmc",
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(pa.DOMAIN, 1),
                        helper.make_opsetid("com.microsoft", 1)])
 
 
 def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, accuracy_level: int = 4,
-              weight_format: str = "matmulnbits", activation_block_size: int | None = None) -> dict:
+              weight_format: str = "matmulnbits", activation_block_size: int | None = None,
+              kv_dtype: str = "float32") -> dict:
     """Write model.onnx + model.onnx.data into out_dir; return the engine's manifest entry."""
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("building the ONNX step graph (%d layers, %d quantized linears)", model.geo.num_layers,
@@ -182,14 +188,14 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
         log.warning("accuracy_level %d with 8-bit weights: onnxruntime's CPU MatMulNBits has no fp32 8-bit kernel "
                     "and dequantizes them at every step (a SmolLM2-135M decode step: 84 ms instead of 8); use "
                     "it to verify the engine, serve with accuracy_level 4", accuracy_level)
-    proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size)
+    proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size, kv_dtype)
     log.info("writing %s with external weights", out_dir / GRAPH_FILE)
     onnx.save_model(proto, str(out_dir / GRAPH_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
     onnx.checker.check_model(str(out_dir / GRAPH_FILE))
     nbits = bool(quantized) and weight_format == "matmulnbits"
     return {"format": "onnx", "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
-            "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "kv_update": "returned",
+            "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "kv_update": "returned", "kv_dtype": kv_dtype,
             "quantized_linears": sorted(quantized or {}), "weight_format": weight_format if quantized else None,
             "accuracy_level": accuracy_level if nbits else None,
             "activation_block_size": activation_block_size if nbits and accuracy_level == 4 else None,

@@ -62,9 +62,9 @@ def build_plan(onnx_path: Path, plan_path: Path, geo, block_size: int, max_token
             "profile": {"max_tokens": max_tokens, "max_seqs": max_seqs, "max_blocks": max_blocks}}
 
 
-def emit_tensorrt(model, out_dir: Path, quantized: dict, block_size: int) -> dict:
+def emit_tensorrt(model, out_dir: Path, quantized: dict, block_size: int, kv_dtype: str = "float32") -> dict:
     """Write the QDQ step graph and, where TensorRT is installed, its engine; returns the manifest entry."""
-    entry = emit_onnx(model, out_dir, quantized, weight_format="qdq")
+    entry = emit_onnx(model, out_dir, quantized, weight_format="qdq", kv_dtype=kv_dtype)
     try:
         import tensorrt  # noqa: F401
     except ImportError:

@@ -76,7 +76,7 @@ def bundle_scorer(bundle, num_threads: int | None = None) -> Scorer:
     def score(ids: np.ndarray) -> np.ndarray:
         t = len(ids)
         num_blocks = -(-t // block_size)
-        pool = KVPool(bundle.geometry, num_blocks, block_size)
+        pool = KVPool(bundle.geometry, num_blocks, block_size, bundle.kv_dtype)
         inputs = StepInputs(input_ids=ids.astype(np.int64), positions=np.arange(t, dtype=np.int64),
                             slot_mapping=np.arange(t, dtype=np.int64),
                             block_tables=np.arange(num_blocks, dtype=np.int32)[None],

@@ -69,10 +69,11 @@ class LlamaModel(nn.Module):
         """[vocab, hidden]: the embedding when tied."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def new_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def new_kv_cache(self, num_blocks: int, block_size: int,
+                     dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed K/V pools per layer, [num_blocks, block_size, kv_heads, head_dim]."""
         shape = (num_blocks, block_size, self.geo.num_kv_heads, self.geo.head_dim)
-        return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.geo.num_layers)]
+        return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(self.geo.num_layers)]
 
     @torch.no_grad()
     def forward(self, input_ids, positions, slot_mapping, block_tables, context_lens, query_start,

@@ -13,7 +13,7 @@ copies its cached K/V once (gather) and once more (concatenation with the step's
 
 Op contract (S sequences, T tokens, Qmax the longest chunk, L = cached blocks * block_size):
     q [T, H*D], k [T, KVH*D], v [T, KVH*D]          the step's projections, before RoPE
-    k_pool, v_pool [NB, B, KVH, D]                  the layer's pools, read only
+    k_pool, v_pool [NB, B, KVH, D]                  the layer's pools, read only (float32 or float16)
     query_index int64 [S, Qmax]                     token of each padded query (plan)
     query_positions int64 [S, Qmax]                 its position (plan)
     cached_tables [S, Mc]                           blocks holding cached tokens (plan)
@@ -89,8 +89,8 @@ def build_plan(g: GraphBuilder, num_kv_heads: int, head_dim: int, pool: str) -> 
     return dict(zip(PLAN, (query_index, query_positions, cached_tables, cached_shape, mask, token_index)))
 
 
-def build_function() -> onnx.FunctionProto:
-    """The op's body; see the module docstring for the contract."""
+def build_function(kv_dtype: str = "float32") -> onnx.FunctionProto:
+    """The op's body; see the module docstring for the contract. float16 pools are read as float32."""
     g = GraphBuilder("pa_")
     integer, real = onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT
     q, k, v = (g.op("Gather", name, "query_index", axis=0) for name in ("q", "k", "v"))  # [S, Qmax, heads*D]
@@ -98,8 +98,11 @@ def build_function() -> onnx.FunctionProto:
     q = g.op("RotaryEmbedding", q, *rope_inputs, interleaved=0, refs={"num_heads": ("num_heads", integer)})
     k = g.op("RotaryEmbedding", k, *rope_inputs, interleaved=0, refs={"num_heads": ("kv_num_heads", integer)})
     # Cached then new keys [S, L + Qmax, KVH*D]: no past_key input, so no present copy inside Attention.
-    k_all, v_all = (g.op("Concat", g.op("Reshape", g.op("Gather", pool, "cached_tables", axis=0), "cached_shape"),
-                         new, axis=1) for pool, new in (("k_pool", k), ("v_pool", v)))
+    cached = [g.op("Reshape", g.op("Gather", pool, "cached_tables", axis=0), "cached_shape")
+              for pool in ("k_pool", "v_pool")]  # [S, L, KVH*D] each
+    if kv_dtype == "float16":
+        cached = [g.op("Cast", c, to=onnx.TensorProto.FLOAT) for c in cached]
+    k_all, v_all = (g.op("Concat", c, new, axis=1) for c, new in zip(cached, (k, v)))
     out = g.op("Attention", q, k_all, v_all, "mask", refs={
         "scale": ("scale", real), "q_num_heads": ("num_heads", integer), "kv_num_heads": ("kv_num_heads", integer)})
     g.nodes.append(helper.make_node("GatherND", [out, "token_index"], ["out"], name="pa_out"))  # [T, H*D]

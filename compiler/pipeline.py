@@ -167,13 +167,17 @@ def build(spec: BuildSpec) -> Path:
             for target in spec.targets:
                 engine_dir = staging / "engines" / target
                 if target == "tensorrt":
-                    entry = emit_tensorrt(ir.model, engine_dir, ir.quantized, spec.kv_cache.block_size)
+                    entry = emit_tensorrt(ir.model, engine_dir, ir.quantized, spec.kv_cache.block_size,
+                                          spec.kv_cache.dtype)
                 else:
-                    entry = emit_onnx(ir.model, engine_dir, ir.quantized, **_onnx_options(spec.quantization))
+                    entry = emit_onnx(ir.model, engine_dir, ir.quantized, **_onnx_options(spec.quantization),
+                                      kv_dtype=spec.kv_cache.dtype)
                 engines[target] = {"dir": f"engines/{target}", **entry}
             if draft is not None:
                 draft_ir, options = draft
-                entry = emit_onnx(draft_ir.model, staging / DRAFT_DIR, draft_ir.quantized, **options)
+                # The draft's pools share the target's block ids and budget, and its KV dtype.
+                entry = emit_onnx(draft_ir.model, staging / DRAFT_DIR, draft_ir.quantized, **options,
+                                  kv_dtype=spec.kv_cache.dtype)
                 speculative["draft"]["engine"] = {"dir": DRAFT_DIR, **entry}
                 shutil.rmtree(staging / "draft-work", ignore_errors=True)
         with _stage(timings, stages, "bundle", stages):

@@ -33,12 +33,8 @@ class KVCacheSpec(_Strict):
     """Paged KV-cache layout baked into the engines."""
 
     block_size: Literal[1, 2, 4, 8, 16, 32, 64, 128] = 16
+    # float16 halves the pools (twice the tokens in the same memory); attention still computes in fp32.
     dtype: Literal["float32", "float16"] = "float32"
-
-    @field_validator("dtype")
-    @classmethod
-    def _only_fp32(cls, value: str) -> str:
-        return _only(value, "float32", "kv_cache dtype", "fp16 KV with the GPU backends")
 
 
 class AWQSpec(_Strict):

@@ -29,14 +29,14 @@ log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
 SOURCES = ("ort_ops.cc", "paged_attention.cc")
-HEADERS = ("ort_abi.h", "paged_attention.h")
+HEADERS = ("ort_abi.h", "paged_attention.h", "vec16.h")
 LIBRARY = "libllmc_ort_ops.so"
 ENV_SWITCH = "LLMC_FUSED_KERNELS"
 
 
 def _flags() -> list[str]:
     native = "-mcpu=native" if platform.machine() in ("arm64", "aarch64") else "-march=native"
-    return ["-O3", native, "-ffast-math", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden"]
+    return ["-O3", native, "-ffast-math", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-Wno-psabi"]
 
 
 def _cpu_identity() -> str:

@@ -28,10 +28,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Scatter new K/V [T, KVH, D] into the pools [NB, B, KVH, D] at flat slots, in place."""
+    """Scatter new K/V [T, KVH, D] into the pools [NB, B, KVH, D] at flat slots, in place (rounded to the
+    pools' dtype)."""
     num_blocks, block_size, num_kv_heads, head_dim = k_pool.shape
-    k_pool.view(num_blocks * block_size, num_kv_heads, head_dim)[slot_mapping] = k_new
-    v_pool.view(num_blocks * block_size, num_kv_heads, head_dim)[slot_mapping] = v_new
+    k_pool.view(num_blocks * block_size, num_kv_heads, head_dim)[slot_mapping] = k_new.to(k_pool.dtype)
+    v_pool.view(num_blocks * block_size, num_kv_heads, head_dim)[slot_mapping] = v_new.to(v_pool.dtype)
 
 
 def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -54,8 +55,8 @@ def paged_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
         ctx = int(context_lens[s])
         num_blocks = (ctx + block_size - 1) // block_size
         blocks = block_tables[s, :num_blocks].long()
-        keys = k_pool[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].clone()  # [L, KVH, D]
-        values = v_pool[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].clone()
+        keys = k_pool[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].to(q.dtype)  # [L, KVH, D], a copy
+        values = v_pool[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].to(q.dtype)
         pos = positions[start:end].long()
         keys[pos] = k_new[start:end]
         values[pos] = v_new[start:end]

@@ -52,13 +52,17 @@ def plan_kv_budget(memory: str | int | None, fraction: float | None) -> int:
     return parse_bytes(memory if memory is not None else "1GiB")
 
 
-class KVPool:
-    """Per-layer K and V pools, [layers, num_blocks, block_size, kv_heads, head_dim] float32 (KV_LAYOUT)."""
+DTYPES = {"float32": np.float32, "float16": np.float16}
 
-    def __init__(self, geo: ModelGeometry, num_blocks: int, block_size: int):
+
+class KVPool:
+    """Per-layer K and V pools, [layers, num_blocks, block_size, kv_heads, head_dim] (KV_LAYOUT), float32 or
+    float16 (the bundle's kv_cache dtype)."""
+
+    def __init__(self, geo: ModelGeometry, num_blocks: int, block_size: int, dtype: str = "float32"):
         shape = (geo.num_layers, num_blocks, block_size, geo.num_kv_heads, geo.head_dim)
-        self.keys = np.zeros(shape, dtype=np.float32)
-        self.values = np.zeros(shape, dtype=np.float32)
+        self.keys = np.zeros(shape, dtype=DTYPES[dtype])
+        self.values = np.zeros(shape, dtype=DTYPES[dtype])
         self.num_blocks, self.block_size = num_blocks, block_size
         # Flat views [layers, num_blocks * block_size, kv_heads, head_dim]: one row per slot.
         flat = (geo.num_layers, num_blocks * block_size, geo.num_kv_heads, geo.head_dim)
@@ -66,24 +70,24 @@ class KVPool:
         self._flat_values = self.values.reshape(flat)
 
     @classmethod
-    def from_budget(cls, geo: ModelGeometry, block_size: int, budget_bytes: int,
-                    draft: ModelGeometry | None = None) -> "KVPool | tuple[KVPool, KVPool]":
+    def from_budget(cls, geo: ModelGeometry, block_size: int, budget_bytes: int, draft: ModelGeometry | None = None,
+                    dtype: str = "float32") -> "KVPool | tuple[KVPool, KVPool]":
         """As many blocks as fit in budget_bytes (same formula as `llmc kv-size`).
 
         With a draft model, the budget holds each block twice, once per model (the two pools share
         block ids), and a (target, draft) pair is returned.
         """
         geos = [geo] if draft is None else [geo, draft]
-        per_block = sum(kv_bytes_per_token(g.num_layers, g.num_kv_heads, g.head_dim, "float32") for g in geos)
+        per_block = sum(kv_bytes_per_token(g.num_layers, g.num_kv_heads, g.head_dim, dtype) for g in geos)
         per_block *= block_size
         num_blocks = budget_bytes // per_block
         if num_blocks < 1:
             raise ConfigError(f"KV-cache budget {budget_bytes} bytes holds no block of {block_size} tokens "
                               f"({per_block} bytes); raise --kv-cache-memory")
-        log.info("KV cache: %d blocks x %d tokens = %d tokens in %.1f MiB%s", num_blocks, block_size,
-                 num_blocks * block_size, num_blocks * per_block / (1 << 20),
+        log.info("KV cache: %d blocks x %d tokens = %d tokens in %.1f MiB, %s%s", num_blocks, block_size,
+                 num_blocks * block_size, num_blocks * per_block / (1 << 20), dtype,
                  " (target and draft pools)" if draft else "")
-        pools = tuple(cls(g, int(num_blocks), block_size) for g in geos)
+        pools = tuple(cls(g, int(num_blocks), block_size, dtype) for g in geos)
         return pools[0] if draft is None else pools
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -75,11 +75,11 @@ class LLM:
         if spec and spec["method"] == "draft":
             draft_engine = OrtEngine(self.bundle, num_threads, draft=True)
             self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
-                                                            draft=draft_engine.geometry)
+                                                            draft=draft_engine.geometry, dtype=self.bundle.kv_dtype)
             self.drafter = ModelDrafter(draft_engine, self.draft_pool, self.geometry.vocab_size)
             self.draft_max_position = draft_engine.geometry.max_position
         else:
-            self.pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget)
+            self.pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget, dtype=self.bundle.kv_dtype)
             self.draft_max_position = self.geometry.max_position
         if spec and spec["method"] == "ngram":
             self.drafter = NgramDrafter(**spec["ngram"])

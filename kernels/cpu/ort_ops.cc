@@ -18,9 +18,10 @@ enum Input : size_t {
   kQ, kK, kV, kKeyPool, kValuePool, kQueryIndex, kQueryPositions, kCachedTables, kCachedShape, kMask,
   kTokenIndex, kRopeCos, kRopeSin, kNumInputs
 };
+// The pools' type is checked at run time (float or float16): UNDEFINED lets onnxruntime pass either.
 const ONNXTensorElementDataType kInputTypes[kNumInputs] = {
-    ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_INT64, ELEMENT_INT64,
-    ELEMENT_INT32, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_FLOAT};
+    ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_UNDEFINED, ELEMENT_UNDEFINED, ELEMENT_INT64,
+    ELEMENT_INT64, ELEMENT_INT32, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_FLOAT};
 const size_t kInputRanks[kNumInputs] = {2, 2, 2, 4, 4, 2, 2, 2, 1, 4, 2, 2, 2};
 
 // Work below this many multiply-adds (per Q.K or P.V) stays on the calling thread.
@@ -35,6 +36,7 @@ struct Kernel {
 struct Tensor {
   void* data = nullptr;
   std::vector<int64_t> dims;
+  ONNXTensorElementDataType type = ELEMENT_UNDEFINED;
 };
 
 OrtStatus* error(const ortabi::Api& api, const std::string& message) {
@@ -57,6 +59,7 @@ OrtStatus* read_input(const ortabi::Api& api, OrtKernelContext* context, size_t 
     out->dims.resize(rank);
     status = api.GetDimensions(info, out->dims.data(), rank);
   }
+  if (status == nullptr) status = api.GetTensorElementType(info, &out->type);
   api.ReleaseTensorTypeAndShapeInfo(info);
   RETURN_IF_ERROR(status);
   if (rank != kInputRanks[index]) {
@@ -104,12 +107,17 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
       in[kCachedTables].dims[0] == a.S && in[kTokenIndex].dims == std::vector<int64_t>{a.T, 2} &&
       in[kRopeCos].dims[1] == a.D / 2 && in[kRopeSin].dims == in[kRopeCos].dims && a.B > 0;
   if (!shapes_agree) return error(api, "input shapes disagree with each other or with num_heads/kv_num_heads");
+  const ONNXTensorElementDataType pool_type = in[kKeyPool].type;
+  if (in[kValuePool].type != pool_type || (pool_type != ELEMENT_FLOAT && pool_type != ELEMENT_FLOAT16)) {
+    return error(api, "the K and V pools must both be float32 or both float16");
+  }
+  a.half_pools = pool_type == ELEMENT_FLOAT16;
 
   a.q = static_cast<const float*>(in[kQ].data);
   a.k = static_cast<const float*>(in[kK].data);
   a.v = static_cast<const float*>(in[kV].data);
-  a.k_pool = static_cast<const float*>(in[kKeyPool].data);
-  a.v_pool = static_cast<const float*>(in[kValuePool].data);
+  a.k_pool = in[kKeyPool].data;
+  a.v_pool = in[kValuePool].data;
   a.query_index = static_cast<const int64_t*>(in[kQueryIndex].data);
   a.query_positions = static_cast<const int64_t*>(in[kQueryPositions].data);
   a.cached_tables = static_cast<const int32_t*>(in[kCachedTables].data);

@@ -5,10 +5,10 @@
 // stride was latency bound, ~4x slower at 145 tokens of context), and the chunks of a decode step's
 // single token run on all threads, merged afterwards as in flash-decoding.
 #include "paged_attention.h"
+#include "vec16.h"
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 namespace llmc {
@@ -20,21 +20,9 @@ constexpr int64_t kMaxHeadDim = 256;
 template <int kD>
 inline int64_t head_dim(const PagedAttentionArgs& a) { return kD > 0 ? kD : a.D; }
 
-// 16 floats as one value (GCC/Clang vector extension): one AVX-512 register, or two AVX2 ones.
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// x . y over kD floats (a multiple of 16) or, with kD = 0, over D.
-template <int kD>
-inline float dot(const float* __restrict x, const float* __restrict y, int64_t D) {
+// x . y over kD values (a multiple of 16) or, with kD = 0, over D; y float or half.
+template <int kD, typename T>
+inline float dot(const float* __restrict x, const T* __restrict y, int64_t D) {
   if constexpr (kD > 0) {
     f32x16 acc = load16(x) * load16(y);
     for (int i = 16; i < kD; i += 16) acc += load16(x + i) * load16(y + i);
@@ -43,32 +31,19 @@ inline float dot(const float* __restrict x, const float* __restrict y, int64_t D
     return sum;
   }
   float acc = 0.0f;
-  for (int64_t i = 0; i < D; ++i) acc += x[i] * y[i];
+  for (int64_t i = 0; i < D; ++i) acc += x[i] * to_float(y[i]);
   return acc;
 }
 
-inline void axpy(float* __restrict y, float w, const float* __restrict x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += w * x[i];
+template <typename T>
+inline void axpy(float* __restrict y, float w, const T* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += w * to_float(x[i]);
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the maximum), 16 at a time, ~1e-7 relative error, no vector
-// math library: exp(x) = 2^n e^f, n = round(x log2 e) (truncating t - 1/2 rounds t <= 0 to nearest),
-// |f| <= ln2 / 2, e^f by its Taylor series to degree 6.
-inline f32x16 exp_nonpositive(f32x16 x) {
-  const f32x16 t = (x < -87.0f ? f32x16{} - 87.0f : x) * 1.44269504f;
-  const i32x16 n = __builtin_convertvector(t - 0.5f, i32x16);
-  const f32x16 f = (t - __builtin_convertvector(n, f32x16)) * 0.693147181f;
-  f32x16 p = f * (1.0f / 720) + 1.0f / 120;
-  p = p * f + 1.0f / 24;
-  p = p * f + 1.0f / 6;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  return p * reinterpret_cast<f32x16>((n + 127) << 23);  // 2^n, n in [-126, 0]
-}
-
-// w[:n] = exp(w[:n] - peak); w has room for n rounded up to 16. Returns the sum.
+// w[:n] = exp(w[:n] - peak); w has room for n rounded up to 16 (that padding is set to peak first, so
+// every lane computes a defined value). Returns the sum.
 inline float exp_shifted(float* w, int64_t n, float peak) {
+  std::fill(w + n, w + (n + 15) / 16 * 16, peak);
   float sum = 0.0f;
   for (int64_t j = 0; j < n; j += 16) {
     store16(w + j, exp_nonpositive(load16(w + j) - peak));
@@ -78,8 +53,8 @@ inline float exp_shifted(float* w, int64_t n, float peak) {
 }
 
 // out[:D] += sum_i w[i] * rows[i * stride :][:D], accumulated in registers when D is a constant.
-template <int kD>
-inline void weighted_sum(const float* __restrict w, const float* __restrict rows, int64_t stride, int64_t n,
+template <int kD, typename T>
+inline void weighted_sum(const float* __restrict w, const T* __restrict rows, int64_t stride, int64_t n,
                          int64_t D, float* __restrict out) {
   if constexpr (kD > 0) {
     f32x16 acc[kD / 16] = {};
@@ -108,21 +83,22 @@ void rope(const float* x, const float* cos, const float* sin, int64_t heads, int
 // time: n token rows [n, KVH*D] for tokens first .. first+n-1 (a block or part of one). Prefetches (into
 // L2) the next run while fn runs and, when `also` is given (the key pass names the value pool), the
 // same rows of that pool for the pass after.
-template <typename Fn>
-inline void for_each_cached_run(const PagedAttentionArgs& a, const float* pool, int64_t s, int64_t begin,
-                                int64_t end, Fn fn, const float* also = nullptr) {
+template <typename T, typename Fn>
+inline void for_each_cached_run(const PagedAttentionArgs& a, const T* pool, int64_t s, int64_t begin, int64_t end,
+                                Fn fn, const T* also = nullptr) {
+  constexpr int64_t kLine = 64 / sizeof(T);  // values per cache line
   const int64_t row = a.KVH * a.D;
   const int32_t* table = a.cached_tables + s * a.Mc;
   for (int64_t first = begin; first < end;) {
     const int64_t block = first / a.B, slot = first % a.B, n = std::min(a.B - slot, end - first);
     if (first + n < end) {
-      const float* next = pool + table[block + 1] * a.B * row;
-      const int64_t floats = std::min(a.B, end - first - n) * row;
-      for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(next + i, 0, 1);
+      const T* next = pool + table[block + 1] * a.B * row;
+      const int64_t count = std::min(a.B, end - first - n) * row;
+      for (int64_t i = 0; i < count; i += kLine) __builtin_prefetch(next + i, 0, 1);
     }
     if (also != nullptr) {
-      const float* cur = also + (table[block] * a.B + slot) * row;
-      for (int64_t i = 0; i < n * row; i += 16) __builtin_prefetch(cur + i, 0, 1);
+      const T* cur = also + (table[block] * a.B + slot) * row;
+      for (int64_t i = 0; i < n * row; i += kLine) __builtin_prefetch(cur + i, 0, 1);
     }
     fn(pool + (table[block] * a.B + slot) * row, first, n);
     first += n;
@@ -169,8 +145,10 @@ void rotate_all(const PagedAttentionArgs& a) {
 
 int64_t num_chunks(const PagedAttentionArgs& a) { return (a.Mc * a.B + a.Qmax + kChunk - 1) / kChunk; }
 
-template <int kD>
+template <int kD, typename T>
 void attend_chunk_d(const PagedAttentionArgs& a, int64_t item) {
+  const T* k_pool = static_cast<const T*>(a.k_pool);
+  const T* v_pool = static_cast<const T*>(a.v_pool);
   const int64_t D = head_dim<kD>(a), H = a.H, group = a.H / a.KVH, row = a.KVH * D, chunks = num_chunks(a);
   const int64_t t = item / chunks, c = item % chunks;
   const int64_t s = a.token_index[2 * t], r = a.token_index[2 * t + 1];
@@ -189,16 +167,18 @@ void attend_chunk_d(const PagedAttentionArgs& a, int64_t item) {
   scores_buffer.resize(H * kChunk);
   float* scores = scores_buffer.data();  // [H, kChunk]: row h's first n
   const int64_t cached_end = std::min(end, cached);
-  for_each_cached_run(a, a.k_pool, s, begin, cached_end, [&](const float* keys, int64_t first, int64_t m) {
+  for_each_cached_run(a, k_pool, s, begin, cached_end, [&](const T* keys, int64_t first, int64_t m) {
     for (int64_t h = 0; h < H; ++h) {
-      const float* key = keys + (h / group) * D;
+      const T* key = keys + (h / group) * D;
       float* out = scores + h * kChunk + (first - begin);
-      for (int64_t i = 0; i < m; ++i) out[i] = dot<kD>(q + h * D, key + i * row, D) * a.scale;
+      for (int64_t i = 0; i < m; ++i) out[i] = dot<kD, T>(q + h * D, key + i * row, D) * a.scale;
     }
-  }, a.v_pool);
+  }, v_pool);
   for (int64_t j = std::max(begin, cached); j < end; ++j) {
     const float* key = a.k_rotated + rows[j - cached] * row;
-    for (int64_t h = 0; h < H; ++h) scores[h * kChunk + j - begin] = dot<kD>(q + h * D, key + (h / group) * D, D) * a.scale;
+    for (int64_t h = 0; h < H; ++h) {
+      scores[h * kChunk + j - begin] = dot<kD, float>(q + h * D, key + (h / group) * D, D) * a.scale;
+    }
   }
   for (int64_t h = 0; h < H; ++h) {  // exp relative to the chunk's maximum; merge_chunks rescales
     float* w = scores + h * kChunk;
@@ -209,23 +189,31 @@ void attend_chunk_d(const PagedAttentionArgs& a, int64_t item) {
     std::fill(partial + h * (D + 2), partial + h * (D + 2) + D, 0.0f);
   }
 
-  for_each_cached_run(a, a.v_pool, s, begin, cached_end, [&](const float* values, int64_t first, int64_t m) {
+  for_each_cached_run(a, v_pool, s, begin, cached_end, [&](const T* values, int64_t first, int64_t m) {
     for (int64_t h = 0; h < H; ++h) {
-      weighted_sum<kD>(scores + h * kChunk + (first - begin), values + (h / group) * D, row, m, D, partial + h * (D + 2));
+      weighted_sum<kD, T>(scores + h * kChunk + (first - begin), values + (h / group) * D, row, m, D,
+                          partial + h * (D + 2));
     }
   });
   for (int64_t j = std::max(begin, cached); j < end; ++j) {
     const float* value = a.v + rows[j - cached] * row;
-    for (int64_t h = 0; h < H; ++h) axpy(partial + h * (D + 2), scores[h * kChunk + j - begin], value + (h / group) * D, D);
+    for (int64_t h = 0; h < H; ++h) {
+      axpy(partial + h * (D + 2), scores[h * kChunk + j - begin], value + (h / group) * D, D);
+    }
+  }
+}
+
+template <typename T>
+void attend_chunk_t(const PagedAttentionArgs& a, int64_t item) {
+  switch (a.D) {
+    case 64: return attend_chunk_d<64, T>(a, item);
+    case 128: return attend_chunk_d<128, T>(a, item);
+    default: return attend_chunk_d<0, T>(a, item);
   }
 }
 
 void attend_chunk(const PagedAttentionArgs& a, int64_t item) {
-  switch (a.D) {
-    case 64: return attend_chunk_d<64>(a, item);
-    case 128: return attend_chunk_d<128>(a, item);
-    default: return attend_chunk_d<0>(a, item);
-  }
+  return a.half_pools ? attend_chunk_t<uint16_t>(a, item) : attend_chunk_t<float>(a, item);
 }
 
 void merge_chunks(const PagedAttentionArgs& a) {

@@ -15,9 +15,10 @@ struct PagedAttentionArgs {
   const float* q;  // [T, H*D]
   const float* k;  // [T, KVH*D]
   const float* v;  // [T, KVH*D]
-  // The layer's pools, token-major.
-  const float* k_pool;  // [NB, B, KVH, D]
-  const float* v_pool;  // [NB, B, KVH, D]
+  // The layer's pools, token-major: float, or IEEE half (uint16_t) with half_pools.
+  const void* k_pool;  // [NB, B, KVH, D]
+  const void* v_pool;  // [NB, B, KVH, D]
+  bool half_pools;
   // The step plan (compiler/onnx_paged_attention.py: build_plan).
   const int64_t* query_index;      // [S, Qmax] token of each padded query row
   const int64_t* query_positions;  // [S, Qmax] its position; row 0 = the sequence's cached length

@@ -28,16 +28,17 @@ def test_graph_structure(tiny_checkpoint, tmp_path):
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("fused", [False, True], ids=["function-body", "fused-kernel"])
-def test_onnxruntime_matches_torch_over_interleaved_blocks(tiny_checkpoint, tmp_path, fused):
+def test_onnxruntime_matches_torch_over_interleaved_blocks(tiny_checkpoint, tmp_path, fused, kv_dtype):
     """Two sequences prefill (one in two chunks) then decode, in interleaved blocks of the pool; attention
-    as the op's ONNX function body and as llmc's fused CPU kernel."""
+    as the op's ONNX function body and as llmc's fused CPU kernel, over float32 and float16 pools."""
     model = import_checkpoint(tiny_checkpoint, work_dir=tmp_path).model
-    entry = emit_onnx(model, tmp_path / "engine")
+    entry = emit_onnx(model, tmp_path / "engine", kv_dtype=kv_dtype)
     session = ort.InferenceSession(str(tmp_path / "engine" / entry["graph"]), ort_options(fused, tmp_path / "prof"),
                                    providers=["CPUExecutionProvider"])
     block_size, num_blocks = 4, 16
-    kv_torch = model.new_kv_cache(num_blocks, block_size)
+    kv_torch = model.new_kv_cache(num_blocks, block_size, getattr(torch, kv_dtype))
     kv_ort = [(k.numpy().copy(), v.numpy().copy()) for k, v in kv_torch]
     tables = torch.tensor([[3, 7, 1, 12], [5, 0, 9, 0]], dtype=torch.int32)
     rng = torch.Generator().manual_seed(0)
@@ -68,9 +69,11 @@ def test_onnxruntime_matches_torch_over_interleaved_blocks(tiny_checkpoint, tmp_
         for layer, (k, v) in enumerate(kv_ort):  # [NB, B, KVH, D] pools, written at flat slots
             k.reshape(-1, *k.shape[2:])[flat] = new_keys[layer]
             v.reshape(-1, *v.shape[2:])[flat] = new_values[layer]
+        assert new_keys.dtype == np.dtype(kv_dtype)
         assert np.abs(logits - expected.numpy()).max() < 1e-4
         last = expected.argmax(-1)
+    rtol = 2e-3 if kv_dtype == "float16" else 0.0  # float16: one rounding step apart where fp32 RoPE differs by 1e-7
     for layer, (k, _) in enumerate(kv_ort):  # the runtime-side scatter reproduces the in-place writes
-        assert np.abs(k - kv_torch[layer][0].numpy()).max() < 1e-5
+        assert np.allclose(k.astype(np.float32), kv_torch[layer][0].float().numpy(), rtol=rtol, atol=1e-5)
     ran = profiled_op_types(session)
     assert ("PagedAttention" in ran) == fused and ("Attention" in ran) != fused

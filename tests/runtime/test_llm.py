@@ -176,3 +176,21 @@ def test_n_samples_share_the_prompt_blocks(tiny_bundle):
     assert len({tuple(s) for s in samples}) > 1  # independent samples
     llm.release(seq)
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_float16_kv_cache_holds_twice_the_blocks_and_generates_the_same(tiny_checkpoint, tmp_path, alone):
+    """kv_cache: {dtype: float16}: the same budget holds twice the blocks; greedy output equals the float32
+    bundle's except where its top-2 logits are within fp16 rounding of each other."""
+    from llmc.compiler.pipeline import build
+    from llmc.compiler.spec import load_spec
+    from tests.helpers import write_yaml
+
+    spec = load_spec(write_yaml(tmp_path / "model.yaml", name="tiny-kv16", source=str(tiny_checkpoint),
+                                kv_cache={"block_size": 4, "dtype": "float16"}, output="out"))
+    bundle = build(spec)
+    llm = LLM(bundle, kv_cache_memory="1MiB", max_num_seqs=8, max_num_batched_tokens=32)
+    assert llm.pool.keys.dtype == np.float16 and llm.pool.num_blocks == 2 * ((1 << 20) // BYTES_PER_BLOCK)
+    prompts, reference = alone
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
+    for out, ref in zip(outputs, reference):
+        assert_same_or_near_tie(out.token_ids, ref.token_ids, ref.logprobs, tol=2e-2)
