@@ -99,3 +99,18 @@ def fused_kernels_library() -> Path | None:
                         "(slower): %s", detail.strip()[-2000:])
             return None
     return target
+
+
+def register_fused_kernels(options) -> bool:
+    """Register the library with onnxruntime SessionOptions; False (logged, with what to do) when it is
+    unavailable or onnxruntime cannot load it, so that sessions run the function body instead."""
+    library = fused_kernels_library()
+    if library is None:
+        return False
+    try:
+        options.register_custom_ops_library(str(library))
+    except Exception as exc:  # onnxruntime raises its own Fail/RuntimeError types
+        log.warning("onnxruntime could not load llmc's fused CPU kernels from %s (%s): attention runs as the ONNX "
+                    "function body; delete that file to rebuild it", library, exc)
+        return False
+    return True

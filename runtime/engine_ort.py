@@ -11,7 +11,7 @@ import onnxruntime as ort
 from llmc.artifacts.bundle import Bundle
 from llmc.artifacts.geometry import KV_LAYOUT, ModelGeometry
 from llmc.errors import BundleError
-from llmc.kernels.fused_cpu import fused_kernels_library
+from llmc.kernels.fused_cpu import register_fused_kernels
 from llmc.runtime.kv_pool import KVPool
 from llmc.runtime.step_inputs import StepInputs
 
@@ -63,10 +63,8 @@ class OrtEngine:
         _use_global_thread_pool(num_threads or len(os.sched_getaffinity(0)))
         options.use_per_session_threads = False
         options.log_severity_level = 3
-        library = fused_kernels_library()
-        if library is not None:
-            options.register_custom_ops_library(str(library))
-        self.attention = "llmc fused CPU kernel" if library is not None else "ONNX function body"
+        fused = register_fused_kernels(options)
+        self.attention = "llmc fused CPU kernel" if fused else "ONNX function body"
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.geometry = geometry
         self.num_layers = geometry.num_layers

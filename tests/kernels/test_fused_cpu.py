@@ -120,3 +120,12 @@ def test_the_library_is_built_once_and_reused(fresh_library, tmp_path):
     fused_cpu.fused_kernels_library.cache_clear()
     mtime = path.stat().st_mtime_ns
     assert fresh_library() == path and path.stat().st_mtime_ns == mtime
+
+
+def test_a_library_onnxruntime_cannot_load_falls_back(monkeypatch, tmp_path, caplog):
+    broken = tmp_path / "libbroken.so"
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setattr(fused_cpu, "fused_kernels_library", lambda: broken)
+    with caplog.at_level(logging.WARNING, logger="llmc.kernels.fused_cpu"):
+        assert not fused_cpu.register_fused_kernels(ort.SessionOptions())
+    assert "could not load" in caplog.text and "delete that file" in caplog.text
