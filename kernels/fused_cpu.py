@@ -28,7 +28,7 @@ from llmc.paths import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("ort_ops.cc", "paged_attention.cc")
+SOURCES = ("ort_ops.cc", "paged_attention.cc", "paged_attention_tiles.cc")
 HEADERS = ("ort_abi.h", "paged_attention.h", "vec16.h")
 LIBRARY = "libllmc_ort_ops.so"
 ENV_SWITCH = "LLMC_FUSED_KERNELS"

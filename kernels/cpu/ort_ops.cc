@@ -78,8 +78,14 @@ OrtStatus* make_output(const ortabi::Api& api, OrtKernelContext* context, size_t
   return api.GetTensorMutableData(value, reinterpret_cast<void**>(data));
 }
 
-void attend_chunk(void* args, size_t item) {
-  llmc::attend_chunk(*static_cast<const llmc::PagedAttentionArgs*>(args), static_cast<int64_t>(item));
+struct Work {
+  const llmc::PagedAttentionArgs* args;
+  llmc::StepPlan* plan;
+};
+
+void run_item(void* data, size_t item) {
+  const Work& work = *static_cast<Work*>(data);
+  llmc::run_item(*work.args, *work.plan, static_cast<int64_t>(item));
 }
 
 OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
@@ -128,18 +134,20 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
 
   RETURN_IF_ERROR(make_output(api, context, 0, a.T, a.H * a.D, &a.out));
   RETURN_IF_ERROR(make_output(api, context, 1, a.T, a.KVH * a.D, &a.k_rotated));
-  const int64_t chunks = llmc::num_chunks(a), items = a.T * chunks;
-  std::vector<float> q_rotated(a.T * a.H * a.D), partials(items * a.H * (a.D + 2));
+  std::vector<float> q_rotated(a.T * a.H * a.D);
   a.q_rotated = q_rotated.data();
-  a.partials = partials.data();
   llmc::rotate_all(a);
-  if (items > 1 && items * llmc::kChunk * a.H * a.D >= kParallelWork) {
-    const size_t batches = static_cast<size_t>(std::min<int64_t>(items, 64));
-    RETURN_IF_ERROR(api.KernelContextParallelFor(context, attend_chunk, items, batches, &a));
+  llmc::StepPlan plan = llmc::plan_step(a);
+  Work work{&a, &plan};
+  const int64_t items = plan.num_items();
+  if (items > 1 && (!plan.tiles.empty() || items * llmc::kChunk * a.H * a.D >= kParallelWork)) {
+    // Tiles differ in cost (causal): one task each, taken by whichever thread is free.
+    const size_t batches = static_cast<size_t>(plan.tiles.empty() ? std::min<int64_t>(items, 64) : items);
+    RETURN_IF_ERROR(api.KernelContextParallelFor(context, run_item, items, batches, &work));
   } else {
-    for (int64_t item = 0; item < items; ++item) llmc::attend_chunk(a, item);
+    for (int64_t item = 0; item < items; ++item) llmc::run_item(a, plan, item);
   }
-  llmc::merge_chunks(a);
+  llmc::merge_chunks(a, plan);
   return nullptr;
 }
 

@@ -143,21 +143,39 @@ void rotate_all(const PagedAttentionArgs& a) {
   }
 }
 
-int64_t num_chunks(const PagedAttentionArgs& a) { return (a.Mc * a.B + a.Qmax + kChunk - 1) / kChunk; }
+StepPlan plan_step(const PagedAttentionArgs& a) {
+  StepPlan plan;
+  std::vector<int64_t> rows(a.S, 0);  // each sequence's rows in this step
+  for (int64_t t = 0; t < a.T; ++t) ++rows[a.token_index[2 * t]];
+  int64_t longest = 0;  // keys of the longest chunked token
+  for (int64_t t = 0; t < a.T; ++t) {
+    const int64_t s = a.token_index[2 * t];
+    if (rows[s] >= kTile) continue;
+    plan.chunked_tokens.push_back(t);
+    longest = std::max(longest, a.query_positions[s * a.Qmax] + a.token_index[2 * t + 1] + 1);
+  }
+  for (int64_t s = 0; s < a.S; ++s) {
+    for (int64_t r0 = 0; rows[s] >= kTile && r0 < rows[s]; r0 += kTile) {
+      plan.tiles.insert(plan.tiles.end(), {s, r0, std::min(kTile, rows[s] - r0)});
+    }
+  }
+  plan.chunks = (longest + kChunk - 1) / kChunk;
+  plan.partials.resize(plan.chunked_tokens.size() * plan.chunks * a.H * (a.D + 2));
+  return plan;
+}
 
 template <int kD, typename T>
-void attend_chunk_d(const PagedAttentionArgs& a, int64_t item) {
+void attend_chunk_d(const PagedAttentionArgs& a, int64_t t, int64_t c, float* partial) {
   const T* k_pool = static_cast<const T*>(a.k_pool);
   const T* v_pool = static_cast<const T*>(a.v_pool);
-  const int64_t D = head_dim<kD>(a), H = a.H, group = a.H / a.KVH, row = a.KVH * D, chunks = num_chunks(a);
-  const int64_t t = item / chunks, c = item % chunks;
+  const int64_t D = head_dim<kD>(a), H = a.H, group = a.H / a.KVH, row = a.KVH * D;
   const int64_t s = a.token_index[2 * t], r = a.token_index[2 * t + 1];
   const int64_t cached = a.query_positions[s * a.Qmax];  // row 0 sits right after the cached tokens
   const int64_t total = cached + r + 1;                   // keys: cached tokens, then the step's rows 0..r
   const int64_t begin = c * kChunk, end = std::min(total, begin + kChunk), n = end - begin;
   const float* q = a.q_rotated + t * H * D;          // [H, D]
   const int64_t* rows = a.query_index + s * a.Qmax;  // step token of each row
-  float* partial = a.partials + item * H * (D + 2);  // [H, D + 2]
+  // partial: [H, D + 2]
   if (n <= 0) {  // past this token's keys: contributes nothing
     for (int64_t h = 0; h < H; ++h) partial[h * (D + 2) + D + 1] = 0.0f;
     return;
@@ -204,23 +222,31 @@ void attend_chunk_d(const PagedAttentionArgs& a, int64_t item) {
 }
 
 template <typename T>
-void attend_chunk_t(const PagedAttentionArgs& a, int64_t item) {
+void attend_chunk_t(const PagedAttentionArgs& a, int64_t t, int64_t c, float* partial) {
   switch (a.D) {
-    case 64: return attend_chunk_d<64, T>(a, item);
-    case 128: return attend_chunk_d<128, T>(a, item);
-    default: return attend_chunk_d<0, T>(a, item);
+    case 64: return attend_chunk_d<64, T>(a, t, c, partial);
+    case 128: return attend_chunk_d<128, T>(a, t, c, partial);
+    default: return attend_chunk_d<0, T>(a, t, c, partial);
   }
 }
 
-void attend_chunk(const PagedAttentionArgs& a, int64_t item) {
-  return a.half_pools ? attend_chunk_t<uint16_t>(a, item) : attend_chunk_t<float>(a, item);
+void run_item(const PagedAttentionArgs& a, StepPlan& plan, int64_t item) {
+  const int64_t chunk_items = int64_t(plan.chunked_tokens.size()) * plan.chunks;
+  if (item >= chunk_items) {
+    const int64_t* tile = plan.tiles.data() + 3 * (item - chunk_items);
+    return attend_tile(a, tile[0], tile[1], tile[2]);
+  }
+  const int64_t t = plan.chunked_tokens[item / plan.chunks], c = item % plan.chunks;
+  float* partial = plan.partials.data() + item * a.H * (a.D + 2);
+  return a.half_pools ? attend_chunk_t<uint16_t>(a, t, c, partial) : attend_chunk_t<float>(a, t, c, partial);
 }
 
-void merge_chunks(const PagedAttentionArgs& a) {
-  const int64_t D = a.D, chunks = num_chunks(a), stride = D + 2;
-  for (int64_t t = 0; t < a.T; ++t) {
+void merge_chunks(const PagedAttentionArgs& a, const StepPlan& plan) {
+  const int64_t D = a.D, chunks = plan.chunks, stride = D + 2;
+  for (size_t index = 0; index < plan.chunked_tokens.size(); ++index) {
+    const int64_t t = plan.chunked_tokens[index];
     for (int64_t h = 0; h < a.H; ++h) {
-      const float* first = a.partials + (t * chunks * a.H + h) * stride;  // chunk c at first + c * H * stride
+      const float* first = plan.partials.data() + (index * chunks * a.H + h) * stride;  // chunk c: + c * H * stride
       float peak = -3.0e38f;
       for (int64_t c = 0; c < chunks; ++c) {
         const float* p = first + c * a.H * stride;

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace llmc {
 
@@ -32,17 +33,25 @@ struct PagedAttentionArgs {
   // Outputs.
   float* out;        // [T, H*D]
   float* k_rotated;  // [T, KVH*D]
-  // Scratch (sized by the caller: see num_chunks).
-  float* q_rotated;  // [T, H*D]
-  float* partials;   // [T, chunks, H, D + 2]: each chunk's unnormalized output, its score maximum and sum
+  float* q_rotated;  // [T, H*D] scratch
 };
 
-// Each token's keys (its cached tokens, then the step's rows up to itself) are split into chunks of
-// kChunk keys, the work items; a decode step's single token then still spreads over threads.
+// Keys are read kChunk at a time. A sequence with fewer than kTile rows in the step (decodes, verify
+// steps) is attended token by token, each token's keys split into chunks that are separate work
+// items (so a decode step's single token still spreads over threads), merged afterwards as in
+// flash-decoding. Longer runs of rows (prefill) go kTile rows at a time (paged_attention_tiles.cc).
 constexpr int64_t kChunk = 64;
+constexpr int64_t kTile = 16;
 
-// Chunks per token (the longest token's; shorter ones leave their last chunks empty).
-int64_t num_chunks(const PagedAttentionArgs& a);
+struct StepPlan {
+  int64_t chunks = 0;                   // key chunks per chunked token
+  std::vector<int64_t> chunked_tokens;  // tokens attended chunk by chunk
+  std::vector<int64_t> tiles;           // (sequence, first row, rows) per tile
+  std::vector<float> partials;          // [chunked tokens, chunks, H, D + 2]: unnormalized output, max, sum
+  int64_t num_items() const { return int64_t(chunked_tokens.size()) * chunks + int64_t(tiles.size()) / 3; }
+};
+
+StepPlan plan_step(const PagedAttentionArgs& a);
 
 // Checks indices against the shapes; returns nullptr or a message naming what is out of range.
 const char* validate(const PagedAttentionArgs& a);
@@ -50,11 +59,14 @@ const char* validate(const PagedAttentionArgs& a);
 // RoPE of every token's queries and keys (into q_rotated and k_rotated).
 void rotate_all(const PagedAttentionArgs& a);
 
-// Work item `item` in [0, T * num_chunks): token item / chunks, its keys in chunk item % chunks, all heads
-// (after rotate_all), into partials.
-void attend_chunk(const PagedAttentionArgs& a, int64_t item);
+// Work item `item` in [0, plan.num_items()) (after rotate_all): a chunk of a chunked token's keys into
+// its partial, or a tile into out.
+void run_item(const PagedAttentionArgs& a, StepPlan& plan, int64_t item);
 
-// Combines each token's chunk partials into out (softmax over all its keys).
-void merge_chunks(const PagedAttentionArgs& a);
+// Combines each chunked token's partials into out (softmax over all its keys).
+void merge_chunks(const PagedAttentionArgs& a, const StepPlan& plan);
+
+// Rows [r0, r0 + rows) of sequence s (rows <= kTile), all their keys, into out.
+void attend_tile(const PagedAttentionArgs& a, int64_t s, int64_t r0, int64_t rows);
 
 }  // namespace llmc

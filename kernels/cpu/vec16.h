@@ -54,6 +54,13 @@ inline f32x16 load16(const uint16_t* p) {
   return v;
 }
 
+// dst[:n] = src[:n] as floats, 16 at a time.
+inline void half_to_float(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(dst + i, load16(src + i));
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
 // exp(x) for x <= 0 (softmax after subtracting the maximum), ~1e-7 relative error, no vector math
 // library: exp(x) = 2^n e^f, n = round(x log2 e) (truncating t - 1/2 rounds t <= 0 to nearest),
 // |f| <= ln2 / 2, e^f by its Taylor series to degree 6.

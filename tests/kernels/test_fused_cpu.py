@@ -27,21 +27,22 @@ def engine(request, tiny_checkpoint, tmp_path_factory):
 
 def _long_step(model, kv_dtype="float32"):
     """One step over random pools: sequence 0 has 40 cached tokens and brings 100 new ones, sequence 1
-    prefills 30. Large enough that the kernel splits the work over onnxruntime's threads."""
+    prefills 30 (both in tiles of 16 rows), sequence 2 decodes one token after 20 cached (in chunks).
+    Large enough that the kernel splits the work over onnxruntime's threads."""
     rng = np.random.default_rng(1)
     geo = model.geo
     shape = (NUM_BLOCKS, BLOCK, geo.num_kv_heads, geo.head_dim)
     pools = [(rng.standard_normal(shape, dtype=np.float32).astype(kv_dtype),
               rng.standard_normal(shape, dtype=np.float32).astype(kv_dtype)) for _ in range(geo.num_layers)]
-    tables = np.zeros((2, 35), dtype=np.int32)
-    tables[0] = rng.permutation(NUM_BLOCKS)[:35]
-    tables[1, :8] = [b for b in range(NUM_BLOCKS) if b not in tables[0]][:8]
-    positions = np.concatenate([np.arange(40, 140), np.arange(0, 30)])
-    inputs = {"input_ids": rng.integers(0, geo.vocab_size, 130), "positions": positions,
-              "block_tables": tables, "context_lens": np.array([140, 30], dtype=np.int32),
-              "query_start": np.array([0, 100, 130], dtype=np.int32), "logits_index": np.arange(130)}
-    slots = np.concatenate([tables[0][positions[:100] // BLOCK] * BLOCK + positions[:100] % BLOCK,
-                            tables[1][positions[100:] // BLOCK] * BLOCK + positions[100:] % BLOCK])
+    order = rng.permutation(NUM_BLOCKS)
+    tables = np.zeros((3, 35), dtype=np.int32)
+    tables[0], tables[1, :8], tables[2, :4] = order[:35], order[35:43], order[43:47]
+    positions = np.concatenate([np.arange(40, 140), np.arange(0, 30), [20]])
+    seq = np.repeat([0, 1, 2], [100, 30, 1])
+    inputs = {"input_ids": rng.integers(0, geo.vocab_size, 131), "positions": positions,
+              "block_tables": tables, "context_lens": np.array([140, 30, 21], dtype=np.int32),
+              "query_start": np.array([0, 100, 130, 131], dtype=np.int32), "logits_index": np.arange(131)}
+    slots = tables[seq, positions // BLOCK] * BLOCK + positions % BLOCK
     return inputs, pools, slots
 
 
