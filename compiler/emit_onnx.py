@@ -195,7 +195,7 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
     onnx.checker.check_model(str(out_dir / GRAPH_FILE))
     nbits = bool(quantized) and weight_format == "matmulnbits"
     return {"format": "onnx", "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
-            "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "kv_update": "returned", "kv_dtype": kv_dtype,
+            "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "kv_update": "returned",
             "quantized_linears": sorted(quantized or {}), "weight_format": weight_format if quantized else None,
             "accuracy_level": accuracy_level if nbits else None,
             "activation_block_size": activation_block_size if nbits and accuracy_level == 4 else None,

@@ -116,9 +116,7 @@ def ort_options(fused: bool, profile_prefix=None):
     if fused:
         if fused_cpu._compiler() is None:
             pytest.skip("no C++ compiler here: llmc's fused CPU kernels cannot be built")
-        library = fused_cpu.fused_kernels_library()
-        assert library is not None, "the fused CPU kernels did not build (see the log)"
-        options.register_custom_ops_library(str(library))
+        assert fused_cpu.register_fused_kernels(options), "the fused CPU kernels did not build or load (see the log)"
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)

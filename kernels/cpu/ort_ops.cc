@@ -107,8 +107,8 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   a.P = in[kRopeCos].dims[0];
   a.scale = kernel.scale;
   const bool shapes_agree =
-      a.H > 0 && a.KVH > 0 && a.D > 0 && in[kQ].dims[1] == a.H * a.D && in[kK].dims == std::vector<int64_t>{a.T, a.KVH * a.D} &&
-      in[kV].dims == in[kK].dims && in[kKeyPool].dims == std::vector<int64_t>{a.NB, a.B, a.KVH, a.D} &&
+      a.H > 0 && a.KVH > 0 && a.D > 0 && in[kQ].dims[1] == a.H * a.D &&
+      in[kK].dims == std::vector<int64_t>{a.T, a.KVH * a.D} && in[kV].dims == in[kK].dims && in[kKeyPool].dims == std::vector<int64_t>{a.NB, a.B, a.KVH, a.D} &&
       in[kValuePool].dims == in[kKeyPool].dims && in[kQueryPositions].dims == in[kQueryIndex].dims &&
       in[kCachedTables].dims[0] == a.S && in[kTokenIndex].dims == std::vector<int64_t>{a.T, 2} &&
       in[kRopeCos].dims[1] == a.D / 2 && in[kRopeSin].dims == in[kRopeCos].dims && a.B > 0;
@@ -190,7 +190,9 @@ const OrtCustomOp kPagedAttention = make_op();
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                  const OrtApiBase* base) {
   const OrtApi* table = base->GetApi(ortabi::kApiVersion);
-  if (table == nullptr) return nullptr;  // an onnxruntime older than 1.17: nothing registered, the function body runs
+  if (table == nullptr) {  // an onnxruntime older than 1.17: refuse, so that the caller falls back and says so
+    return ortabi::Api(base->GetApi(1)).CreateStatus(ORT_FAIL, "llmc's fused CPU kernels need onnxruntime >= 1.17");
+  }
   ortabi::Api api(table);
   OrtCustomOpDomain* domain = nullptr;  // kept for the life of the process, as onnxruntime requires
   RETURN_IF_ERROR(api.CreateCustomOpDomain(kDomain, &domain));

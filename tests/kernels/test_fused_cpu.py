@@ -47,8 +47,7 @@ def _long_step(model, kv_dtype="float32"):
 
 
 def _feeds(inputs, pools):
-    feeds = {k: (v.astype(np.int64) if v.dtype == np.int64 or k in ("input_ids", "positions") else v)
-             for k, v in inputs.items()}
+    feeds = dict(inputs)
     for i, (k, v) in enumerate(pools):
         feeds[f"key_pool_{i}"], feeds[f"value_pool_{i}"] = k, v
     return feeds
