@@ -200,19 +200,33 @@ def eval_command(bundle: Path, texts: tuple[Path, ...], reference: Path | None, 
 @click.option("--max-waiting", default=256, show_default=True, type=int, help="Queued requests before 429s.")
 @click.option("--policy", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True)
 @click.option("--no-prefix-caching", is_flag=True, help="Disable KV block sharing between prompts.")
-@click.option("--drain-timeout", default=30.0, show_default=True, type=float, help="Seconds SIGTERM waits.")
+@click.option("--drain-timeout", default=30.0, show_default=True, type=float,
+              help="Seconds SIGTERM lets in-flight requests finish (new ones get 503).")
+@click.option("--max-request-bytes", default="1MiB", show_default=True, help="Largest request body (413 beyond).")
+@click.option("--allowed-hosts", default="", help="Comma-separated Host names answered besides localhost ones "
+              "(behind a proxy); '*' answers any.")
+@click.option("--cors-origins", default="", help="Comma-separated browser origins allowed to call the API "
+              "(CORS is off by default).")
 @_spec_options
 @click.option("-v", "--verbose", count=True)
 def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_name: str | None,
           kv_cache_memory: str, kv_cache_fraction: float | None, max_num_seqs: int, max_num_batched_tokens: int,
-          max_waiting: int, policy: str, no_prefix_caching: bool, drain_timeout: float, no_speculation: bool,
-          num_spec_tokens: int | None, fixed_speculation: bool, verbose: int) -> None:
+          max_waiting: int, policy: str, no_prefix_caching: bool, drain_timeout: float, max_request_bytes: str,
+          allowed_hosts: str, cors_origins: str, no_speculation: bool, num_spec_tokens: int | None,
+          fixed_speculation: bool, verbose: int) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API."""
     _setup_logging(verbose)
     from llmc.runtime.async_engine import AsyncEngine
     from llmc.runtime.block_manager import blocks_needed
+    from llmc.runtime.http_guard import is_loopback
+    from llmc.runtime.kv_pool import parse_bytes
     from llmc.runtime.llm import LLM
+    from llmc.runtime.server import ServerConfig
     from llmc.runtime.server import serve as run_server
+
+    config = ServerConfig(api_key=api_key, max_request_bytes=parse_bytes(max_request_bytes),
+                          allowed_hosts=_csv(allowed_hosts), cors_origins=_csv(cors_origins),
+                          drain_timeout_s=drain_timeout)
 
     llm = LLM(bundle, kv_cache_memory=kv_cache_memory, kv_cache_fraction=kv_cache_fraction,
               max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -227,10 +241,21 @@ def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_
                f"tokens ({human_bytes(total)}, {per_token:,} bytes/token{with_draft}); "
                f"max concurrency at full context ({context:,} tokens): "
                f"{pool.num_blocks // blocks_needed(context, pool.block_size)}")
+    if pool.num_blocks * pool.block_size < context:
+        click.echo(f"warning: the KV cache holds {pool.num_blocks * pool.block_size:,} tokens, less than one "
+                   f"sequence at full context ({context:,}); longer sequences end with finish_reason "
+                   "'kv_cache_full' (raise --kv-cache-memory)", err=True)
+    if not is_loopback(host) and not api_key:
+        click.echo(f"warning: serving on {host} without an API key: anyone who can reach this address can use "
+                   "the server (set --api-key or LLMC_API_KEY)", err=True)
     name = served_model_name or llm.bundle.manifest["name"]
     click.echo(f"serving '{name}' on http://{host}:{port}/v1 ({policy} batching, up to {max_num_seqs} sequences"
                f"{', API key required' if api_key else ''}{_spec_summary(llm)}); Ctrl-C or SIGTERM drains and stops")
-    run_server(AsyncEngine(llm, max_waiting), name, host, port, api_key, drain_timeout)
+    run_server(AsyncEngine(llm, max_waiting), name, host, port, config)
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _spec_summary(llm) -> str:

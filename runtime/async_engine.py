@@ -38,7 +38,10 @@ class _Request:
     seq: Sequence | None = None
 
     def push(self, item: RequestOutput | None) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the server's event loop has closed: nobody is listening any more
+            pass
 
 
 class AsyncEngine:
@@ -85,6 +88,10 @@ class AsyncEngine:
         """Abort a request (e.g. its client went away); its blocks are freed before the next step."""
         self._inbox.put(("abort", request_id))
 
+    def abort_all(self) -> None:
+        """End every request in flight with finish reason "abort" (the server's drain timeout ran out)."""
+        self._inbox.put(("abort_all", None))
+
     # -- the loop thread -----------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -92,10 +99,11 @@ class AsyncEngine:
             if self.llm.scheduler.has_unfinished():
                 try:
                     self._step()
-                except Exception:  # keep serving: fail the requests in this batch, not the server
-                    log.exception("engine step failed; aborting the running requests")
-                    for request_id in list(self._requests):
-                        self._finish(request_id, "aborted", error=True)
+                except Exception:  # keep serving: fail the requests of the broken step, not the server
+                    running = {seq.request_id for seq in self.llm.scheduler.running}
+                    log.exception("engine step failed; ending the %d running requests", len(running))
+                    for request_id in [r for r in self._requests if r in running]:
+                        self._finish(request_id, "failed", final_reason="error")
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -119,6 +127,9 @@ class AsyncEngine:
                         self.metrics.counters["llmc_prompt_tokens_total"] += len(payload.prompt_ids)
             elif kind == "abort" and payload in self._requests:
                 self._finish(payload, "aborted")
+            elif kind == "abort_all":
+                for request_id in list(self._requests):
+                    self._finish(request_id, "aborted", final_reason="abort")
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -128,12 +139,20 @@ class AsyncEngine:
         updated = self.llm.step()
         now = time.perf_counter()
         m = self.metrics
+        failed = set()
         with m.lock:
             for seq in updated:
                 request = self._requests.get(seq.request_id)
-                if request is None:
+                if request is None or seq.request_id in failed:
                     continue
-                delta = self.llm.take_delta(seq)
+                try:
+                    delta = self.llm.take_delta(seq)
+                except Exception:
+                    log.exception("could not deliver request %s's tokens; ending it alone", seq.request_id)
+                    delta = RequestOutput(seq.request_id, "", [], True, "error", index=seq.index)
+                if delta.finish_reason == "error":  # one failed sample fails its request, not the step
+                    failed.add(seq.request_id)
+                    continue
                 m.counters["llmc_generation_tokens_total"] += len(delta.token_ids)
                 previous = request.last_token.get(seq.index)
                 if previous is None and seq.index == 0:
@@ -143,6 +162,8 @@ class AsyncEngine:
                 request.last_token[seq.index] = now
                 request.push(delta)
             self._update_gauges()
+        for request_id in failed:
+            self._finish(request_id, "failed", final_reason="error")
         for request_id, request in list(self._requests.items()):
             seq = request.seq
             samples = [seq, *seq.children]
@@ -151,11 +172,12 @@ class AsyncEngine:
                     m.e2e.observe(now - request.arrival)
                 self._finish(request_id, "finished")
 
-    def _finish(self, request_id: str, status: str, error: bool = False) -> None:
+    def _finish(self, request_id: str, status: str, final_reason: str | None = None) -> None:
+        """Forget a request; final_reason ("error", "abort"): the engine ended it, and its client is told."""
         request = self._requests.pop(request_id)
         self.llm.release(request.seq)
-        if error:
-            request.push(RequestOutput(request_id, "", [], True, "error"))
+        if final_reason:
+            request.push(RequestOutput(request_id, "", [], True, final_reason))
         request.push(None)
         with self._lock:
             self._num_active -= 1

@@ -118,7 +118,7 @@ class ModelDrafter:
     def _sample(self, seq: Sequence, logits: np.ndarray, rng: np.random.Generator) -> tuple[int, np.ndarray | None]:
         """The draft token and q (None for greedy: the proposal is deterministic)."""
         logits = logits[:self.vocab_size]
-        if seq.params.temperature == 0.0:
+        if seq.params.greedy:
             return int(np.argmax(logits)), None
         q = filtered_probs(logits, seq.params)
         return int(rng.choice(q.shape[-1], p=q)), q

@@ -30,7 +30,8 @@ from llmc.runtime.tokenizer import BundleTokenizer, IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_DRAFT_LAG = 64  # an admitted sequence whose draft KV lags more than this stops speculating
+MAX_DRAFT_LAG = 64
+KV_CACHE_FULL = "kv_cache_full"  # finish reason: the sequence alone outgrew the whole KV pool  # an admitted sequence whose draft KV lags more than this stops speculating
 
 
 @dataclass(slots=True)
@@ -168,15 +169,17 @@ class LLM:
         start = time.perf_counter()
         self._plan_speculation()
         plan = self.scheduler.schedule()
-        for seq in plan.out_of_memory:
-            self.scheduler.finish(seq, "length")
+        for seq in plan.out_of_memory:  # alone, it still outgrows the whole pool: end it with the reason
+            log.warning("request %s ended: %d tokens do not fit in the KV cache (%d tokens); raise the KV "
+                        "cache memory", seq.request_id, seq.num_tokens, self.pool.num_blocks * self.pool.block_size)
+            self.scheduler.finish(seq, KV_CACHE_FULL)
         if not plan.scheduled:
-            return []
+            return list(plan.out_of_memory)
         self.pool.copy_blocks(plan.block_copies)
         if self.draft_pool is not None:
             self.draft_pool.copy_blocks(plan.block_copies)
         drafts = self._draft(plan.scheduled)
-        updated = []
+        updated = list(plan.out_of_memory)
         for group in self._engine_calls(plan.scheduled):
             inputs = build_step_inputs(group, self.pool.block_size)
             engine_start = time.perf_counter()
@@ -190,7 +193,7 @@ class LLM:
             row = 0
             for item in group:
                 rows = len(item.spec_tokens) + 1 if item.completes else 0
-                updated.extend(self._finish_chunk(item, logits[row:row + rows], drafts.get(item.seq)))
+                updated.extend(self._finish_chunk_isolated(item, logits[row:row + rows], drafts.get(item.seq)))
                 row += rows
         self.timing.steps += 1
         self.timing.total_s += time.perf_counter() - start
@@ -238,6 +241,18 @@ class LLM:
             self.spec_policy.draft.add(tokens, seconds)
         self.drafter.timings.clear()
         return drafts
+
+    def _finish_chunk_isolated(self, item: ScheduledSeq, logits: np.ndarray, draft: Draft | None) -> list[Sequence]:
+        """_finish_chunk, but a failure (sampling, detokenizing, stop checks) ends this sequence alone."""
+        try:
+            return self._finish_chunk(item, logits, draft)
+        except Exception:
+            log.exception("request %s failed after its step; ending it alone (finish reason 'error')",
+                          item.seq.request_id)
+            for seq in [item.seq, *item.seq.children]:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq, "error")
+            return [item.seq, *item.seq.children]
 
     def _finish_chunk(self, item: ScheduledSeq, logits: np.ndarray, draft: Draft | None) -> list[Sequence]:
         """After the engine ran a chunk: advance its sequence, sample (or verify drafts), append tokens."""

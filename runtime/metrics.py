@@ -51,7 +51,7 @@ class ServingMetrics:
                          "llmc_spec_draft_tokens_total": 0, "llmc_spec_accepted_tokens_total": 0,
                          "llmc_spec_verifications_total": 0, "llmc_spec_draft_seconds_total": 0.0,
                          "llmc_spec_verify_seconds_total": 0.0}
-        self.requests = {"finished": 0, "aborted": 0, "rejected": 0, "invalid": 0}
+        self.requests = {"finished": 0, "aborted": 0, "failed": 0, "rejected": 0, "invalid": 0}
         self.gauges = {"llmc_requests_running": 0, "llmc_requests_waiting": 0, "llmc_kv_cache_usage_ratio": 0.0,
                        "llmc_kv_cache_waste_ratio": 0.0, "llmc_prefix_cache_hit_rate": 0.0,
                        "llmc_spec_acceptance_rate": 0.0, "llmc_spec_mean_accepted_tokens": 0.0,

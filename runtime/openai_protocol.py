@@ -1,10 +1,15 @@
-"""OpenAI-compatible request schemas and response builders (completions and chat completions)."""
+"""OpenAI-compatible requests: strict JSON, strict schemas, and the parameters llmc refuses.
+
+Everything a client can send ends here as a validated request or a RequestError naming the field:
+no coercion of strings to numbers or booleans, no NaN/Infinity, no unknown parameters, and the
+parameters llmc does not implement accepted only at their neutral values.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import time
-import uuid
+import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -12,68 +17,177 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llmc.errors import RequestError
 from llmc.runtime.sequence import SamplingParams
 
-UNSUPPORTED = {"logit_bias": None, "suffix": None, "tools": None, "functions": None, "response_format": None,
-               "best_of": None, "echo": False, "logprobs": None, "top_logprobs": None}
+MAX_JSON_DEPTH = 32  # no valid request nests deeper than ~6
+MAX_STOP_CHARS = 256  # stop strings are checked on every token: keep that cheap
+MAX_STOP_STRINGS = 4
+INT64 = 2**63
+
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+# -- JSON ------------------------------------------------------------------------------------------
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON (send a finite number)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """The body as strict JSON: RequestError for malformed JSON, NaN/Infinity, deep nesting, bad Unicode."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise RequestError(f"the request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, NaN, too many digits
+        raise RequestError(f"the request body is not valid JSON: {err}") from None
+    _check_tree(body, "", 0)
+    return body
+
+
+def _check_tree(value: Any, path: str, depth: int) -> None:
+    """Depth and text checks over the whole body, with the path of the offending value."""
+    if depth > MAX_JSON_DEPTH:
+        raise RequestError(f"{path}: nested more than {MAX_JSON_DEPTH} levels deep")
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise RequestError(f"{path or 'body'}: the text holds a lone UTF-16 surrogate at character "
+                                   f"{err.start}, which is not Unicode text; send valid UTF-8") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            _check_tree(key, where, depth + 1)
+            _check_tree(item, where, depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_tree(item, f"{path}.{i}" if path else str(i), depth + 1)
+
+
+# -- schemas ---------------------------------------------------------------------------------------
+def _is_token_id(value: Any) -> bool:
+    return type(value) is int  # noqa: E721 - bool is an int subclass and is not a token id
+
+
+class StreamOptions(BaseModel):
+    """stream_options: include_usage adds a final usage chunk."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    include_usage: bool | None = None
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _STRICT
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    n: int = Field(default=1, ge=1, le=16)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
-    return_token_ids: bool = False  # extension: each choice also carries its token ids
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: no top-k cut (vLLM's -1 accepted)
+    n: int | None = Field(default=None, ge=1, le=16)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: Any = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
+    ignore_eos: bool | None = None
+    return_token_ids: bool | None = None  # extension: each choice also carries its token ids
+    # Accepted and ignored: they do not change what is generated.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    # Not implemented: accepted at their neutral values only (see check_supported).
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: Any = None
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, value):
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
+        stops = [value] if isinstance(value, str) else value
+        if stops is None:
+            return []
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(stops) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOP_STRINGS} non-empty strings of at most "
+                             f"{MAX_STOP_CHARS} characters")
         return stops
+
+    def _neutral(self) -> dict[str, bool]:
+        """Each unimplemented parameter: whether its value is neutral (the same as leaving it out)."""
+        return {"presence_penalty": not self.presence_penalty, "frequency_penalty": not self.frequency_penalty,
+                "logit_bias": not self.logit_bias,
+                "logprobs": self.logprobs is None or self.logprobs is False,  # 0 asks for the sampled token's
+                "response_format": self.response_format in (None, {"type": "text"}),
+                "tools": not self.tools, "tool_choice": self.tool_choice in (None, "none", "auto"),
+                "functions": not self.functions, "function_call": self.function_call in (None, "none", "auto")}
 
     def check_supported(self) -> None:
         """Refuse parameters llmc does not implement rather than ignoring them."""
-        extra = self.model_extra or {}
-        for name, neutral in UNSUPPORTED.items():
-            if extra.get(name, neutral) not in (neutral, None):
-                raise RequestError(f"parameter '{name}' is not supported by llmc")
-        if self.presence_penalty or self.frequency_penalty:
-            raise RequestError("presence_penalty and frequency_penalty are not supported by llmc")
+        for name, neutral in self._neutral().items():
+            if not neutral:
+                raise RequestError(f"{name}: this parameter is not supported by llmc (only its neutral value is "
+                                   "accepted)")
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The runtime's SamplingParams for this request."""
-        return SamplingParams(max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
-                              top_k=self.top_k, top_p=self.top_p, seed=self.seed, stop=tuple(self.stop or ()),
-                              ignore_eos=self.ignore_eos, n=self.n)
+        return SamplingParams(max_tokens=self.max_tokens or default_max_tokens,
+                              temperature=1.0 if self.temperature is None else self.temperature,
+                              top_k=max(self.top_k or 0, 0), top_p=1.0 if self.top_p is None else self.top_p,
+                              seed=self.seed, stop=tuple(self.stop or ()), ignore_eos=bool(self.ignore_eos),
+                              n=self.n or 1)
 
     @property
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk."""
-        return bool((self.stream_options or {}).get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(_Request):
     """POST /v1/completions."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Any
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+    echo: bool | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            if all(_is_token_id(v) for v in value):
+                return value
+            if all(isinstance(v, str) for v in value) or all(
+                    isinstance(v, list) and all(_is_token_id(t) for t in v) for v in value):
+                return value
+        raise ValueError("prompt must be a string, a list of token ids, or a list holding one of either")
+
+    def _neutral(self) -> dict[str, bool]:
+        return {**super()._neutral(), "suffix": not self.suffix, "echo": not self.echo,
+                "best_of": self.best_of in (None, self.n or 1)}
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt of this request (batched prompts are refused)."""
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
-                raise RequestError("send one prompt per request (a list of prompts is not supported)")
+                raise RequestError("prompt: send one prompt per request (a list of prompts is not supported)")
             p = p[0]
         return p
 
@@ -81,16 +195,31 @@ class CompletionRequest(_Request):
 class ChatMessage(BaseModel):
     """One chat message; content may be a string or a list of text parts."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Any = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value):
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("content must be a string or a list of content parts")
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise ValueError(f"content part {i} must be an object with a string 'type'")
+            if part["type"] != "text":
+                raise ValueError(f"content part {i} is of type {part['type']!r}: only text parts are supported")
+            if not isinstance(part.get("text"), str):
+                raise ValueError(f"content part {i} needs a string 'text'")
+        return value
 
     def text(self) -> str:
         """The message's text."""
         if isinstance(self.content, list):
-            if any(part.get("type") != "text" for part in self.content):
-                raise RequestError("only text content parts are supported")
-            return "".join(part.get("text", "") for part in self.content)
+            return "".join(part["text"] for part in self.content)
         return self.content or ""
 
 
@@ -99,6 +228,10 @@ class ChatRequest(_Request):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def _neutral(self) -> dict[str, bool]:
+        return {**super()._neutral(), "top_logprobs": not self.top_logprobs}
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """max_completion_tokens is the newer name of max_tokens."""
@@ -108,6 +241,14 @@ class ChatRequest(_Request):
         return params
 
 
+def _error_message(err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "body"
+    if first["type"] == "extra_forbidden":
+        return f"{path}: unknown parameter (llmc refuses parameters it does not implement)"
+    return f"{path}: {first['msg'].removeprefix('Value error, ')}"
+
+
 def parse_request(model: type[_Request], body: Any) -> _Request:
     """Validate a JSON body; RequestError with the field path otherwise."""
     if not isinstance(body, dict):
@@ -115,44 +256,6 @@ def parse_request(model: type[_Request], body: Any) -> _Request:
     try:
         request = model.model_validate(body)
     except ValidationError as err:
-        first = err.errors()[0]
-        path = ".".join(str(p) for p in first["loc"]) or "body"
-        raise RequestError(f"{path}: {first['msg']}") from None
+        raise RequestError(_error_message(err)) from None
     request.check_supported()
     return request
-
-
-def new_id(prefix: str) -> str:
-    """An OpenAI-style response id."""
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def completion_body(rid: str, model: str, choices: list[dict], usage: dict | None, chat: bool, chunk: bool) -> dict:
-    """A response or stream chunk envelope."""
-    kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
-    body = {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": choices}
-    if usage is not None:
-        body["usage"] = usage
-    return body
-
-
-def choice(index: int, text: str, finish_reason: str | None, chat: bool, chunk: bool, first: bool = False,
-           token_ids: list[int] | None = None) -> dict:
-    """One choice of a response or a stream chunk."""
-    if not chat:
-        body = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-    elif chunk:
-        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        body = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    else:
-        body = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
-    if token_ids is not None:
-        body["token_ids"] = token_ids
-    return body
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    """The usage block."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc.runtime.sequence import SamplingParams
+from llmc.runtime.sequence import GREEDY_TEMPERATURE, SamplingParams
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -15,7 +15,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """The distribution sampled from [vocab]: temperature, then top-k, then top-p (nucleus)."""
-    probs = np.exp(log_softmax(logits / params.temperature))
+    probs = np.exp(log_softmax(logits.astype(np.float64) / max(params.temperature, GREEDY_TEMPERATURE)))
     if 0 < params.top_k < probs.shape[-1]:
         kth = np.partition(probs, -params.top_k)[-params.top_k]
         probs = np.where(probs >= kth, probs, 0.0)
@@ -31,7 +31,7 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 
 def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """Pick one token id from logits [vocab]."""
-    if params.temperature == 0.0:
+    if params.greedy:
         return int(np.argmax(logits))
     probs = filtered_probs(logits, params)
     return int(rng.choice(probs.shape[-1], p=probs))

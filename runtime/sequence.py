@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 
 from llmc.errors import RequestError
 
+# Below this temperature sampling is greedy: logits / T would overflow into NaN (vLLM uses the same 1e-5).
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 means greedy."""
+    """How to pick tokens and when to stop. temperature 0 (or below GREEDY_TEMPERATURE) means greedy."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -36,6 +39,11 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise RequestError(message)
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are picked by argmax (temperature 0, or too small to divide by)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class SequenceStatus(enum.Enum):

@@ -1,40 +1,66 @@
 """`llmc serve`: an OpenAI-compatible HTTP server over the async engine (starlette + uvicorn).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with SSE streaming), GET /v1/models,
-GET /health, GET /metrics. Errors are OpenAI-style JSON; a full waiting queue answers 429 with
-Retry-After; a client that disconnects aborts its request; SIGTERM drains in-flight requests.
+GET /health, GET /metrics. Every error is OpenAI-style JSON; a full waiting queue answers 429 with
+Retry-After; a client that disconnects aborts its request; SIGTERM drains (see DrainingServer).
+Requests are parsed, templated and tokenized off the event loop, so a large one never stalls others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from llmc.errors import RequestError
 from llmc.runtime import openai_protocol as oa
+from llmc.runtime import openai_responses as out
 from llmc.runtime.async_engine import AsyncEngine, Overloaded
+from llmc.runtime.http_guard import ClientError, HeaderTimeoutProtocol, HostPolicy, RequestGuard, read_body
+from llmc.runtime.llm import KV_CACHE_FULL
+from llmc.runtime.sequence import SamplingParams
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_DRAINING_S = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """How the server admits requests (the CLI's serve options; defaults for in-process servers)."""
+
+    api_key: str | None = None
+    max_request_bytes: int = 1 << 20
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    default_max_tokens: int = 16  # completions (OpenAI's default); chat defaults to the rest of the context
+    drain_timeout_s: float = 30.0
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    """An OpenAI-style error body."""
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    """An OpenAI-style error response."""
+    return JSONResponse(out.error_body(message, kind, code), status_code=status, headers=headers)
+
+
+def _draining_response() -> JSONResponse:
+    return error_response(503, "the server is shutting down; retry on another replica or later", "server_error",
+                          "shutting_down", headers={"Retry-After": str(RETRY_AFTER_DRAINING_S)})
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -42,24 +68,33 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
+@dataclass(slots=True)
+class _Prepared:
+    request: oa.CompletionRequest | oa.ChatRequest
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
 class Handlers:
     """The route handlers, sharing the engine and the server's settings."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, api_key: str | None, default_max_tokens: int):
-        self.engine, self.model_name, self.api_key = engine, model_name, api_key
-        self.default_max_tokens = default_max_tokens
+    def __init__(self, engine: AsyncEngine, model_name: str, config: ServerConfig):
+        self.engine, self.model_name, self.config = engine, model_name, config
+        self._expected_auth = f"Bearer {config.api_key}".encode() if config.api_key else None
         self.draining = False
         self.created = int(time.time())
 
     def _denied(self, request: Request) -> Response | None:
-        if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        given = request.headers.get("authorization", "").encode("latin-1")
+        if self._expected_auth and not hmac.compare_digest(given, self._expected_auth):  # constant time
             return error_response(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                   "authentication_error", "invalid_api_key")
         return None
 
     async def health(self, request: Request) -> Response:
         if self.draining:
-            return JSONResponse({"status": "draining"}, status_code=503)
+            return JSONResponse({"status": "draining"}, status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_DRAINING_S)})
         return JSONResponse({"status": "ok"})
 
     async def models(self, request: Request) -> Response:
@@ -79,43 +114,66 @@ class Handlers:
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
 
+    def _prepare(self, raw: bytes, chat: bool) -> _Prepared:
+        """Parse, validate, template and tokenize one request (runs on a worker thread)."""
+        req = oa.parse_request(oa.ChatRequest if chat else oa.CompletionRequest, oa.parse_json(raw))
+        if req.model and req.model != self.model_name:
+            raise ClientError(404, f"model '{req.model}' does not exist; this server serves '{self.model_name}'",
+                              "model_not_found")
+        llm = self.engine.llm
+        if chat:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            prompt = llm.tokenizer.apply_chat_template(messages)
+        else:
+            prompt = req.single_prompt()
+        context = llm.geometry.max_position
+        if isinstance(prompt, str) and len(prompt) > 2 * context * llm.tokenizer.max_chars_per_token:
+            raise RequestError(f"the prompt has {len(prompt):,} characters, far more than the model's context of "
+                               f"{context} tokens can hold; shorten the prompt")
+        prompt_ids = llm.validate_prompt(prompt)
+        default_max_tokens = context - len(prompt_ids) if chat else self.config.default_max_tokens
+        return _Prepared(req, prompt_ids, req.sampling_params(default_max_tokens))
+
     async def _generate(self, request: Request, chat: bool) -> Response:
         if denied := self._denied(request):
             return denied
         if self.draining:
-            return error_response(503, "the server is shutting down", "server_error", headers={"Retry-After": "5"})
+            return _draining_response()
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            raw = await read_body(request, self.config.max_request_bytes)
+            prepared = await asyncio.to_thread(self._prepare, raw, chat)
+        except ClientError as err:
             self.engine.metrics.count_request("invalid")
-            return error_response(400, "the request body is not valid JSON")
-        try:
-            req = oa.parse_request(oa.ChatRequest if chat else oa.CompletionRequest, body)
-            if req.model and req.model != self.model_name:
-                return error_response(404, f"model '{req.model}' does not exist; this server serves "
-                                           f"'{self.model_name}'", code="model_not_found")
-            llm = self.engine.llm
-            if chat:
-                messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-                prompt = llm.tokenizer.apply_chat_template(messages)
-            else:
-                prompt = req.single_prompt()
-            prompt_ids = llm.validate_prompt(prompt)
-            params = req.sampling_params(self.default_max_tokens)
+            return err.response()
         except RequestError as err:
             self.engine.metrics.count_request("invalid")
             return error_response(400, str(err))
+        if self.draining:  # SIGTERM arrived while this request was being read
+            return _draining_response()
+        req, prompt_ids = prepared.request, prepared.prompt_ids
         try:
-            request_id, deltas = self.engine.submit(prompt_ids, params)
+            request_id, deltas = self.engine.submit(prompt_ids, prepared.params)
         except Overloaded as err:
             self.engine.metrics.count_request("rejected")
             return error_response(429, f"server over capacity ({err}); retry later", "rate_limit_error",
                                   headers={"Retry-After": "1"})
-        response_id = oa.new_id("chatcmpl" if chat else "cmpl")
+        response_id = out.new_id("chatcmpl" if chat else "cmpl")
         if req.stream:
             return StreamingResponse(self._stream(request_id, response_id, deltas, len(prompt_ids), req, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self._collect(request, request_id, response_id, deltas, len(prompt_ids), req, chat)
+
+    def _finish_detail(self, reason: str | None) -> str | None:
+        if reason != KV_CACHE_FULL:
+            return None
+        pool = self.engine.llm.pool
+        return (f"the sequence outgrew the whole KV cache ({pool.num_blocks * pool.block_size:,} tokens); "
+                "the server needs a larger --kv-cache-memory")
+
+    def _choice(self, index, text, reason, chat, chunk, req, token_ids, first=False) -> dict:
+        return out.choice(index, text, reason, chat, chunk, first=first,
+                          token_ids=token_ids if req.return_token_ids else None,
+                          finish_detail=self._finish_detail(reason))
 
     async def _collect(self, request, request_id, response_id, deltas, num_prompt, req, chat) -> Response:
         texts: dict[int, str] = defaultdict(str)
@@ -139,30 +197,36 @@ class Handlers:
         watcher.cancel()
         if "error" in reasons.values():
             return error_response(500, "the engine failed while generating this request", "server_error")
-        choices = [oa.choice(i, texts[i], reasons.get(i), chat, chunk=False,
-                             token_ids=tokens[i] if req.return_token_ids else None) for i in sorted(texts)]
+        if "abort" in reasons.values():
+            return error_response(503, "the server shut down before this request finished (drain timeout)",
+                                  "server_error", "shutting_down")
+        num_choices = req.n or 1
+        choices = [self._choice(i, texts[i], reasons.get(i, reasons.get(0)), chat, False, req, tokens[i])
+                   for i in range(num_choices)]
         num_tokens = sum(len(t) for t in tokens.values())
-        return JSONResponse(oa.completion_body(response_id, self.model_name, choices,
-                                               oa.usage(num_prompt, num_tokens), chat, chunk=False))
+        return JSONResponse(out.completion_body(response_id, self.model_name, choices,
+                                                out.usage(num_prompt, num_tokens), chat, chunk=False))
 
     async def _stream(self, request_id, response_id, deltas, num_prompt, req, chat):
         completed, num_tokens, first = False, 0, defaultdict(lambda: True)
         try:
             while (item := await deltas.get()) is not None:
-                if item.finish_reason == "error":
-                    yield f"data: {json.dumps({'error': {'message': 'engine failure', 'type': 'server_error'}})}\n\n"
+                if item.finish_reason in ("error", "abort"):
+                    message = ("the engine failed while generating this request" if item.finish_reason == "error"
+                               else "the server shut down before this request finished (drain timeout)")
+                    yield f"data: {json.dumps(out.error_body(message, 'server_error', item.finish_reason))}\n\n"
                     break
                 num_tokens += len(item.token_ids)
                 if item.token_ids or item.finished or (chat and first[item.index]):
                     reason = item.finish_reason if item.finished else None
-                    choice = oa.choice(item.index, item.text, reason, chat, chunk=True, first=first[item.index],
-                                       token_ids=item.token_ids if req.return_token_ids else None)
+                    choice = self._choice(item.index, item.text, reason, chat, True, req, item.token_ids,
+                                          first=first[item.index])
                     first[item.index] = False
-                    body = oa.completion_body(response_id, self.model_name, [choice], None, chat, chunk=True)
+                    body = out.completion_body(response_id, self.model_name, [choice], None, chat, chunk=True)
                     yield f"data: {json.dumps(body)}\n\n"
             if req.include_usage:
-                usage = oa.usage(num_prompt, num_tokens)
-                body = oa.completion_body(response_id, self.model_name, [], usage, chat, chunk=True)
+                usage = out.usage(num_prompt, num_tokens)
+                body = out.completion_body(response_id, self.model_name, [], usage, chat, chunk=True)
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
             completed = True
@@ -171,49 +235,82 @@ class Handlers:
                 self.engine.abort(request_id)
 
 
-def create_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
-               default_max_tokens: int = 16) -> Starlette:
-    """The ASGI app; `app.state.handlers.draining` refuses new requests."""
-    h = Handlers(engine, model_name, api_key, default_max_tokens)
+def create_app(engine: AsyncEngine, model_name: str, config: ServerConfig | None = None,
+               bind_host: str = "127.0.0.1") -> tuple[RequestGuard, Handlers]:
+    """The ASGI app and its handlers (`handlers.draining` refuses new requests)."""
+    config = config or ServerConfig()
+    h = Handlers(engine, model_name, config)
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                               code=str(exc.status_code))
 
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal server error (logged on the server)", "server_error")
+
     routes = [Route("/health", h.health), Route("/v1/models", h.models), Route("/metrics", h.metrics),
               Route("/v1/completions", h.completions, methods=["POST"]),
               Route("/v1/chat/completions", h.chat, methods=["POST"])]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-    app.state.handlers = h
-    return app
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.router.redirect_slashes = False  # a redirect would echo the client's Host header into Location
+    inner = app
+    if config.cors_origins:
+        inner = CORSMiddleware(app, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                               allow_headers=["Authorization", "Content-Type"])
+    return RequestGuard(inner, HostPolicy.for_bind(bind_host, config.allowed_hosts)), h
+
+
+def _uvicorn_config(app, host: str, port: int, **kwargs) -> uvicorn.Config:
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", backlog=2048, http=HeaderTimeoutProtocol,
+                          **kwargs)
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: refuse new requests at once, let in-flight ones finish (bounded)."""
+    """SIGTERM/SIGINT drain: the listener keeps answering (503 + Retry-After for new work, /health
+    "draining") while in-flight requests finish; when the drain timeout ends (or on a second
+    signal) the rest are ended with an error event and [DONE]; then the server exits with status 0."""
 
-    def __init__(self, config: uvicorn.Config, handlers: Handlers):
+    def __init__(self, config: uvicorn.Config, handlers: Handlers, drain_timeout_s: float):
         super().__init__(config)
-        self.handlers = handlers
+        self.handlers, self.drain_timeout_s = handlers, drain_timeout_s
+        self.drain_deadline: float | None = None
+        self._aborted_at: float | None = None
 
     def handle_exit(self, sig, frame) -> None:
-        if not self.handlers.draining:
-            log.warning("shutting down: draining %d in-flight requests", self.handlers.engine.num_active)
-        self.handlers.draining = True
-        super().handle_exit(sig, frame)
+        if self.drain_deadline is None:
+            log.warning("shutting down: draining %d in-flight requests (at most %.0f s)",
+                        self.handlers.engine.num_active, self.drain_timeout_s)
+            self.handlers.draining = True
+            self.drain_deadline = time.monotonic() + self.drain_timeout_s
+        else:  # a second signal: end the in-flight requests now
+            self.drain_deadline = time.monotonic()
         # uvicorn re-raises captured signals after shutdown; a drained shutdown is a clean exit (status 0).
         getattr(self, "_captured_signals", []).clear()
 
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            engine, now = self.handlers.engine, time.monotonic()
+            if engine.num_active == 0:
+                self.should_exit = True
+            elif now >= self.drain_deadline and self._aborted_at is None:
+                log.warning("drain timeout: ending %d in-flight requests", engine.num_active)
+                engine.abort_all()
+                self._aborted_at = now
+            elif self._aborted_at is not None and now - self._aborted_at > 5.0:
+                self.should_exit = True  # the engine did not answer the abort: stop anyway
+        return await super().on_tick(counter)
+
 
 @contextlib.contextmanager
-def serve_in_thread(engine: AsyncEngine, model_name: str, api_key: str | None = None,
+def serve_in_thread(engine: AsyncEngine, model_name: str, config: ServerConfig | None = None,
                     start_timeout: float = 30.0) -> Iterator[str]:
     """Run the server on an ephemeral loopback port in a background thread; yields its base URL.
 
     For in-process clients (`llmc bench --mode online`, tests). Stops server and engine on exit.
     """
-    config = uvicorn.Config(create_app(engine, model_name, api_key), host="127.0.0.1", port=0,
-                            log_level="warning", backlog=2048)
-    server = uvicorn.Server(config)
+    app, _ = create_app(engine, model_name, config)
+    server = uvicorn.Server(_uvicorn_config(app, "127.0.0.1", 0))
     engine.start()
     thread = threading.Thread(target=server.run, name="llmc-http", daemon=True)
     thread.start()
@@ -230,14 +327,14 @@ def serve_in_thread(engine: AsyncEngine, model_name: str, api_key: str | None = 
         engine.stop()
 
 
-def serve(engine: AsyncEngine, model_name: str, host: str, port: int, api_key: str | None,
-          drain_timeout: float = 30.0, default_max_tokens: int = 16) -> None:
+def serve(engine: AsyncEngine, model_name: str, host: str, port: int, config: ServerConfig) -> None:
     """Run the server until SIGTERM/SIGINT, then drain and stop the engine."""
-    app = create_app(engine, model_name, api_key, default_max_tokens)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=drain_timeout, backlog=2048)
+    app, handlers = create_app(engine, model_name, config, bind_host=host)
+    # After the drain only finished responses are flushing: a short grace for them.
+    server = DrainingServer(_uvicorn_config(app, host, port, timeout_graceful_shutdown=5), handlers,
+                            config.drain_timeout_s)
     engine.start()
     try:
-        DrainingServer(config, app.state.handlers).run()
+        server.run()
     finally:
         engine.stop()

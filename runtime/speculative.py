@@ -30,7 +30,7 @@ class Draft:
 def verify(target_logits: np.ndarray, draft: Draft, params: SamplingParams, rng: np.random.Generator) -> list[int]:
     """The tokens to append: the accepted drafts, then one target token. target_logits [k+1, vocab]."""
     k = len(draft.tokens)
-    if params.temperature == 0.0:
+    if params.greedy:
         out = []
         for i in range(k + 1):
             best = int(np.argmax(target_logits[i]))

@@ -11,6 +11,9 @@ from llmc.artifacts.bundle import Bundle
 from llmc.errors import RequestError
 
 
+LONG_TEXT_CHARS = 4096
+
+
 def _raise(message: str):
     raise RequestError(f"chat template: {message}")
 
@@ -23,6 +26,7 @@ class BundleTokenizer:
         self._tok = Tokenizer.from_file(str(bundle.tokenizer_dir / "tokenizer.json"))
         self.eos_token_ids: list[int] = list(meta.get("eos_token_ids") or [])
         self._meta = meta
+        self._max_chars: int | None = None
         self._template = None
         if meta.get("chat_template"):
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -31,7 +35,16 @@ class BundleTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, with the tokenizer's own special-token rules."""
+        if len(text) > LONG_TEXT_CHARS:  # encode_batch releases the GIL; encode holds it throughout
+            return self._tok.encode_batch([text])[0].ids
         return self._tok.encode(text).ids
+
+    @property
+    def max_chars_per_token(self) -> int:
+        """An upper bound on the characters one token covers (its vocabulary string is at least as long)."""
+        if self._max_chars is None:
+            self._max_chars = max(len(piece) for piece in self._tok.get_vocab(with_added_tokens=True))
+        return self._max_chars
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids."""

@@ -7,7 +7,7 @@ import socket
 import time
 
 from llmc.runtime.async_engine import AsyncEngine
-from llmc.runtime.server import serve_in_thread
+from llmc.runtime.server import ServerConfig, serve_in_thread
 
 
 def free_port() -> int:
@@ -18,10 +18,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(llm, api_key=None, max_waiting=256, model_name="tiny"):
-    """Yield (base_url, engine) while a server runs in a background thread."""
+def served(llm, api_key=None, max_waiting=256, model_name="tiny", **config):
+    """Yield (base_url, engine) while a server runs in a background thread (config: ServerConfig fields)."""
     engine = AsyncEngine(llm, max_waiting=max_waiting)
-    with serve_in_thread(engine, model_name, api_key) as url:
+    with serve_in_thread(engine, model_name, ServerConfig(api_key=api_key, **config)) as url:
         yield url, engine
 
 
