@@ -144,7 +144,7 @@ class LLM:
 
     def _track(self, seq: Sequence) -> None:
         seed = seq.params.seed
-        rng = np.random.default_rng(None if seed is None else [seed, seq.index])
+        rng = np.random.default_rng(None if seed is None else [seed % 2**64, seq.index])  # any int64 seed
         self._state[seq] = _SeqState(IncrementalDetokenizer(self.tokenizer), rng)
 
     def abort(self, seq: Sequence) -> None:
