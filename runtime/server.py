@@ -82,6 +82,7 @@ class Handlers:
         self.engine, self.model_name, self.config = engine, model_name, config
         self._expected_auth = f"Bearer {config.api_key}".encode() if config.api_key else None
         self.draining = False
+        self.num_in_flight = 0  # admitted generate requests whose responses are not finished yet
         self.created = int(time.time())
 
     def _denied(self, request: Request) -> Response | None:
@@ -158,10 +159,14 @@ class Handlers:
             return error_response(429, f"server over capacity ({err}); retry later", "rate_limit_error",
                                   headers={"Retry-After": "1"})
         response_id = out.new_id("chatcmpl" if chat else "cmpl")
+        self.num_in_flight += 1
         if req.stream:
             return StreamingResponse(self._stream(request_id, response_id, deltas, len(prompt_ids), req, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self._collect(request, request_id, response_id, deltas, len(prompt_ids), req, chat)
+        try:
+            return await self._collect(request, request_id, response_id, deltas, len(prompt_ids), req, chat)
+        finally:
+            self.num_in_flight -= 1
 
     def _finish_detail(self, reason: str | None) -> str | None:
         if reason != KV_CACHE_FULL:
@@ -231,6 +236,7 @@ class Handlers:
             yield "data: [DONE]\n\n"
             completed = True
         finally:
+            self.num_in_flight -= 1
             if not completed:  # the client disconnected mid-stream: abort and free its blocks
                 self.engine.abort(request_id)
 
@@ -291,7 +297,7 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:
             engine, now = self.handlers.engine, time.monotonic()
-            if engine.num_active == 0:
+            if engine.num_active == 0 and self.handlers.num_in_flight == 0:
                 self.should_exit = True
             elif now >= self.drain_deadline and self._aborted_at is None:
                 log.warning("drain timeout: ending %d in-flight requests", engine.num_active)
