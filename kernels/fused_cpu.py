@@ -35,8 +35,13 @@ ENV_SWITCH = "LLMC_FUSED_KERNELS"
 
 
 def _flags() -> list[str]:
+    """Compile flags. -ffast-math is for compiling only: linked with it, GCC adds a constructor that turns
+    on flush-to-zero in whichever thread loads the library, changing the host program's float math."""
     native = "-mcpu=native" if platform.machine() in ("arm64", "aarch64") else "-march=native"
-    return ["-O3", native, "-ffast-math", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-Wno-psabi"]
+    return ["-O3", native, "-ffast-math", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wno-psabi"]
+
+
+LINK_FLAGS = ["-shared", "-fPIC"]
 
 
 def _cpu_identity() -> str:
@@ -59,7 +64,7 @@ def _build_key(compiler: str) -> str:
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update((SOURCE_DIR / name).read_bytes())
-    for part in (" ".join(_flags()), version, _cpu_identity()):
+    for part in (" ".join(_flags() + LINK_FLAGS), version, _cpu_identity()):
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
@@ -71,7 +76,11 @@ def compile_library(target: Path, compiler: str) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / LIBRARY
-        subprocess.run([compiler, *_flags(), "-o", str(out), *(str(SOURCE_DIR / s) for s in SOURCES)],
+        objects = [Path(tmp) / f"{Path(source).stem}.o" for source in SOURCES]
+        for source, obj in zip(SOURCES, objects):
+            subprocess.run([compiler, *_flags(), "-c", "-o", str(obj), str(SOURCE_DIR / source)],
+                           check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *LINK_FLAGS, "-o", str(out), *map(str, objects)],
                        check=True, capture_output=True, text=True)
         os.replace(out, target)
     log.info("fused CPU kernels compiled in %.1f s", time.perf_counter() - start)

@@ -148,7 +148,7 @@ def run(bundle: Path, prompt: str, chat: bool, system: str | None, max_tokens: i
               **_spec_kwargs(no_speculation, num_spec_tokens, fixed_speculation))
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        prompt = llm.tokenizer.apply_chat_template(messages)
+        prompt = llm.tokenizer.encode_chat(messages)
     for chunk in llm.stream(prompt, params):
         click.echo(chunk.text, nl=False)
         sys.stdout.flush()

@@ -122,16 +122,14 @@ class Handlers:
             raise ClientError(404, f"model '{req.model}' does not exist; this server serves '{self.model_name}'",
                               "model_not_found")
         llm = self.engine.llm
-        if chat:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            prompt = llm.tokenizer.apply_chat_template(messages)
-        else:
-            prompt = req.single_prompt()
         context = llm.geometry.max_position
-        if isinstance(prompt, str) and len(prompt) > 2 * context * llm.tokenizer.max_chars_per_token:
-            raise RequestError(f"the prompt has {len(prompt):,} characters, far more than the model's context of "
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages] if chat else []
+        prompt = req.single_prompt() if not chat else None
+        num_chars = sum(len(m["content"]) for m in messages) if chat else len(prompt) if isinstance(prompt, str) else 0
+        if num_chars > 2 * context * llm.tokenizer.max_chars_per_token:  # refuse before tokenizing all of it
+            raise RequestError(f"the prompt has {num_chars:,} characters, far more than the model's context of "
                                f"{context} tokens can hold; shorten the prompt")
-        prompt_ids = llm.validate_prompt(prompt)
+        prompt_ids = llm.validate_prompt(llm.tokenizer.encode_chat(messages) if chat else prompt)
         default_max_tokens = context - len(prompt_ids) if chat else self.config.default_max_tokens
         return _Prepared(req, prompt_ids, req.sampling_params(default_max_tokens))
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from llmc.artifacts.bundle import Bundle
 from llmc.errors import RequestError
 
 
 LONG_TEXT_CHARS = 4096
+_MARK = re.compile("\ue000(\\d+)\ue001")  # a message's place in a rendered template (private-use chars)
 
 
 def _raise(message: str):
@@ -24,6 +27,10 @@ class BundleTokenizer:
     def __init__(self, bundle: Bundle):
         meta = bundle.manifest["tokenizer"]
         self._tok = Tokenizer.from_file(str(bundle.tokenizer_dir / "tokenizer.json"))
+        self._plain = Tokenizer.from_file(str(bundle.tokenizer_dir / "tokenizer.json"))
+        self._plain.encode_special_tokens = True  # special-token text encodes as the plain text it is
+        self._special_texts = [t.content for t in self._tok.get_added_tokens_decoder().values()
+                               if t.special and t.content]
         self.eos_token_ids: list[int] = list(meta.get("eos_token_ids") or [])
         self._meta = meta
         self._max_chars: int | None = None
@@ -35,9 +42,22 @@ class BundleTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, with the tokenizer's own special-token rules."""
-        if len(text) > LONG_TEXT_CHARS:  # encode_batch releases the GIL; encode holds it throughout
-            return self._tok.encode_batch([text])[0].ids
-        return self._tok.encode(text).ids
+        return _encode(self._tok, text).ids
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of the rendered conversation, where text inside message content that spells a
+        special token ("<|im_start|>") stays plain text: a user cannot forge roles or turns."""
+        if not any(special in m["content"] for m in messages for special in self._special_texts):
+            return self.encode(self.apply_chat_template(messages))
+        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        pieces = _MARK.split(self.apply_chat_template(marked))  # template text, message index, template text...
+        if sorted(int(i) for i in pieces[1::2]) != list(range(len(messages))):
+            raise RequestError("a message spells a special token (such as '<|im_start|>') and this bundle's chat "
+                               "template does not place each message's content once, so that text cannot be kept "
+                               "plain; remove the special-token text")
+        parts = [_encode(self._tok, piece, False) if j % 2 == 0 else
+                 _encode(self._plain, messages[int(piece)]["content"], False) for j, piece in enumerate(pieces)]
+        return self._tok.post_process(Encoding.merge(parts)).ids
 
     @property
     def max_chars_per_token(self) -> int:
@@ -59,9 +79,18 @@ class BundleTokenizer:
         """Render messages [{role, content}] into the prompt text the model was trained on."""
         if self._template is None:
             raise RequestError("this bundle has no chat template; send a plain prompt instead")
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self._meta.get("bos_token") or "",
-                                     eos_token=self._meta.get("eos_token") or "")
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         bos_token=self._meta.get("bos_token") or "",
+                                         eos_token=self._meta.get("eos_token") or "")
+        except (TemplateError, TypeError, ValueError, KeyError) as err:  # the messages do not fit the template
+            raise RequestError(f"chat template: these messages cannot be rendered ({err})") from None
+
+
+def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool = True) -> Encoding:
+    if len(text) > LONG_TEXT_CHARS:  # encode_batch releases the GIL; encode holds it throughout
+        return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 @dataclass(slots=True)

@@ -2,6 +2,9 @@
 clear errors, and a clean fallback when it cannot be built."""
 
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -129,3 +132,12 @@ def test_a_library_onnxruntime_cannot_load_falls_back(monkeypatch, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="llmc.kernels.fused_cpu"):
         assert not fused_cpu.register_fused_kernels(ort.SessionOptions())
     assert "could not load" in caplog.text and "delete that file" in caplog.text
+
+
+def test_loading_the_library_leaves_the_host_float_math_alone(tmp_path):
+    # Linked with -ffast-math, the library would turn on flush-to-zero in the loading thread: 1e-310 -> 0.
+    code = ("import onnxruntime as ort; from llmc.kernels.fused_cpu import register_fused_kernels; "
+            "assert register_fused_kernels(ort.SessionOptions()); x = float('1e-310'); print(x * 1.0)")
+    env = {**os.environ, "LLMC_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert float(out.stdout) == 1e-310
