@@ -30,4 +30,8 @@ class BundleError(LlmcError):
 
 
 class RequestError(LlmcError):
-    """A generation request is invalid (prompt too long, bad sampling parameters...)."""
+    """A generation request is invalid (prompt too long, bad sampling parameters...); param names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

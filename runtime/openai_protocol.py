@@ -42,7 +42,7 @@ def parse_json(raw: bytes) -> Any:
     try:
         body = json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
-        raise RequestError(f"the request body is nested too deeply (more than {MAX_JSON_DEPTH} levels)") from None
+        raise RequestError("the request body is nested too deeply") from None
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, NaN, too many digits
         raise RequestError(f"the request body is not valid JSON: {err}") from None
     _check_tree(body, "", 0)
@@ -52,14 +52,14 @@ def parse_json(raw: bytes) -> Any:
 def _check_tree(value: Any, path: str, depth: int) -> None:
     """Depth and text checks over the whole body, with the path of the offending value."""
     if depth > MAX_JSON_DEPTH:
-        raise RequestError(f"{path}: nested more than {MAX_JSON_DEPTH} levels deep")
+        raise RequestError(f"{path}: nested more than {MAX_JSON_DEPTH} levels deep", path)
     if isinstance(value, str):
         if not value.isascii():
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as err:
                 raise RequestError(f"{path or 'body'}: the text holds a lone UTF-16 surrogate at character "
-                                   f"{err.start}, which is not Unicode text; send valid UTF-8") from None
+                                   f"{err.start}, which is not Unicode text; send valid UTF-8", path or None) from None
     elif isinstance(value, dict):
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
@@ -141,7 +141,7 @@ class _Request(BaseModel):
         for name, neutral in self._neutral().items():
             if not neutral:
                 raise RequestError(f"{name}: this parameter is not supported by llmc (only its neutral value is "
-                                   "accepted)")
+                                   "accepted)", name)
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The runtime's SamplingParams for this request."""
@@ -187,7 +187,8 @@ class CompletionRequest(_Request):
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
-                raise RequestError("prompt: send one prompt per request (a list of prompts is not supported)")
+                raise RequestError("prompt: send one prompt per request (a list of prompts is not supported)",
+                                   "prompt")
             p = p[0]
         return p
 
@@ -241,12 +242,12 @@ class ChatRequest(_Request):
         return params
 
 
-def _error_message(err: ValidationError) -> str:
+def _error(err: ValidationError) -> RequestError:
     first = err.errors()[0]
     path = ".".join(str(p) for p in first["loc"]) or "body"
     if first["type"] == "extra_forbidden":
-        return f"{path}: unknown parameter (llmc refuses parameters it does not implement)"
-    return f"{path}: {first['msg'].removeprefix('Value error, ')}"
+        return RequestError(f"{path}: unknown parameter (llmc refuses parameters it does not implement)", path)
+    return RequestError(f"{path}: {first['msg'].removeprefix('Value error, ')}", path)
 
 
 def parse_request(model: type[_Request], body: Any) -> _Request:
@@ -256,6 +257,6 @@ def parse_request(model: type[_Request], body: Any) -> _Request:
     try:
         request = model.model_validate(body)
     except ValidationError as err:
-        raise RequestError(_error_message(err)) from None
+        raise _error(err) from None
     request.check_supported()
     return request

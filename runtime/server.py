@@ -53,9 +53,9 @@ class ServerConfig:
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
+                   headers: dict | None = None, param: str | None = None) -> JSONResponse:
     """An OpenAI-style error response."""
-    return JSONResponse(out.error_body(message, kind, code), status_code=status, headers=headers)
+    return JSONResponse(out.error_body(message, kind, code, param), status_code=status, headers=headers)
 
 
 def _draining_response() -> JSONResponse:
@@ -146,7 +146,7 @@ class Handlers:
             return err.response()
         except RequestError as err:
             self.engine.metrics.count_request("invalid")
-            return error_response(400, str(err))
+            return error_response(400, str(err), param=err.param)
         if self.draining:  # SIGTERM arrived while this request was being read
             return _draining_response()
         req, prompt_ids = prepared.request, prepared.prompt_ids

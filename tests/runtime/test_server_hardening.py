@@ -185,7 +185,10 @@ def test_client_errors_are_400_json_naming_the_field(server, raw, fragment):
     url, _ = server
     r = httpx.post(f"{url}/v1/completions", content=raw.encode(), headers=JSON)
     assert r.status_code == 400, r.text
-    assert fragment in r.json()["error"]["message"]
+    error = r.json()["error"]
+    assert fragment in error["message"]
+    if fragment.endswith(":"):  # the field's path is also OpenAI's `param`
+        assert error["param"] == fragment[:-1]
 
 
 @pytest.mark.parametrize("messages,fragment", [
