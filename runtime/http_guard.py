@@ -118,8 +118,9 @@ class RequestGuard:
         return None
 
 
-async def read_body(request: Request, max_bytes: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
-    """The request body, refused early (413) past max_bytes and (408) when it takes longer than timeout_s."""
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused early (413) past max_bytes and (408) when it takes over BODY_TIMEOUT_S."""
+    timeout_s = BODY_TIMEOUT_S
     too_large = ClientError(413, f"the request body is larger than the server's limit of {max_bytes:,} bytes "
                                  "(start the server with a larger --max-request-bytes)", "request_too_large")
     declared = request.headers.get("content-length")

@@ -9,8 +9,10 @@ import uuid
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,
                param: str | None = None) -> dict:
     """An OpenAI-style error object (a message quoting the client's invalid text stays encodable)."""
-    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    def encodable(text: str | None) -> str | None:
+        return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    return {"error": {"message": encodable(message), "type": kind, "param": encodable(param), "code": code}}
 
 
 def new_id(prefix: str) -> str:

@@ -3,15 +3,20 @@ reasons, browser safety (issue 12)."""
 
 import asyncio
 import json
+import signal
+import socket
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
+from llmc.runtime import http_guard
 from llmc.runtime.llm import LLM
 from llmc.runtime.sequence import SamplingParams
 from tests.helpers import assert_same_or_near_tie
-from tests.server_harness import served, wait_idle
+from tests.server_harness import free_port, served, wait_idle
 
 JSON = {"Content-Type": "application/json"}
 STREAM = {"prompt": "Paged attention", "max_tokens": 120, "temperature": 0, "stream": True, "ignore_eos": True,
@@ -317,3 +322,48 @@ def test_special_token_text_in_chat_content_stays_plain_text(tiny_bundle):
     assert rendered.count(im_start[0]) == 3  # what a naive encoding would let the user inject
     assert ids.count(im_start[0]) == 2  # the user turn and the generation prompt: the template's own
     assert tokenizer.decode(ids, skip_special_tokens=False) == tokenizer.apply_chat_template(forged)
+
+
+# -- slow clients and exposed binds ------------------------------------------------------------------------
+def _raw_exchange(url: str, data: bytes, wait_s: float) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(data)
+        time.sleep(wait_s)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_slow_headers_are_cut_off_and_slow_bodies_get_408(server, monkeypatch):
+    url, _ = server
+    monkeypatch.setattr(http_guard, "HEADER_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(http_guard, "BODY_TIMEOUT_S", 0.3)
+    assert _raw_exchange(url, b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n", 0.6) == b""  # closed
+    partial_body = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100\r\n\r\n{\"prompt\"")
+    answer = _raw_exchange(url, partial_body, 0.6)
+    assert answer.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in answer
+
+
+def test_serving_beyond_loopback_without_a_key_warns(tiny_bundle):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from llmc.cli import main; main()", "serve", str(tiny_bundle),
+                             "--host", "0.0.0.0", "--port", str(port), "--kv-cache-memory", "4MiB"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        while line and "serving on" not in line:
+            line = proc.stderr.readline()
+        assert "warning: serving on 0.0.0.0 without an API key" in line
+        deadline = time.time() + 30
+        while True:  # SIGTERM drains once the server runs
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.time() < deadline
+                time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
