@@ -30,8 +30,8 @@ from llmc.runtime.tokenizer import BundleTokenizer, IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_DRAFT_LAG = 64
-KV_CACHE_FULL = "kv_cache_full"  # finish reason: the sequence alone outgrew the whole KV pool  # an admitted sequence whose draft KV lags more than this stops speculating
+MAX_DRAFT_LAG = 64  # an admitted sequence whose draft KV lags more than this stops speculating
+KV_CACHE_FULL = "kv_cache_full"  # finish reason: the sequence alone outgrew the whole KV pool
 
 
 @dataclass(slots=True)
