@@ -17,6 +17,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from llmc.compiler import onnx_int8_linear as il
 from llmc.compiler import onnx_paged_attention as pa
 from llmc.compiler.model import LlamaModel
 from llmc.compiler.onnx_builder import GraphBuilder
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 OPSET = pa.OPSET  # 23: the standard Attention and RotaryEmbedding ops
 GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+PREFILL_GRAPH_FILE = "prefill.onnx"
+PREFILL_DATA_FILE = "prefill.onnx.data"
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -49,7 +52,11 @@ def _fused_linear(g: GraphBuilder, x: str, names: list[str], linears: list[torch
     """Linears that read the same x, as one matmul over their stacked weights (then split): fewer,
     larger kernels per step. Falls back to one matmul each when their formats differ."""
     quantized = [quant.get(name) for name in names]
-    if all(q is not None for q in quantized):
+    if quant.get("int8_linears"):  # the int8 prefill graph: every linear from its float (or dequantized) weight
+        weight = np.concatenate([q.dequantize() if q is not None else _np(linear.weight)
+                                 for q, linear in zip(quantized, linears)])
+        out = il.int8_linear(g, x, "+".join(names), weight)
+    elif all(q is not None for q in quantized):
         stacked = concat_rows(quantized)
         if stacked is None:
             return [_linear(g, x, name, linear, quant) for name, linear in zip(names, linears)]
@@ -107,16 +114,18 @@ def _matmul_qdq(g: GraphBuilder, x: str, name: str, qw) -> str:
 
 def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level: int = 4,
                 weight_format: str = "matmulnbits", activation_block_size: int | None = None,
-                kv_dtype: str = "float32") -> onnx.ModelProto:
+                kv_dtype: str = "float32", int8_linears: bool = False) -> onnx.ModelProto:
     """Translate llmc's torch model into the step graph (weights inline; saved as external data).
 
     Linears named in `quantized` become com.microsoft.MatMulNBits nodes over their codes, or with
     weight_format "qdq" standard DequantizeLinear + MatMul (the TensorRT target). q/k/v and gate/up
     each run as one matmul over stacked weights. kv_dtype is the pools' (and the returned K/V's) dtype.
+    int8_linears: the decoder's linears become llmc.Int8Linear (int8 weights per channel, int8
+    activations per token: the prefill graph); the LM head stays as it is (it sees few rows).
     """
     geo = model.geo
     quant = {**(quantized or {}), "accuracy_level": accuracy_level, "format": weight_format,
-             "activation_block_size": activation_block_size}
+             "activation_block_size": activation_block_size, "int8_linears": int8_linears}
     g = GraphBuilder()
     embed = g.weight("embed.weight", _np(model.embed.weight))
     half = geo.head_dim // 2
@@ -143,7 +152,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
         new_values.append(v)
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
     if "lm_head" in quant:
-        g.op_to("Identity", [_linear(g, h, "lm_head", model.lm_head, quant)], "logits")
+        g.op_to("Identity", [_linear(g, h, "lm_head", model.lm_head, {**quant, "int8_linears": False})], "logits")
     else:
         head = embed if model.lm_head is None else g.weight("lm_head.weight", _np(model.lm_head.weight))
         g.op_to("Gemm", [h, head], "logits", transB=1)
@@ -171,16 +180,18 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
                helper.make_tensor_value_info("new_keys", kv_type, kv_out),
                helper.make_tensor_value_info("new_values", kv_type, kv_out)]
     graph = helper.make_graph(g.nodes, "llmc_step", inputs, outputs, g.initializers)
+    functions = [pa.build_function(kv_dtype)] + ([il.build_function()] if int8_linears else [])
     return helper.make_model(
-        graph, functions=[pa.build_function(kv_dtype)], producer_name="llmc",
+        graph, functions=functions, producer_name="llmc",
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(pa.DOMAIN, 1),
                        helper.make_opsetid("com.microsoft", 1)])
 
 
 def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, accuracy_level: int = 4,
               weight_format: str = "matmulnbits", activation_block_size: int | None = None,
-              kv_dtype: str = "float32") -> dict:
-    """Write model.onnx + model.onnx.data into out_dir; return the engine's manifest entry."""
+              kv_dtype: str = "float32", int8_prefill: bool = False) -> dict:
+    """Write model.onnx + model.onnx.data into out_dir (and with int8_prefill the int8 prefill graph,
+    prefill.onnx + prefill.onnx.data); return the engine's manifest entry."""
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("building the ONNX step graph (%d layers, %d quantized linears)", model.geo.num_layers,
              len(quantized or {}))
@@ -194,7 +205,17 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
     onnx.checker.check_model(str(out_dir / GRAPH_FILE))
     nbits = bool(quantized) and weight_format == "matmulnbits"
-    return {"format": "onnx", "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
+    prefill = None
+    if int8_prefill:
+        log.info("building the int8 prefill graph (llmc.Int8Linear: int8 weights per channel, activations per token)")
+        proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size, kv_dtype,
+                            int8_linears=True)
+        onnx.save_model(proto, str(out_dir / PREFILL_GRAPH_FILE), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=PREFILL_DATA_FILE, size_threshold=0)
+        onnx.checker.check_model(str(out_dir / PREFILL_GRAPH_FILE))
+        prefill = {"graph": PREFILL_GRAPH_FILE, "weights": PREFILL_DATA_FILE, "linear_op": f"{il.DOMAIN}.{il.OP_TYPE}",
+                   "weights_format": "int8 per output channel", "activations": "int8 per token"}
+    return {"format": "onnx", "prefill": prefill, "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
             "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "kv_update": "returned",
             "quantized_linears": sorted(quantized or {}), "weight_format": weight_format if quantized else None,
             "accuracy_level": accuracy_level if nbits else None,

@@ -171,7 +171,7 @@ def build(spec: BuildSpec) -> Path:
                                           spec.kv_cache.dtype)
                 else:
                     entry = emit_onnx(ir.model, engine_dir, ir.quantized, **_onnx_options(spec.quantization),
-                                      kv_dtype=spec.kv_cache.dtype)
+                                      kv_dtype=spec.kv_cache.dtype, int8_prefill=spec.int8_prefill)
                 engines[target] = {"dir": f"engines/{target}", **entry}
             if draft is not None:
                 draft_ir, options = draft

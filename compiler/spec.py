@@ -187,6 +187,9 @@ class BuildSpec(_Strict):
     calibration: CalibrationSpec | None = None
     eval: EvalSpec | None = None
     speculative: SpeculativeSpec | None = None
+    # A second step graph for steps of many tokens (prefill chunks, large decode batches): the linears
+    # run int8 activations per token against int8 weights, on AMX tiles where the CPU has them.
+    int8_prefill: bool = False
     runtime: dict[str, Any] | None = None
     # Where the YAML lives; relative paths resolve against it. Set by load_spec.
     base_dir: str = "."

@@ -12,6 +12,7 @@ LLMC_FUSED_KERNELS=0, engines run the function body: same results, slower.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import logging
@@ -28,8 +29,8 @@ from llmc.paths import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("ort_ops.cc", "paged_attention.cc", "paged_attention_tiles.cc")
-HEADERS = ("ort_abi.h", "paged_attention.h", "vec16.h")
+SOURCES = ("ort_ops.cc", "paged_attention.cc", "paged_attention_tiles.cc", "int8_linear.cc", "int8_linear_op.cc")
+HEADERS = ("ort_abi.h", "ort_ops.h", "paged_attention.h", "int8_linear.h", "vec16.h")
 LIBRARY = "libllmc_ort_ops.so"
 ENV_SWITCH = "LLMC_FUSED_KERNELS"
 
@@ -123,3 +124,17 @@ def register_fused_kernels(options) -> bool:
                     "function body; delete that file to rebuild it", library, exc)
         return False
     return True
+
+
+@functools.cache
+def amx_int8_available() -> bool:
+    """Whether the library's llmc.Int8Linear kernel runs here (it registers only where AMX int8 tiles
+    work: CPUID, the OS's tile state, and Linux's per-process permission, asked for by this call)."""
+    library = fused_kernels_library()
+    if library is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(str(library)).llmc_amx_int8_usable())
+    except (OSError, AttributeError) as exc:
+        log.warning("could not ask llmc's kernel library about AMX (%s): the int8 prefill graph is not used", exc)
+        return False

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from llmc.artifacts.bundle import Bundle
 from llmc.artifacts.geometry import KV_LAYOUT, ModelGeometry
 from llmc.errors import BundleError
-from llmc.kernels.fused_cpu import register_fused_kernels
+from llmc.kernels.fused_cpu import amx_int8_available, register_fused_kernels
 from llmc.runtime.kv_pool import KVPool
 from llmc.runtime.step_inputs import StepInputs
 
@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 _GLOBAL_POOL_THREADS: int | None = None
 STEP_INPUTS = ("input_ids", "positions", "block_tables", "context_lens", "query_start", "logits_index")
 OUTPUTS = ("logits", "new_keys", "new_values")
+# Steps of at least this many tokens run the int8 prefill graph where it is used. Measured (K, N from
+# SmolLM2, 2 threads): llmc.Int8Linear on AMX does 200-770 GOP/s at 17 rows against 56-67 for fp32 Gemm;
+# at 1 row fp32 and MatMulNBits are as fast or faster.
+PREFILL_MIN_TOKENS = 16
 
 
 def _use_global_thread_pool(num_threads: int) -> None:
@@ -37,7 +41,8 @@ def _use_global_thread_pool(num_threads: int) -> None:
 class OrtEngine:
     """One InferenceSession over the bundle's step graph."""
 
-    def __init__(self, bundle: Bundle, num_threads: int | None = None, draft: bool = False):
+    def __init__(self, bundle: Bundle, num_threads: int | None = None, draft: bool = False,
+                 int8_prefill: bool = True):
         """The bundle's target engine, or (draft=True) its speculative draft model's engine.
 
         Every session of the process runs on one global thread pool: a target and a draft session
@@ -58,39 +63,60 @@ class OrtEngine:
             raise BundleError(f"{bundle.path} was built for KV pools laid out as {layout}; this runtime's engines "
                               f"read {KV_LAYOUT}: rebuild it with this llmc (`llmc build` of its model.yaml)")
         path = bundle.path / entry["dir"] / entry["graph"]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         _use_global_thread_pool(num_threads or len(os.sched_getaffinity(0)))
-        options.use_per_session_threads = False
-        options.log_severity_level = 3
-        fused = register_fused_kernels(options)
+        self.session, fused = _session(path)
         self.attention = "llmc fused CPU kernel" if fused else "ONNX function body"
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.prefill_session = None  # steps of at least PREFILL_MIN_TOKENS tokens run here, if it exists
+        prefill = entry.get("prefill")
+        if prefill and int8_prefill and amx_int8_available():
+            self.prefill_session, _ = _session(bundle.path / entry["dir"] / prefill["graph"])
+        elif prefill and int8_prefill:
+            log.info("this CPU has no AMX int8 tiles (or llmc's kernels are off): every step runs the main graph")
+        self.gemm_path = ("int8 AMX (llmc.Int8Linear) for steps of >= %d tokens, else the main graph" %
+                          PREFILL_MIN_TOKENS if self.prefill_session else "main graph (fp32 / MatMulNBits)")
+        self.path_counts = {"main": [0, 0], "int8_amx": [0, 0]}  # [engine calls, tokens] per path
         self.geometry = geometry
         self.num_layers = geometry.num_layers
-        self._bound_pool: KVPool | None = None
-        self._io: ort.IOBinding | None = None
-        log.info("onnxruntime %s engine loaded from %s (attention: %s)", ort.__version__, path, self.attention)
+        self._bindings: dict[int, tuple[KVPool, ort.IOBinding]] = {}
+        log.info("onnxruntime %s engine loaded from %s (attention: %s; GEMMs: %s)", ort.__version__, path,
+                 self.attention, self.gemm_path)
 
     def step(self, inputs: StepInputs, pool: KVPool) -> np.ndarray:
         """Run one step; returns logits [N, vocab] and updates the pools in place."""
-        binding = self._binding(pool)
+        num_tokens = len(inputs.input_ids)
+        use_int8 = self.prefill_session is not None and num_tokens >= PREFILL_MIN_TOKENS
+        session = self.prefill_session if use_int8 else self.session
+        counts = self.path_counts["int8_amx" if use_int8 else "main"]
+        counts[0] += 1
+        counts[1] += num_tokens
+        binding = self._binding(session, pool)
         for name in STEP_INPUTS:
             binding.bind_cpu_input(name, getattr(inputs, name))
         for name in OUTPUTS:
             binding.bind_output(name)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         logits, new_keys, new_values = binding.copy_outputs_to_cpu()
         pool.write(new_keys, new_values, inputs.slot_mapping)
         return logits
 
-    def _binding(self, pool: KVPool) -> ort.IOBinding:
-        """An IOBinding with the pool's 2 x layers arrays bound once (onnxruntime reads their memory in
-        place): passing them as feeds cost up to ~0.1 ms per step (measured on a busy machine)."""
-        if self._bound_pool is not pool:
-            self._io = self.session.io_binding()
+    def _binding(self, session: ort.InferenceSession, pool: KVPool) -> ort.IOBinding:
+        """An IOBinding per session with the pool's 2 x layers arrays bound once (onnxruntime reads their
+        memory in place): passing them as feeds cost up to ~0.1 ms per step (measured on a busy machine)."""
+        bound = self._bindings.get(id(session))
+        if bound is None or bound[0] is not pool:
+            io = session.io_binding()
             for i in range(self.num_layers):
-                self._io.bind_cpu_input(f"key_pool_{i}", pool.keys[i])
-                self._io.bind_cpu_input(f"value_pool_{i}", pool.values[i])
-            self._bound_pool = pool
-        return self._io
+                io.bind_cpu_input(f"key_pool_{i}", pool.keys[i])
+                io.bind_cpu_input(f"value_pool_{i}", pool.values[i])
+            bound = self._bindings[id(session)] = (pool, io)
+        return bound[1]
+
+
+def _session(path) -> tuple[ort.InferenceSession, bool]:
+    """A CPU session over one step graph on the global thread pool; whether llmc's kernels are registered."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.use_per_session_threads = False
+    options.log_severity_level = 3
+    fused = register_fused_kernels(options)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), fused

@@ -5,7 +5,9 @@
 #include <string>
 #include <vector>
 
+#include "int8_linear.h"
 #include "ort_abi.h"
+#include "ort_ops.h"
 #include "paged_attention.h"
 
 namespace {
@@ -33,50 +35,22 @@ struct Kernel {
   int64_t num_heads, kv_num_heads;
 };
 
-struct Tensor {
-  void* data = nullptr;
-  std::vector<int64_t> dims;
-  ONNXTensorElementDataType type = ELEMENT_UNDEFINED;
-};
-
 OrtStatus* error(const ortabi::Api& api, const std::string& message) {
   return api.CreateStatus(ORT_INVALID_ARGUMENT, ("llmc.PagedAttention: " + message).c_str());
 }
 
-#define RETURN_IF_ERROR(expr)            \
-  do {                                   \
-    if (OrtStatus* status_ = (expr)) return status_; \
-  } while (0)
+using llmc_ops::Tensor;
 
-OrtStatus* read_input(const ortabi::Api& api, OrtKernelContext* context, size_t index, Tensor* out) {
-  const OrtValue* value = nullptr;
-  RETURN_IF_ERROR(api.KernelContextGetInput(context, index, &value));
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  RETURN_IF_ERROR(api.GetTensorTypeAndShape(value, &info));
-  size_t rank = 0;
-  OrtStatus* status = api.GetDimensionsCount(info, &rank);
-  if (status == nullptr) {
-    out->dims.resize(rank);
-    status = api.GetDimensions(info, out->dims.data(), rank);
+OrtStatus* read_checked_input(const ortabi::Api& api, OrtKernelContext* context, size_t index, Tensor* out) {
+  RETURN_IF_ERROR(llmc_ops::read_input(api, context, index, out));
+  if (out->dims.size() != kInputRanks[index]) {
+    return error(api, "input " + std::to_string(index) + " has rank " + std::to_string(out->dims.size()) +
+                          ", expected " + std::to_string(kInputRanks[index]));
   }
-  if (status == nullptr) status = api.GetTensorElementType(info, &out->type);
-  api.ReleaseTensorTypeAndShapeInfo(info);
-  RETURN_IF_ERROR(status);
-  if (rank != kInputRanks[index]) {
-    return error(api, "input " + std::to_string(index) + " has rank " + std::to_string(rank) + ", expected " +
-                          std::to_string(kInputRanks[index]));
-  }
-  // Inputs are read only; onnxruntime's C API hands out their buffers through the mutable getter.
-  return api.GetTensorMutableData(const_cast<OrtValue*>(value), &out->data);
+  return nullptr;
 }
 
-OrtStatus* make_output(const ortabi::Api& api, OrtKernelContext* context, size_t index, int64_t rows, int64_t cols,
-                       float** data) {
-  const int64_t dims[2] = {rows, cols};
-  OrtValue* value = nullptr;
-  RETURN_IF_ERROR(api.KernelContextGetOutput(context, index, dims, 2, &value));
-  return api.GetTensorMutableData(value, reinterpret_cast<void**>(data));
-}
+using llmc_ops::make_output;
 
 struct Work {
   const llmc::PagedAttentionArgs* args;
@@ -92,7 +66,7 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   const Kernel& kernel = *static_cast<Kernel*>(kernel_ptr);
   const ortabi::Api& api = kernel.api;
   Tensor in[kNumInputs];
-  for (size_t i = 0; i < kNumInputs; ++i) RETURN_IF_ERROR(read_input(api, context, i, &in[i]));
+  for (size_t i = 0; i < kNumInputs; ++i) RETURN_IF_ERROR(read_checked_input(api, context, i, &in[i]));
 
   llmc::PagedAttentionArgs a{};
   a.T = in[kQ].dims[0];
@@ -162,15 +136,55 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKerne
 }
 
 OrtCustomOp make_op() {
-  OrtCustomOp op{};
-  op.version = 16;
+  OrtCustomOp op = llmc_ops::base_op();
   op.GetName = [](const OrtCustomOp*) { return kOpName; };
-  op.GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
   op.GetInputType = [](const OrtCustomOp*, size_t i) { return i < kNumInputs ? kInputTypes[i] : ELEMENT_UNDEFINED; };
   op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(kNumInputs); };
-  op.GetOutputType = [](const OrtCustomOp*, size_t) { return ELEMENT_FLOAT; };
   op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(2); };
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute;
+  return op;
+}
+
+const OrtCustomOp kPagedAttention = make_op();
+const OrtCustomOp kInt8Linear = llmc_ops::make_int8_linear_op();
+
+}  // namespace
+
+namespace llmc_ops {
+
+OrtStatus* read_input(const ortabi::Api& api, OrtKernelContext* context, size_t index, Tensor* out) {
+  const OrtValue* value = nullptr;
+  RETURN_IF_ERROR(api.KernelContextGetInput(context, index, &value));
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  RETURN_IF_ERROR(api.GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  OrtStatus* status = api.GetDimensionsCount(info, &rank);
+  if (status == nullptr) {
+    out->dims.resize(rank);
+    status = api.GetDimensions(info, out->dims.data(), rank);
+  }
+  if (status == nullptr) status = api.GetTensorElementType(info, &out->type);
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  RETURN_IF_ERROR(status);
+  // Inputs are read only; onnxruntime's C API hands out their buffers through the mutable getter.
+  return api.GetTensorMutableData(const_cast<OrtValue*>(value), &out->data);
+}
+
+OrtStatus* make_output(const ortabi::Api& api, OrtKernelContext* context, size_t index, int64_t rows, int64_t cols,
+                       float** data) {
+  const int64_t dims[2] = {rows, cols};
+  OrtValue* value = nullptr;
+  RETURN_IF_ERROR(api.KernelContextGetOutput(context, index, dims, 2, &value));
+  return api.GetTensorMutableData(value, reinterpret_cast<void**>(data));
+}
+
+OrtCustomOp base_op() {
+  OrtCustomOp op{};
+  op.version = 16;
+  op.GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
+  op.GetOutputType = [](const OrtCustomOp*, size_t) { return ELEMENT_FLOAT; };
   op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
   op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
   op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
@@ -178,14 +192,13 @@ OrtCustomOp make_op() {
   op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
   op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
-  op.CreateKernelV2 = create_kernel;
-  op.KernelComputeV2 = compute;
   return op;
 }
 
-const OrtCustomOp kPagedAttention = make_op();
+}  // namespace llmc_ops
 
-}  // namespace
+// Whether llmc.Int8Linear runs on AMX here (it is registered only then): for the runtime's reports.
+extern "C" __attribute__((visibility("default"))) int llmc_amx_int8_usable() { return llmc::amx_int8_usable(); }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                  const OrtApiBase* base) {
@@ -197,5 +210,6 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   OrtCustomOpDomain* domain = nullptr;  // kept for the life of the process, as onnxruntime requires
   RETURN_IF_ERROR(api.CreateCustomOpDomain(kDomain, &domain));
   RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kPagedAttention));
+  if (llmc::amx_int8_usable()) RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8Linear));
   return api.AddCustomOpDomain(options, domain);
 }

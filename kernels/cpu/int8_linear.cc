@@ -1,0 +1,137 @@
+// AMX int8 GEMM for llmc.Int8Linear (int8_linear.h).
+#include "int8_linear.h"
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cpuid.h>
+#include <cstring>
+
+namespace llmc {
+namespace {
+
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+TileConfig make_config() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {  // 0-3: int32 accumulators, 4-5: x rows, 6-7: weight tiles; all 16 x 64 bytes
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  return config;
+}
+
+int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+}  // namespace
+
+bool amx_int8_usable() {
+  static const bool usable = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = edx & (1u << 24), int8 = edx & (1u << 25);
+    if (!tile || !int8) return false;
+    if (!__get_cpuid_count(1, 0, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return false;  // the OS saves the tile state
+    // Linux hands out the tile data state per process, on request (else the first tile op is SIGILL).
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
+PackedWeight pack_weight(const int8_t* w, int64_t N, int64_t K) {
+  PackedWeight p;
+  p.N = N;
+  p.K = K;
+  p.Np = round_up(N, kColBlock);
+  p.Kp = round_up(K, 64);
+  p.data.assign(p.Np * p.Kp, 0);
+  const int64_t k_tiles = p.Kp / 64;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t nt = n / 16, col = n % 16;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t kt = k / 64, row = (k % 64) / 4, lane = k % 4;
+      p.data[((nt * k_tiles + kt) * 16 + row) * 64 + col * 4 + lane] = w[n * K + k];
+    }
+  }
+  return p;
+}
+
+int64_t padded_rows(int64_t M) { return round_up(M, kRowBlock); }
+
+void quantize_rows(const Int8LinearArgs& a, int64_t row_begin, int64_t row_end) {
+  const int64_t K = a.w->K, Kp = a.w->Kp;
+  for (int64_t m = row_begin; m < row_end; ++m) {
+    int8_t* q = a.xq + m * Kp;
+    if (m >= a.M) {  // padding rows
+      std::memset(q, 0, Kp);
+      a.x_scale[m] = 0.0f;
+      continue;
+    }
+    const float* x = a.x + m * K;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+    for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(x[k] / scale));  // as the body
+    std::memset(q + K, 0, Kp - K);
+    a.x_scale[m] = scale;
+  }
+}
+
+__attribute__((target("amx-tile,amx-int8"))) void run_block(const Int8LinearArgs& a, int64_t mb, int64_t nb) {
+  // The tile configuration is per thread and other AMX code (onnxruntime's own kernels) may have changed
+  // it since: loading it costs less than 1% of a block's work.
+  static const TileConfig config = make_config();
+  _tile_loadconfig(&config);
+  const PackedWeight& w = *a.w;
+  const int64_t Kp = w.Kp, k_tiles = Kp / 64, m0 = mb * kRowBlock, n0 = nb * kColBlock;
+  const int8_t* x0 = a.xq + m0 * Kp;
+  const int8_t* x1 = x0 + 16 * Kp;
+  const int8_t* b0 = w.data.data() + (n0 / 16) * k_tiles * 1024;
+  const int8_t* b1 = b0 + k_tiles * 1024;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    _tile_loadd(4, x0 + kt * 64, Kp);
+    _tile_loadd(5, x1 + kt * 64, Kp);
+    _tile_loadd(6, b0 + kt * 1024, 64);
+    _tile_loadd(7, b1 + kt * 1024, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
+  }
+  alignas(64) int32_t acc[4][16][16];
+  _tile_stored(0, acc[0], 64);
+  _tile_stored(1, acc[1], 64);
+  _tile_stored(2, acc[2], 64);
+  _tile_stored(3, acc[3], 64);
+  const int64_t N = w.N;
+  for (int t = 0; t < 4; ++t) {
+    const int64_t row0 = m0 + (t / 2) * 16, col0 = n0 + (t % 2) * 16;
+    const int64_t rows = std::min<int64_t>(16, a.M - row0), cols = std::min<int64_t>(16, N - col0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float sx = a.x_scale[row0 + r];
+      float* y = a.y + (row0 + r) * N + col0;
+      for (int64_t c = 0; c < cols; ++c) y[c] = static_cast<float>(acc[t][r][c]) * sx * a.w_scale[col0 + c];
+    }
+  }
+}
+
+}  // namespace llmc

@@ -1,0 +1,41 @@
+// llmc.Int8Linear on AMX: y[M, N] = (x[M, K] quantized per row to int8) . (w[N, K] int8 per output channel)^T,
+// scaled back to float by the row's and the channel's scales. The op's ONNX function body
+// (compiler/onnx_int8_linear.py) computes the same with MatMulInteger; this kernel runs it on the
+// CPU's AMX tiles (TDPBSSD: 16x64 int8 . 64x16 int8 -> 16x16 int32).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace llmc {
+
+// Whether this CPU and OS run AMX int8 tiles (CPUID, XCR0, and Linux's per-process permission).
+bool amx_int8_usable();
+
+// The weight in the tiles' layout: [N/16][K/64][16 rows of K/4][16 columns x 4 K] int8, padded with zeros
+// to whole tiles; built once per weight.
+struct PackedWeight {
+  int64_t N = 0, K = 0, Np = 0, Kp = 0;
+  std::vector<int8_t> data;
+};
+PackedWeight pack_weight(const int8_t* w, int64_t N, int64_t K);
+
+struct Int8LinearArgs {
+  const float* x;          // [M, K]
+  const PackedWeight* w;
+  const float* w_scale;    // [N]
+  float* y;                // [M, N]
+  int64_t M;
+  int8_t* xq;              // [Mp, Kp] scratch: x quantized per row (zero rows and columns as padding)
+  float* x_scale;          // [Mp]
+};
+
+constexpr int64_t kRowBlock = 32;  // rows of x per work item (2 tiles)
+constexpr int64_t kColBlock = 32;  // columns of y per work item (2 tiles)
+
+int64_t padded_rows(int64_t M);
+void quantize_rows(const Int8LinearArgs& a, int64_t row_begin, int64_t row_end);
+// One work item: rows [32 * mb, +32) x columns [32 * nb, +32) of y.
+void run_block(const Int8LinearArgs& a, int64_t mb, int64_t nb);
+
+}  // namespace llmc

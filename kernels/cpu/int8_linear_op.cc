@@ -1,0 +1,99 @@
+// The onnxruntime custom op llmc.Int8Linear (inputs x float [M, K], w int8 [N, K], w_scale float [N];
+// output y float [M, N]) over the AMX kernel of int8_linear.h. Registered only where AMX runs; elsewhere
+// onnxruntime runs the op's ONNX function body.
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "int8_linear.h"
+#include "ort_abi.h"
+#include "ort_ops.h"
+
+namespace {
+
+struct Kernel {
+  ortabi::Api api;
+  std::mutex mutex;
+  const int8_t* packed_from = nullptr;  // the weight buffer the packed copy was made from
+  llmc::PackedWeight packed;
+};
+
+OrtStatus* error(const ortabi::Api& api, const std::string& message) {
+  return api.CreateStatus(ORT_INVALID_ARGUMENT, ("llmc.Int8Linear: " + message).c_str());
+}
+
+struct Work {
+  const llmc::Int8LinearArgs* args;
+  int64_t row_blocks, col_blocks;
+};
+
+void quantize_item(void* data, size_t item) {
+  const Work& work = *static_cast<Work*>(data);
+  const int64_t begin = static_cast<int64_t>(item) * llmc::kRowBlock;
+  llmc::quantize_rows(*work.args, begin, begin + llmc::kRowBlock);
+}
+
+void gemm_item(void* data, size_t item) {
+  const Work& work = *static_cast<Work*>(data);
+  llmc::run_block(*work.args, static_cast<int64_t>(item) / work.col_blocks, static_cast<int64_t>(item) % work.col_blocks);
+}
+
+OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
+  Kernel& kernel = *static_cast<Kernel*>(kernel_ptr);
+  const ortabi::Api& api = kernel.api;
+  llmc_ops::Tensor x, w, scale;
+  RETURN_IF_ERROR(llmc_ops::read_input(api, context, 0, &x));
+  RETURN_IF_ERROR(llmc_ops::read_input(api, context, 1, &w));
+  RETURN_IF_ERROR(llmc_ops::read_input(api, context, 2, &scale));
+  if (x.dims.size() != 2 || w.dims.size() != 2 || scale.dims.size() != 1 || x.dims[1] != w.dims[1] ||
+      scale.dims[0] != w.dims[0]) {
+    return error(api, "expected x [M, K], w [N, K] and w_scale [N]");
+  }
+  const int64_t M = x.dims[0], N = w.dims[0], K = w.dims[1];
+  const int8_t* weight = static_cast<const int8_t*>(w.data);
+  {
+    std::lock_guard<std::mutex> lock(kernel.mutex);  // pack once: onnxruntime passes the same initializer
+    if (kernel.packed_from != weight || kernel.packed.N != N || kernel.packed.K != K) {
+      kernel.packed = llmc::pack_weight(weight, N, K);
+      kernel.packed_from = weight;
+    }
+  }
+  float* y = nullptr;
+  RETURN_IF_ERROR(llmc_ops::make_output(api, context, 0, M, N, &y));
+  if (M == 0) return nullptr;
+  const int64_t Mp = llmc::padded_rows(M);
+  std::vector<int8_t> xq(Mp * kernel.packed.Kp);
+  std::vector<float> x_scale(Mp);
+  llmc::Int8LinearArgs args{static_cast<const float*>(x.data), &kernel.packed, static_cast<const float*>(scale.data),
+                            y, M, xq.data(), x_scale.data()};
+  Work work{&args, Mp / llmc::kRowBlock, kernel.packed.Np / llmc::kColBlock};
+  RETURN_IF_ERROR(api.KernelContextParallelFor(context, quantize_item, work.row_blocks, work.row_blocks, &work));
+  const size_t items = static_cast<size_t>(work.row_blocks * work.col_blocks);
+  return api.KernelContextParallelFor(context, gemm_item, items, std::min<size_t>(items, 64), &work);
+}
+
+OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo*, void** out) {
+  *out = new Kernel{ortabi::Api(table)};
+  return nullptr;
+}
+
+const ONNXTensorElementDataType kInputTypes[3] = {ELEMENT_FLOAT, ELEMENT_INT8, ELEMENT_FLOAT};
+
+}  // namespace
+
+namespace llmc_ops {
+
+OrtCustomOp make_int8_linear_op() {
+  OrtCustomOp op = base_op();
+  op.GetName = [](const OrtCustomOp*) { return "Int8Linear"; };
+  op.GetInputType = [](const OrtCustomOp*, size_t i) { return i < 3 ? kInputTypes[i] : ELEMENT_UNDEFINED; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(3); };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(1); };
+  op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute;
+  return op;
+}
+
+}  // namespace llmc_ops
