@@ -52,7 +52,8 @@ def _fused_linear(g: GraphBuilder, x: str, names: list[str], linears: list[torch
     """Linears that read the same x, as one matmul over their stacked weights (then split): fewer,
     larger kernels per step. Falls back to one matmul each when their formats differ."""
     quantized = [quant.get(name) for name in names]
-    if quant.get("int8_linears"):  # the int8 prefill graph: every linear from its float (or dequantized) weight
+    if quant.get("int8_linears") and linears[0].in_features % il.BLOCK == 0:
+        # the int8 prefill graph: linears from their float (or dequantized) weights
         weight = np.concatenate([q.dequantize() if q is not None else _np(linear.weight)
                                  for q, linear in zip(quantized, linears)])
         out = il.int8_linear(g, x, "+".join(names), weight)

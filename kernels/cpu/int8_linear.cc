@@ -58,9 +58,8 @@ PackedWeight pack_weight(const int8_t* w, int64_t N, int64_t K) {
   p.N = N;
   p.K = K;
   p.Np = round_up(N, kColBlock);
-  p.Kp = round_up(K, 64);
-  p.data.assign(p.Np * p.Kp, 0);
-  const int64_t k_tiles = p.Kp / 64;
+  p.data.assign(p.Np * K, 0);  // K is a multiple of 64 (the op requires it)
+  const int64_t k_tiles = K / 64;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t nt = n / 16, col = n % 16;
     for (int64_t k = 0; k < K; ++k) {
@@ -74,62 +73,76 @@ PackedWeight pack_weight(const int8_t* w, int64_t N, int64_t K) {
 int64_t padded_rows(int64_t M) { return round_up(M, kRowBlock); }
 
 void quantize_rows(const Int8LinearArgs& a, int64_t row_begin, int64_t row_end) {
-  const int64_t K = a.w->K, Kp = a.w->Kp;
+  const int64_t K = a.w->K, blocks = K / kBlock;
   for (int64_t m = row_begin; m < row_end; ++m) {
-    int8_t* q = a.xq + m * Kp;
+    int8_t* q = a.xq + m * K;
+    float* scales = a.x_scale + m * blocks;
     if (m >= a.M) {  // padding rows
-      std::memset(q, 0, Kp);
-      a.x_scale[m] = 0.0f;
+      std::memset(q, 0, K);
+      std::fill(scales, scales + blocks, 0.0f);
       continue;
     }
     const float* x = a.x + m * K;
-    float amax = 0.0f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-    for (int64_t k = 0; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(x[k] / scale));  // as the body
-    std::memset(q + K, 0, Kp - K);
-    a.x_scale[m] = scale;
+    for (int64_t b = 0; b < blocks; ++b) {  // one scale per row and block of 64 input channels
+      const float* xb = x + b * kBlock;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+      for (int64_t k = 0; k < kBlock; ++k) q[b * kBlock + k] = static_cast<int8_t>(std::nearbyint(xb[k] / scale));
+      scales[b] = scale;
+    }
   }
 }
 
-__attribute__((target("amx-tile,amx-int8"))) void run_block(const Int8LinearArgs& a, int64_t mb, int64_t nb) {
+__attribute__((target("amx-tile,amx-int8,avx512f"))) void run_block(const Int8LinearArgs& a, int64_t mb, int64_t nb) {
   // The tile configuration is per thread and other AMX code (onnxruntime's own kernels) may have changed
   // it since: loading it costs less than 1% of a block's work.
   static const TileConfig config = make_config();
   _tile_loadconfig(&config);
   const PackedWeight& w = *a.w;
-  const int64_t Kp = w.Kp, k_tiles = Kp / 64, m0 = mb * kRowBlock, n0 = nb * kColBlock;
-  const int8_t* x0 = a.xq + m0 * Kp;
-  const int8_t* x1 = x0 + 16 * Kp;
+  const int64_t K = w.K, k_tiles = K / 64, m0 = mb * kRowBlock, n0 = nb * kColBlock;
+  const int8_t* x0 = a.xq + m0 * K;
+  const int8_t* x1 = x0 + 16 * K;
   const int8_t* b0 = w.data.data() + (n0 / 16) * k_tiles * 1024;
   const int8_t* b1 = b0 + k_tiles * 1024;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    _tile_loadd(4, x0 + kt * 64, Kp);
-    _tile_loadd(5, x1 + kt * 64, Kp);
-    _tile_loadd(6, b0 + kt * 1024, 64);
-    _tile_loadd(7, b1 + kt * 1024, 64);
-    _tile_dpbssd(0, 4, 6);
-    _tile_dpbssd(1, 4, 7);
-    _tile_dpbssd(2, 5, 6);
-    _tile_dpbssd(3, 5, 7);
+  alignas(64) int32_t part[4][16][16];
+  alignas(64) float acc[4][16][16] = {};
+  const int64_t blocks = K / kBlock, tiles_per_block = kBlock / 64;
+  for (int64_t kb = 0; kb < blocks; ++kb) {  // each block of input channels has its own activation scales
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kt = kb * tiles_per_block; kt < (kb + 1) * tiles_per_block; ++kt) {
+      _tile_loadd(4, x0 + kt * 64, K);
+      _tile_loadd(5, x1 + kt * 64, K);
+      _tile_loadd(6, b0 + kt * 1024, 64);
+      _tile_loadd(7, b1 + kt * 1024, 64);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+    _tile_stored(0, part[0], 64);
+    _tile_stored(1, part[1], 64);
+    _tile_stored(2, part[2], 64);
+    _tile_stored(3, part[3], 64);
+    for (int t = 0; t < 4; ++t) {  // acc += float(part) * the row's scale for this block (one zmm per row)
+      const float* row_scales = a.x_scale + (m0 + (t / 2) * 16) * blocks + kb;
+      for (int r = 0; r < 16; ++r) {
+        const __m512 products = _mm512_cvtepi32_ps(_mm512_load_si512(part[t][r]));
+        _mm512_store_ps(acc[t][r], _mm512_fmadd_ps(products, _mm512_set1_ps(row_scales[r * blocks]),
+                                                   _mm512_load_ps(acc[t][r])));
+      }
+    }
   }
-  alignas(64) int32_t acc[4][16][16];
-  _tile_stored(0, acc[0], 64);
-  _tile_stored(1, acc[1], 64);
-  _tile_stored(2, acc[2], 64);
-  _tile_stored(3, acc[3], 64);
   const int64_t N = w.N;
   for (int t = 0; t < 4; ++t) {
     const int64_t row0 = m0 + (t / 2) * 16, col0 = n0 + (t % 2) * 16;
     const int64_t rows = std::min<int64_t>(16, a.M - row0), cols = std::min<int64_t>(16, N - col0);
     for (int64_t r = 0; r < rows; ++r) {
-      const float sx = a.x_scale[row0 + r];
       float* y = a.y + (row0 + r) * N + col0;
-      for (int64_t c = 0; c < cols; ++c) y[c] = static_cast<float>(acc[t][r][c]) * sx * a.w_scale[col0 + c];
+      for (int64_t c = 0; c < cols; ++c) y[c] = acc[t][r][c] * a.w_scale[col0 + c];
     }
   }
 }

@@ -1,5 +1,5 @@
-// llmc.Int8Linear on AMX: y[M, N] = (x[M, K] quantized per row to int8) . (w[N, K] int8 per output channel)^T,
-// scaled back to float by the row's and the channel's scales. The op's ONNX function body
+// llmc.Int8Linear on AMX: y[M, N] = sum over 64-channel blocks b of (x[M, b] quantized to int8 with one scale
+// per row and block) . (w[N, b] int8, one scale per output channel)^T, scaled back to float. The op's ONNX function body
 // (compiler/onnx_int8_linear.py) computes the same with MatMulInteger; this kernel runs it on the
 // CPU's AMX tiles (TDPBSSD: 16x64 int8 . 64x16 int8 -> 16x16 int32).
 #pragma once
@@ -15,7 +15,7 @@ bool amx_int8_usable();
 // The weight in the tiles' layout: [N/16][K/64][16 rows of K/4][16 columns x 4 K] int8, padded with zeros
 // to whole tiles; built once per weight.
 struct PackedWeight {
-  int64_t N = 0, K = 0, Np = 0, Kp = 0;
+  int64_t N = 0, K = 0, Np = 0;
   std::vector<int8_t> data;
 };
 PackedWeight pack_weight(const int8_t* w, int64_t N, int64_t K);
@@ -26,10 +26,11 @@ struct Int8LinearArgs {
   const float* w_scale;    // [N]
   float* y;                // [M, N]
   int64_t M;
-  int8_t* xq;              // [Mp, Kp] scratch: x quantized per row (zero rows and columns as padding)
-  float* x_scale;          // [Mp]
+  int8_t* xq;              // [Mp, K] scratch: x quantized per row and block (zero rows as padding)
+  float* x_scale;          // [Mp, K / kBlock]
 };
 
+constexpr int64_t kBlock = 64;     // input channels per activation scale (one AMX tile of K)
 constexpr int64_t kRowBlock = 32;  // rows of x per work item (2 tiles)
 constexpr int64_t kColBlock = 32;  // columns of y per work item (2 tiles)
 

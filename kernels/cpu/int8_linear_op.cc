@@ -51,6 +51,7 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
     return error(api, "expected x [M, K], w [N, K] and w_scale [N]");
   }
   const int64_t M = x.dims[0], N = w.dims[0], K = w.dims[1];
+  if (K % llmc::kBlock != 0) return error(api, "K must be a multiple of 64");
   const int8_t* weight = static_cast<const int8_t*>(w.data);
   {
     std::lock_guard<std::mutex> lock(kernel.mutex);  // pack once: onnxruntime passes the same initializer
@@ -63,8 +64,8 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   RETURN_IF_ERROR(llmc_ops::make_output(api, context, 0, M, N, &y));
   if (M == 0) return nullptr;
   const int64_t Mp = llmc::padded_rows(M);
-  std::vector<int8_t> xq(Mp * kernel.packed.Kp);
-  std::vector<float> x_scale(Mp);
+  std::vector<int8_t> xq(Mp * K);
+  std::vector<float> x_scale(Mp * (K / llmc::kBlock));
   llmc::Int8LinearArgs args{static_cast<const float*>(x.data), &kernel.packed, static_cast<const float*>(scale.data),
                             y, M, xq.data(), x_scale.data()};
   Work work{&args, Mp / llmc::kRowBlock, kernel.packed.Np / llmc::kColBlock};
