@@ -1,11 +1,12 @@
 """llmc.Int8Linear: a linear layer with int8 weights and int8 activations, quantized per token and block.
 
-    y[M, N] = sum_b (q_x[M, b] . w[N, b]^T) * x_scale[M, b] * w_scale[N]     b: blocks of 64 input channels
+    y[M, N] = sum_b (q_x[M, b] . w[N, b]^T) * x_scale[M, b] * w_scale[N, b]     b: blocks of 64 input channels
     x_scale[m, b] = max|x[m, b]| / 127 (1 for an all-zero block), q_x = round(x / x_scale) in [-127, 127]
 
 Each token and block of 64 input channels has its own scale, so a token's result never depends on
 the other tokens of the step and an outlier channel costs precision in its block only (one scale per
-token lost 3.5% perplexity on SmolLM2). The op's ONNX function body computes it with the standard
+token lost 3.5% perplexity on SmolLM2); weights have a scale per output channel and block, which also
+holds group-quantized int4 weights almost exactly. The op's ONNX function body computes it with the standard
 MatMulInteger (activations as uint8 with zero point 128); llmc's CPU kernel library runs it on AMX
 tiles where the CPU has them (kernels/cpu/int8_linear.cc). K must be a multiple of 64.
 """
@@ -25,10 +26,12 @@ BLOCK = 64  # input channels per activation scale
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel int8: (codes int8 [N, K], scales float32 [N])."""
-    amax = np.abs(w).max(axis=1)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    """Symmetric int8 per output channel and block of 64 inputs: (codes int8 [N, K], scales float32 [N, K/64])."""
+    n, k = w.shape
+    wb = w.reshape(n, k // BLOCK, BLOCK)
+    amax = np.abs(wb).max(axis=2)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)  # [N, B]
+    codes = np.clip(np.rint(wb / scale[..., None]), -127, 127).astype(np.int8).reshape(n, k)
     return codes, scale
 
 
@@ -41,7 +44,7 @@ def reference(x: np.ndarray, codes: np.ndarray, w_scale: np.ndarray) -> np.ndarr
     qx = np.rint(xb / x_scale).astype(np.int32)
     wb = codes.astype(np.int32).reshape(codes.shape[0], k // BLOCK, BLOCK)  # [N, B, 64]
     parts = np.einsum("mbk,nbk->mbn", qx, wb).astype(np.float32)  # [M, B, N]
-    return (parts * x_scale).sum(axis=1) * w_scale
+    return (parts * x_scale * w_scale.T[None]).sum(axis=1)
 
 
 def build_function() -> onnx.FunctionProto:
@@ -59,8 +62,9 @@ def build_function() -> onnx.FunctionProto:
     acc = g.op("MatMulInteger", g.op("Transpose", qx, perm=[1, 0, 2]), g.op("Transpose", wb, perm=[1, 2, 0]),
                g.const(128, np.uint8))  # [B, M, N] int32
     parts = g.op("Mul", g.op("Cast", acc, to=onnx.TensorProto.FLOAT), g.op("Transpose", x_scale, perm=[1, 0, 2]))
-    summed = g.op("ReduceSum", parts, g.const([0]), keepdims=0)  # [M, N]
-    g.nodes.append(helper.make_node("Mul", [summed, "w_scale"], ["y"], name="i8_y"))
+    w_scale = g.op("Unsqueeze", g.op("Transpose", "w_scale", perm=[1, 0]), g.const([1]))  # [B, 1, N]
+    g.nodes.append(helper.make_node("ReduceSum", [g.op("Mul", parts, w_scale), g.const([0])], ["y"],
+                                    keepdims=0, name="i8_y"))  # [M, N]
     return helper.make_function(DOMAIN, OP_TYPE, ["x", "w", "w_scale"], ["y"], g.nodes,
                                 opset_imports=[helper.make_opsetid("", OPSET)])
 

@@ -104,6 +104,9 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
         "kv_usage_peak": max(usage, default=0.0), "kv_usage_mean": float(np.mean(usage)) if usage else 0.0,
         "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
         "host_overhead_fraction": run_timing.host_fraction, "attention": llm.engine.attention,
+        "gemm_path": llm.engine.gemm_path,
+        "engine_calls_by_path": {path: {"calls": calls, "tokens": tokens}
+                                 for path, (calls, tokens) in llm.engine.path_counts.items()},
         "preemptions": llm.scheduler.num_preemptions - preemptions_before,
         "prefix_cache_hit_rate": llm.block_manager.stats.hit_rate,
         "speculation": spec_delta(spec_before, llm.spec_stats) if llm.spec_policy else None})

@@ -53,13 +53,17 @@ bool amx_int8_usable() {
   return usable;
 }
 
-PackedWeight pack_weight(const int8_t* w, int64_t N, int64_t K) {
+PackedWeight pack_weight(const int8_t* w, const float* scale, int64_t N, int64_t K) {
   PackedWeight p;
   p.N = N;
   p.K = K;
   p.Np = round_up(N, kColBlock);
   p.data.assign(p.Np * K, 0);  // K is a multiple of 64 (the op requires it)
-  const int64_t k_tiles = K / 64;
+  const int64_t k_tiles = K / 64, blocks = K / kBlock;
+  p.scale.assign(blocks * p.Np, 0.0f);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t b = 0; b < blocks; ++b) p.scale[b * p.Np + n] = scale[n * blocks + b];
+  }
   for (int64_t n = 0; n < N; ++n) {
     const int64_t nt = n / 16, col = n % 16;
     for (int64_t k = 0; k < K; ++k) {
@@ -127,12 +131,15 @@ __attribute__((target("amx-tile,amx-int8,avx512f"))) void run_block(const Int8Li
     _tile_stored(1, part[1], 64);
     _tile_stored(2, part[2], 64);
     _tile_stored(3, part[3], 64);
-    for (int t = 0; t < 4; ++t) {  // acc += float(part) * the row's scale for this block (one zmm per row)
+    // This block's weight scales of the 2 x 16 columns (packed [blocks][Np], padded with zeros).
+    const __m512 col_scales[2] = {_mm512_loadu_ps(w.scale.data() + kb * w.Np + n0),
+                                  _mm512_loadu_ps(w.scale.data() + kb * w.Np + n0 + 16)};
+    for (int t = 0; t < 4; ++t) {  // acc += float(part) * row scale * column scale, one zmm per row
       const float* row_scales = a.x_scale + (m0 + (t / 2) * 16) * blocks + kb;
       for (int r = 0; r < 16; ++r) {
         const __m512 products = _mm512_cvtepi32_ps(_mm512_load_si512(part[t][r]));
-        _mm512_store_ps(acc[t][r], _mm512_fmadd_ps(products, _mm512_set1_ps(row_scales[r * blocks]),
-                                                   _mm512_load_ps(acc[t][r])));
+        const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(row_scales[r * blocks]), col_scales[t % 2]);
+        _mm512_store_ps(acc[t][r], _mm512_fmadd_ps(products, scales, _mm512_load_ps(acc[t][r])));
       }
     }
   }
@@ -142,7 +149,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f"))) void run_block(const Int8Li
     const int64_t rows = std::min<int64_t>(16, a.M - row0), cols = std::min<int64_t>(16, N - col0);
     for (int64_t r = 0; r < rows; ++r) {
       float* y = a.y + (row0 + r) * N + col0;
-      for (int64_t c = 0; c < cols; ++c) y[c] = acc[t][r][c] * a.w_scale[col0 + c];
+      for (int64_t c = 0; c < cols; ++c) y[c] = acc[t][r][c];
     }
   }
 }

@@ -1,5 +1,5 @@
-// llmc.Int8Linear on AMX: y[M, N] = sum over 64-channel blocks b of (x[M, b] quantized to int8 with one scale
-// per row and block) . (w[N, b] int8, one scale per output channel)^T, scaled back to float. The op's ONNX function body
+// llmc.Int8Linear on AMX: y[M, N] = sum over blocks b of 64 input channels of (x[M, b] quantized to int8,
+// one scale per row and block) . (w[N, b] int8, one scale per output channel and block)^T, in float. The op's ONNX function body
 // (compiler/onnx_int8_linear.py) computes the same with MatMulInteger; this kernel runs it on the
 // CPU's AMX tiles (TDPBSSD: 16x64 int8 . 64x16 int8 -> 16x16 int32).
 #pragma once
@@ -17,13 +17,13 @@ bool amx_int8_usable();
 struct PackedWeight {
   int64_t N = 0, K = 0, Np = 0;
   std::vector<int8_t> data;
+  std::vector<float> scale;  // [K / kBlock][Np]: the weight's scales by block, columns contiguous
 };
-PackedWeight pack_weight(const int8_t* w, int64_t N, int64_t K);
+PackedWeight pack_weight(const int8_t* w, const float* scale, int64_t N, int64_t K);  // scale [N, K / kBlock]
 
 struct Int8LinearArgs {
   const float* x;          // [M, K]
   const PackedWeight* w;
-  const float* w_scale;    // [N]
   float* y;                // [M, N]
   int64_t M;
   int8_t* xq;              // [Mp, K] scratch: x quantized per row and block (zero rows as padding)

@@ -1,4 +1,4 @@
-// The onnxruntime custom op llmc.Int8Linear (inputs x float [M, K], w int8 [N, K], w_scale float [N];
+// The onnxruntime custom op llmc.Int8Linear (inputs x float [M, K], w int8 [N, K], w_scale float [N, K / 64];
 // output y float [M, N]) over the AMX kernel of int8_linear.h. Registered only where AMX runs; elsewhere
 // onnxruntime runs the op's ONNX function body.
 #include <memory>
@@ -46,17 +46,16 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   RETURN_IF_ERROR(llmc_ops::read_input(api, context, 0, &x));
   RETURN_IF_ERROR(llmc_ops::read_input(api, context, 1, &w));
   RETURN_IF_ERROR(llmc_ops::read_input(api, context, 2, &scale));
-  if (x.dims.size() != 2 || w.dims.size() != 2 || scale.dims.size() != 1 || x.dims[1] != w.dims[1] ||
-      scale.dims[0] != w.dims[0]) {
-    return error(api, "expected x [M, K], w [N, K] and w_scale [N]");
+  if (x.dims.size() != 2 || w.dims.size() != 2 || scale.dims.size() != 2 || x.dims[1] != w.dims[1] ||
+      w.dims[1] % llmc::kBlock != 0 || scale.dims != std::vector<int64_t>{w.dims[0], w.dims[1] / llmc::kBlock}) {
+    return error(api, "expected x [M, K], w [N, K] and w_scale [N, K / 64], K a multiple of 64");
   }
   const int64_t M = x.dims[0], N = w.dims[0], K = w.dims[1];
-  if (K % llmc::kBlock != 0) return error(api, "K must be a multiple of 64");
   const int8_t* weight = static_cast<const int8_t*>(w.data);
   {
     std::lock_guard<std::mutex> lock(kernel.mutex);  // pack once: onnxruntime passes the same initializer
     if (kernel.packed_from != weight || kernel.packed.N != N || kernel.packed.K != K) {
-      kernel.packed = llmc::pack_weight(weight, N, K);
+      kernel.packed = llmc::pack_weight(weight, static_cast<const float*>(scale.data), N, K);
       kernel.packed_from = weight;
     }
   }
@@ -66,8 +65,7 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   const int64_t Mp = llmc::padded_rows(M);
   std::vector<int8_t> xq(Mp * K);
   std::vector<float> x_scale(Mp * (K / llmc::kBlock));
-  llmc::Int8LinearArgs args{static_cast<const float*>(x.data), &kernel.packed, static_cast<const float*>(scale.data),
-                            y, M, xq.data(), x_scale.data()};
+  llmc::Int8LinearArgs args{static_cast<const float*>(x.data), &kernel.packed, y, M, xq.data(), x_scale.data()};
   Work work{&args, Mp / llmc::kRowBlock, kernel.packed.Np / llmc::kColBlock};
   RETURN_IF_ERROR(api.KernelContextParallelFor(context, quantize_item, work.row_blocks, work.row_blocks, &work));
   const size_t items = static_cast<size_t>(work.row_blocks * work.col_blocks);

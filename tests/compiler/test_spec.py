@@ -132,3 +132,10 @@ def test_bad_speculative_sections(tmp_path, section, message):
 def test_speculative_method_defaults_to_draft(tmp_path):
     spec = _parse(tmp_path, name="m", source="x", speculative={"draft": "other.yaml", "num_tokens": 3})
     assert spec.speculative.method == "draft" and spec.speculative.num_tokens == 3
+
+
+def test_int8_prefill_over_quantized_weights_is_refused(tmp_path, tiny_checkpoint):
+    path = write_yaml(tmp_path / "model.yaml", name="m", source=str(tiny_checkpoint), int8_prefill=True,
+                      quantization={"method": "rtn"})
+    with pytest.raises(ConfigError, match="int8_prefill: the int8 prefill graph is validated for float weights"):
+        load_spec(path)
