@@ -1,5 +1,4 @@
-"""llmc.Int8Linear: the AMX kernel and the ONNX function body against numpy, and the int8 prefill
-graph of a bundle: used for steps of many tokens where AMX runs, the main graph elsewhere."""
+"""llmc.Int8Linear: the AMX kernel and the ONNX function body against numpy."""
 
 import numpy as np
 import onnxruntime as ort
@@ -9,10 +8,6 @@ from onnx import TensorProto, helper
 from llmc.compiler import onnx_int8_linear as il
 from llmc.compiler.onnx_builder import GraphBuilder
 from llmc.kernels import fused_cpu
-from llmc.runtime import engine_ort
-from llmc.runtime.llm import LLM
-from llmc.runtime.sequence import SamplingParams
-from tests.helpers import write_yaml
 
 needs_amx = pytest.mark.skipif(not fused_cpu.amx_int8_available(), reason="this CPU has no AMX int8 tiles")
 
@@ -55,37 +50,3 @@ def test_a_tokens_result_does_not_depend_on_the_other_tokens():
     x = rng.standard_normal((20, 64)).astype(np.float32)
     crowded = np.concatenate([x, 100 * rng.standard_normal((20, 64)).astype(np.float32)])  # outlier tokens
     np.testing.assert_array_equal(session.run(None, {"x": crowded})[0][:20], session.run(None, {"x": x})[0])
-
-
-@pytest.fixture(scope="module")
-def int8_bundle(tmp_path_factory, tiny_checkpoint):
-    from llmc.compiler.pipeline import build
-    from llmc.compiler.spec import load_spec
-
-    work = tmp_path_factory.mktemp("int8-build")
-    return build(load_spec(write_yaml(work / "model.yaml", name="tiny-int8", source=str(tiny_checkpoint),
-                                      kv_cache={"block_size": 4}, int8_prefill=True, output="out")))
-
-
-@needs_amx
-def test_long_steps_run_the_int8_graph_and_agree_with_fp32(int8_bundle, tiny_bundle):
-    prompt = list(range(3, 83))  # 80 tokens: one prefill step of the int8 graph
-    params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=5)
-    llm = LLM(int8_bundle, max_num_batched_tokens=256)
-    out = llm.generate([prompt], params)[0]
-    assert llm.engine.path_counts["int8_amx"] == [1, 80] and llm.engine.path_counts["main"][0] == 7
-    assert "int8 AMX" in llm.engine.gemm_path
-    ref = LLM(tiny_bundle, max_num_batched_tokens=256).generate([prompt], params)[0]
-    first, ref_first = dict(out.logprobs[0]), dict(ref.logprobs[0])  # the prefill step's distribution
-    assert out.token_ids[0] == ref.token_ids[0]
-    shared = set(first) & set(ref_first)
-    assert len(shared) >= 4 and max(abs(first[t] - ref_first[t]) for t in shared) < 0.05
-
-
-def test_without_amx_the_bundle_runs_the_main_graph(int8_bundle, tiny_bundle, monkeypatch):
-    monkeypatch.setattr(engine_ort, "amx_int8_available", lambda: False)
-    llm = LLM(int8_bundle)
-    out = llm.generate([list(range(3, 83))], SamplingParams(max_tokens=6, ignore_eos=True))[0]
-    assert llm.engine.path_counts["int8_amx"] == [0, 0] and "main graph" in llm.engine.gemm_path
-    ref = LLM(tiny_bundle).generate([list(range(3, 83))], SamplingParams(max_tokens=6, ignore_eos=True))[0]
-    assert out.token_ids == ref.token_ids  # the same fp32 graph as the bundle without the int8 one
