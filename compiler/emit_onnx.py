@@ -215,7 +215,8 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
                         all_tensors_to_one_file=True, location=PREFILL_DATA_FILE, size_threshold=0)
         onnx.checker.check_model(str(out_dir / PREFILL_GRAPH_FILE))
         prefill = {"graph": PREFILL_GRAPH_FILE, "weights": PREFILL_DATA_FILE, "linear_op": f"{il.DOMAIN}.{il.OP_TYPE}",
-                   "weights_format": "int8 per output channel", "activations": "int8 per token"}
+                   "weights_format": "int8 per output channel and block of 64",
+                   "activations": "int8 per token and block of 64"}
     return {"format": "onnx", "prefill": prefill, "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
             "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "kv_update": "returned",
             "quantized_linears": sorted(quantized or {}), "weight_format": weight_format if quantized else None,

@@ -78,6 +78,10 @@ def inspect(bundle: Path, as_json: bool) -> None:
             f", int8 activation blocks of {block}" if block else "")
         click.echo(f"engine    {target}: {engine['dir']}/{engine['graph']} (attention op {engine['attention_op']}"
                    f"{kernels}){skipped}")
+        if engine.get("prefill"):
+            p = engine["prefill"]
+            click.echo(f"          + {engine['dir']}/{p['graph']} for steps of many tokens ({p['linear_op']}: weights "
+                       f"{p['weights_format']}, activations {p['activations']}; on AMX where the CPU has it)")
     click.echo(f"passes    {', '.join(p['name'] for p in m['passes']) or 'none'}")
     for p in m["passes"]:
         if "num_quantized" in p:
