@@ -121,8 +121,8 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     Linears named in `quantized` become com.microsoft.MatMulNBits nodes over their codes, or with
     weight_format "qdq" standard DequantizeLinear + MatMul (the TensorRT target). q/k/v and gate/up
     each run as one matmul over stacked weights. kv_dtype is the pools' (and the returned K/V's) dtype.
-    int8_linears: the decoder's linears become llmc.Int8Linear (int8 weights per channel, int8
-    activations per token: the prefill graph); the LM head stays as it is (it sees few rows).
+    int8_linears: the decoder's linears become llmc.Int8Linear (int8 weights and activations with
+    scales per block of 64 inputs: the prefill graph); the LM head stays as it is (it sees few rows).
     """
     geo = model.geo
     quant = {**(quantized or {}), "accuracy_level": accuracy_level, "format": weight_format,
@@ -208,7 +208,7 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
     nbits = bool(quantized) and weight_format == "matmulnbits"
     prefill = None
     if int8_prefill:
-        log.info("building the int8 prefill graph (llmc.Int8Linear: int8 weights per channel, activations per token)")
+        log.info("building the int8 prefill graph (llmc.Int8Linear: int8 weights and activations)")
         proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size, kv_dtype,
                             int8_linears=True)
         onnx.save_model(proto, str(out_dir / PREFILL_GRAPH_FILE), save_as_external_data=True,

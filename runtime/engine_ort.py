@@ -24,8 +24,9 @@ OUTPUTS = ("logits", "new_keys", "new_values")
 # Steps of at least this many tokens run the int8 prefill graph where it is used: the crossover with
 # the main graph's GEMMs. Measured (SmolLM2's K, N; 2 threads; GOP/s): llmc.Int8Linear on AMX 23-30 at
 # 1 row, 61-99 at 4, 112-146 at 8, 157-325 at 16, ~1,000 at 512; fp32 Gemm 10-39, 79-124, 120-129,
-# 169-196; MatMulNBits (int4, accuracy level 4) 19 at 1 row, 43 at 16.
-PREFILL_MIN_TOKENS = {"fp32": 16, "int4": 4}
+# 169-196 (MatMulNBits, int4 at accuracy level 4: 19 at 1 row, 43 at 16; the build refuses int8_prefill
+# over quantized weights for now).
+PREFILL_MIN_TOKENS = 16
 
 
 def _use_global_thread_pool(num_threads: int) -> None:
@@ -40,10 +41,10 @@ def _use_global_thread_pool(num_threads: int) -> None:
 
 
 class OrtEngine:
-    """One InferenceSession over the bundle's step graph."""
+    """An InferenceSession over the bundle's step graph (and one over its int8 prefill graph, if it has
+    one and this CPU runs it)."""
 
-    def __init__(self, bundle: Bundle, num_threads: int | None = None, draft: bool = False,
-                 int8_prefill: bool = True):
+    def __init__(self, bundle: Bundle, num_threads: int | None = None, draft: bool = False):
         """The bundle's target engine, or (draft=True) its speculative draft model's engine.
 
         Every session of the process runs on one global thread pool: a target and a draft session
@@ -67,14 +68,13 @@ class OrtEngine:
         _use_global_thread_pool(num_threads or len(os.sched_getaffinity(0)))
         self.session, fused = _session(path)
         self.attention = "llmc fused CPU kernel" if fused else "ONNX function body"
-        self.prefill_session = None  # steps of at least min_int8_tokens tokens run here, if it exists
-        self.min_int8_tokens = PREFILL_MIN_TOKENS["int4" if entry.get("quantized_linears") else "fp32"]
+        self.prefill_session = None  # steps of at least PREFILL_MIN_TOKENS tokens run here, if it exists
         prefill = entry.get("prefill")
-        if prefill and int8_prefill and amx_int8_available():
+        if prefill and amx_int8_available():
             self.prefill_session, _ = _session(bundle.path / entry["dir"] / prefill["graph"])
-        elif prefill and int8_prefill:
+        elif prefill:
             log.info("this CPU has no AMX int8 tiles (or llmc's kernels are off): every step runs the main graph")
-        self.gemm_path = (f"int8 AMX (llmc.Int8Linear) for steps of >= {self.min_int8_tokens} tokens, else the "
+        self.gemm_path = (f"int8 AMX (llmc.Int8Linear) for steps of >= {PREFILL_MIN_TOKENS} tokens, else the "
                           "main graph" if self.prefill_session else "main graph (fp32 / MatMulNBits)")
         self.path_counts = {"main": [0, 0], "int8_amx": [0, 0]}  # [engine calls, tokens] per path
         self.geometry = geometry
@@ -86,7 +86,7 @@ class OrtEngine:
     def step(self, inputs: StepInputs, pool: KVPool) -> np.ndarray:
         """Run one step; returns logits [N, vocab] and updates the pools in place."""
         num_tokens = len(inputs.input_ids)
-        use_int8 = self.prefill_session is not None and num_tokens >= self.min_int8_tokens
+        use_int8 = self.prefill_session is not None and num_tokens >= PREFILL_MIN_TOKENS
         session = self.prefill_session if use_int8 else self.session
         counts = self.path_counts["int8_amx" if use_int8 else "main"]
         counts[0] += 1
