@@ -38,6 +38,9 @@ from llmc.runtime.sequence import SamplingParams
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_DRAINING_S = 5
+# Finish reasons with which the server itself ended a request: (status when not streaming, message).
+ENDED_BY_SERVER = {"error": (500, "the engine failed while generating this request"),
+                   "abort": (503, "the server shut down before this request finished (drain timeout)")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +126,12 @@ class Handlers:
                               "model_not_found")
         llm = self.engine.llm
         context = llm.geometry.max_position
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages] if chat else []
-        prompt = req.single_prompt() if not chat else None
-        num_chars = sum(len(m["content"]) for m in messages) if chat else len(prompt) if isinstance(prompt, str) else 0
+        if chat:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            num_chars = sum(len(m["content"]) for m in messages)
+        else:
+            prompt = req.single_prompt()
+            num_chars = len(prompt) if isinstance(prompt, str) else 0  # token ids: validate_prompt counts them
         if num_chars > 2 * context * llm.tokenizer.max_chars_per_token:  # refuse before tokenizing all of it
             raise RequestError(f"the prompt has {num_chars:,} characters, far more than the model's context of "
                                f"{context} tokens can hold; shorten the prompt")
@@ -198,11 +204,9 @@ class Handlers:
             self.engine.abort(request_id)
             return Response(status_code=499)
         watcher.cancel()
-        if "error" in reasons.values():
-            return error_response(500, "the engine failed while generating this request", "server_error")
-        if "abort" in reasons.values():
-            return error_response(503, "the server shut down before this request finished (drain timeout)",
-                                  "server_error", "shutting_down")
+        for reason, (status, message) in ENDED_BY_SERVER.items():
+            if reason in reasons.values():
+                return error_response(status, message, "server_error", "shutting_down" if reason == "abort" else None)
         num_choices = req.n or 1
         choices = [self._choice(i, texts[i], reasons.get(i, reasons.get(0)), chat, False, req, tokens[i])
                    for i in range(num_choices)]
@@ -214,9 +218,8 @@ class Handlers:
         completed, num_tokens, first = False, 0, defaultdict(lambda: True)
         try:
             while (item := await deltas.get()) is not None:
-                if item.finish_reason in ("error", "abort"):
-                    message = ("the engine failed while generating this request" if item.finish_reason == "error"
-                               else "the server shut down before this request finished (drain timeout)")
+                if item.finish_reason in ENDED_BY_SERVER:
+                    message = ENDED_BY_SERVER[item.finish_reason][1]
                     yield f"data: {json.dumps(out.error_body(message, 'server_error', item.finish_reason))}\n\n"
                     break
                 num_tokens += len(item.token_ids)
@@ -275,9 +278,9 @@ class DrainingServer(uvicorn.Server):
     "draining") while in-flight requests finish; when the drain timeout ends (or on a second
     signal) the rest are ended with an error event and [DONE]; then the server exits with status 0."""
 
-    def __init__(self, config: uvicorn.Config, handlers: Handlers, drain_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, handlers: Handlers):
         super().__init__(config)
-        self.handlers, self.drain_timeout_s = handlers, drain_timeout_s
+        self.handlers, self.drain_timeout_s = handlers, handlers.config.drain_timeout_s
         self.drain_deadline: float | None = None
         self._aborted_at: float | None = None
 
@@ -335,8 +338,7 @@ def serve(engine: AsyncEngine, model_name: str, host: str, port: int, config: Se
     """Run the server until SIGTERM/SIGINT, then drain and stop the engine."""
     app, handlers = create_app(engine, model_name, config, bind_host=host)
     # After the drain only finished responses are flushing: a short grace for them.
-    server = DrainingServer(_uvicorn_config(app, host, port, timeout_graceful_shutdown=5), handlers,
-                            config.drain_timeout_s)
+    server = DrainingServer(_uvicorn_config(app, host, port, timeout_graceful_shutdown=5), handlers)
     engine.start()
     try:
         server.run()

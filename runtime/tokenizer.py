@@ -26,9 +26,9 @@ class BundleTokenizer:
 
     def __init__(self, bundle: Bundle):
         meta = bundle.manifest["tokenizer"]
-        self._tok = Tokenizer.from_file(str(bundle.tokenizer_dir / "tokenizer.json"))
-        self._plain = Tokenizer.from_file(str(bundle.tokenizer_dir / "tokenizer.json"))
-        self._plain.encode_special_tokens = True  # special-token text encodes as the plain text it is
+        self._path = bundle.tokenizer_dir / "tokenizer.json"
+        self._tok = Tokenizer.from_file(str(self._path))
+        self._plain: Tokenizer | None = None  # loaded when a message first spells a special token
         self._special_texts = [t.content for t in self._tok.get_added_tokens_decoder().values()
                                if t.special and t.content]
         self.eos_token_ids: list[int] = list(meta.get("eos_token_ids") or [])
@@ -55,6 +55,10 @@ class BundleTokenizer:
             raise RequestError("a message spells a special token (such as '<|im_start|>') and this bundle's chat "
                                "template does not place each message's content once, so that text cannot be kept "
                                "plain; remove the special-token text")
+        if self._plain is None:
+            plain = Tokenizer.from_file(str(self._path))
+            plain.encode_special_tokens = True  # special-token text encodes as the plain text it is
+            self._plain = plain
         parts = [_encode(self._tok, piece, False) if j % 2 == 0 else
                  _encode(self._plain, messages[int(piece)]["content"], False) for j, piece in enumerate(pieces)]
         return self._tok.post_process(Encoding.merge(parts)).ids

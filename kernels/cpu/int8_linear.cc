@@ -111,22 +111,21 @@ __attribute__((target("amx-tile,amx-int8,avx512f"))) void run_block(const Int8Li
   const int8_t* b1 = b0 + k_tiles * 1024;
   alignas(64) int32_t part[4][16][16];
   alignas(64) float acc[4][16][16] = {};
-  const int64_t blocks = K / kBlock, tiles_per_block = kBlock / 64;
+  static_assert(kBlock == 64, "one scale block is one tile of K");
+  const int64_t blocks = k_tiles;
   for (int64_t kb = 0; kb < blocks; ++kb) {  // each block of input channels has its own activation scales
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    for (int64_t kt = kb * tiles_per_block; kt < (kb + 1) * tiles_per_block; ++kt) {
-      _tile_loadd(4, x0 + kt * 64, K);
-      _tile_loadd(5, x1 + kt * 64, K);
-      _tile_loadd(6, b0 + kt * 1024, 64);
-      _tile_loadd(7, b1 + kt * 1024, 64);
-      _tile_dpbssd(0, 4, 6);
-      _tile_dpbssd(1, 4, 7);
-      _tile_dpbssd(2, 5, 6);
-      _tile_dpbssd(3, 5, 7);
-    }
+    _tile_loadd(4, x0 + kb * 64, K);
+    _tile_loadd(5, x1 + kb * 64, K);
+    _tile_loadd(6, b0 + kb * 1024, 64);
+    _tile_loadd(7, b1 + kb * 1024, 64);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    _tile_dpbssd(2, 5, 6);
+    _tile_dpbssd(3, 5, 7);
     _tile_stored(0, part[0], 64);
     _tile_stored(1, part[1], 64);
     _tile_stored(2, part[2], 64);

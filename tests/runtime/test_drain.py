@@ -75,9 +75,8 @@ def test_drain_timeout_ends_in_flight_requests_with_an_error_and_done(tiny_bundl
 
     llm.step = slow_step
     engine = AsyncEngine(llm)
-    app, handlers = create_app(engine, "tiny", ServerConfig())
-    server = DrainingServer(_uvicorn_config(app, "127.0.0.1", free_port(), timeout_graceful_shutdown=5), handlers,
-                            drain_timeout_s=0.5)
+    app, handlers = create_app(engine, "tiny", ServerConfig(drain_timeout_s=0.5))
+    server = DrainingServer(_uvicorn_config(app, "127.0.0.1", free_port(), timeout_graceful_shutdown=5), handlers)
     engine.start()
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
