@@ -121,8 +121,8 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     Linears named in `quantized` become com.microsoft.MatMulNBits nodes over their codes, or with
     weight_format "qdq" standard DequantizeLinear + MatMul (the TensorRT target). q/k/v and gate/up
     each run as one matmul over stacked weights. kv_dtype is the pools' (and the returned K/V's) dtype.
-    int8_linears: the decoder's linears become llmc.Int8Linear (int8 weights and activations with
-    scales per block of 64 inputs: the prefill graph); the LM head stays as it is (it sees few rows).
+    int8_linears: every linear, the LM head included, becomes llmc.Int8Linear (int8 weights and
+    activations with scales per block of 64 inputs: the int8 graph).
     """
     geo = model.geo
     quant = {**(quantized or {}), "accuracy_level": accuracy_level, "format": weight_format,
@@ -152,8 +152,12 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
         new_keys.append(k_rotated)
         new_values.append(v)
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
-    if "lm_head" in quant:
-        g.op_to("Identity", [_linear(g, h, "lm_head", model.lm_head, {**quant, "int8_linears": False})], "logits")
+    if int8_linears and geo.hidden_size % il.BLOCK == 0:  # the int8 graph: the LM head too (tied or not)
+        head = model.embed.weight if model.lm_head is None else model.lm_head.weight
+        weight = quant["lm_head"].dequantize() if "lm_head" in quant else _np(head)
+        g.op_to("Identity", [il.int8_linear(g, h, "lm_head", weight, two_level=True)], "logits")
+    elif "lm_head" in quant:
+        g.op_to("Identity", [_linear(g, h, "lm_head", model.lm_head, quant)], "logits")
     else:
         head = embed if model.lm_head is None else g.weight("lm_head.weight", _np(model.lm_head.weight))
         g.op_to("Gemm", [h, head], "logits", transB=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -13,7 +14,7 @@ from llmc.artifacts.geometry import KV_LAYOUT, ModelGeometry
 from llmc.errors import BundleError
 from llmc.kernels.fused_cpu import amx_int8_available, register_fused_kernels
 from llmc.runtime.kv_pool import KVPool
-from llmc.runtime.step_inputs import StepInputs
+from llmc.runtime.step_inputs import Chunk, StepInputs, layout_step
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +22,14 @@ log = logging.getLogger(__name__)
 _GLOBAL_POOL_THREADS: int | None = None
 STEP_INPUTS = ("input_ids", "positions", "block_tables", "context_lens", "query_start", "logits_index")
 OUTPUTS = ("logits", "new_keys", "new_values")
-# Steps of at least this many tokens run the int8 prefill graph where it is used: the crossover with
-# the main graph's GEMMs. Measured (SmolLM2's K, N; 2 threads; GOP/s): llmc.Int8Linear on AMX 23-30 at
-# 1 row, 61-99 at 4, 112-146 at 8, 157-325 at 16, ~1,000 at 512; fp32 Gemm 10-39, 79-124, 120-129,
-# 169-196 (MatMulNBits, int4 at accuracy level 4: 19 at 1 row, 43 at 16; the build refuses int8_prefill
-# over quantized weights for now).
+# Steps of at least PREFILL_MIN_TOKENS tokens always run the int8 graph where a bundle has one (the int8
+# kernel: ~1,000 GOP/s at 512 rows, fp32 Gemm ~150). Below that the crossover depends on the main graph's
+# weights, so the engine measures it when it loads (calibrate_int8): decode steps of CALIBRATION_BATCHES
+# sequences on both graphs. Measured on SmolLM2 (2 threads, 400 tokens of context): an fp32 main graph
+# takes 29 ms at batch 1 and 73 ms at 16, the int8 graph 12 and 46 ms: int8 from one token on.
 PREFILL_MIN_TOKENS = 16
+CALIBRATION_BATCHES = (1, 2, 4, 8)
+CALIBRATION_CONTEXT = 128
 
 
 def _use_global_thread_pool(num_threads: int) -> None:
@@ -68,14 +71,13 @@ class OrtEngine:
         _use_global_thread_pool(num_threads or len(os.sched_getaffinity(0)))
         self.session, fused = _session(path)
         self.attention = "llmc fused CPU kernel" if fused else "ONNX function body"
-        self.prefill_session = None  # steps of at least PREFILL_MIN_TOKENS tokens run here, if it exists
+        self.int8_session = None  # the int8 graph: steps of at least int8_min_tokens tokens run here
         prefill = entry.get("prefill")
         if prefill and amx_int8_available():
-            self.prefill_session, _ = _session(bundle.path / entry["dir"] / prefill["graph"])
+            self.int8_session, _ = _session(bundle.path / entry["dir"] / prefill["graph"])
         elif prefill:
             log.info("this CPU has no AMX int8 tiles (or llmc's kernels are off): every step runs the main graph")
-        self.gemm_path = (f"int8 AMX (llmc.Int8Linear) for steps of >= {PREFILL_MIN_TOKENS} tokens, else the "
-                          "main graph" if self.prefill_session else "main graph (fp32 / MatMulNBits)")
+        self.int8_min_tokens = PREFILL_MIN_TOKENS  # steps of this many tokens or more run the int8 graph
         self.path_counts = {"main": [0, 0], "int8_amx": [0, 0]}  # [engine calls, tokens] per path
         self.geometry = geometry
         self.num_layers = geometry.num_layers
@@ -86,11 +88,49 @@ class OrtEngine:
     def step(self, inputs: StepInputs, pool: KVPool) -> np.ndarray:
         """Run one step; returns logits [N, vocab] and updates the pools in place."""
         num_tokens = len(inputs.input_ids)
-        use_int8 = self.prefill_session is not None and num_tokens >= PREFILL_MIN_TOKENS
-        session = self.prefill_session if use_int8 else self.session
+        use_int8 = self.int8_session is not None and num_tokens >= self.int8_min_tokens
+        session = self.int8_session if use_int8 else self.session
         counts = self.path_counts["int8_amx" if use_int8 else "main"]
         counts[0] += 1
         counts[1] += num_tokens
+        return self.run_session(session, inputs, pool)
+
+    @property
+    def gemm_path(self) -> str:
+        """Which graph's GEMMs run which steps, in words."""
+        if self.int8_session is None:
+            return "main graph (fp32 / MatMulNBits)"
+        if self.int8_min_tokens <= 1:
+            return "int8 AMX (llmc.Int8Linear) for every step"
+        return f"int8 AMX (llmc.Int8Linear) for steps of >= {self.int8_min_tokens} tokens, else the main graph"
+
+    def calibrate_int8(self, pool: KVPool) -> None:
+        """Set int8_min_tokens from timed decode steps on both graphs: the smallest batch from which the
+        int8 graph is faster at every measured size (a fresh pool's blocks are scratch space)."""
+        if self.int8_session is None:
+            return
+        blocks = list(range(min(pool.num_blocks, -(-CALIBRATION_CONTEXT // pool.block_size))))
+        context = len(blocks) * pool.block_size
+        faster = {}
+        for batch in CALIBRATION_BATCHES:
+            inputs = layout_step([Chunk([0], context - 1, blocks, 1)] * batch, pool.block_size)
+            seconds = {}
+            for name, session in (("main", self.session), ("int8", self.int8_session)):
+                self.run_session(session, inputs, pool)  # warm
+                seconds[name] = min(_timed(self.run_session, session, inputs, pool) for _ in range(3))
+            faster[batch] = seconds["int8"] < seconds["main"]
+            log.debug("decode batch %d: main graph %.1f ms, int8 graph %.1f ms", batch, 1e3 * seconds["main"],
+                      1e3 * seconds["int8"])
+        self.int8_min_tokens = PREFILL_MIN_TOKENS
+        for batch in reversed(CALIBRATION_BATCHES):
+            if not faster[batch]:
+                break
+            self.int8_min_tokens = batch
+        log.info("int8 graph from %d tokens a step (measured on decode batches of %s)", self.int8_min_tokens,
+                 ", ".join(map(str, CALIBRATION_BATCHES)))
+
+    def run_session(self, session: ort.InferenceSession, inputs: StepInputs, pool: KVPool) -> np.ndarray:
+        """One step on the given session (the main or the int8 graph)."""
         binding = self._binding(session, pool)
         for name in STEP_INPUTS:
             binding.bind_cpu_input(name, getattr(inputs, name))
@@ -112,6 +152,12 @@ class OrtEngine:
                 io.bind_cpu_input(f"value_pool_{i}", pool.values[i])
             bound = self._bindings[id(session)] = (pool, io)
         return bound[1]
+
+
+def _timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
 
 
 def _session(path) -> tuple[ort.InferenceSession, bool]:

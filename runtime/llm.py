@@ -88,6 +88,7 @@ class LLM:
             self.spec_policy = SpecPolicy(num_spec_tokens or spec["num_tokens"],
                                           spec["adaptive"] if adaptive_speculation is None else adaptive_speculation,
                                           PRIOR_ACCEPTANCE_DRAFT if spec["method"] == "draft" else PRIOR_ACCEPTANCE)
+        self.engine.calibrate_int8(self.pool)
         self._speculating: dict[Sequence, bool] = {}  # admitted to speculation, per decoding sequence
         self.spec_stats = SpecStats()
         if self.spec_policy is not None and self.spec_policy.adaptive:

@@ -98,44 +98,53 @@ void quantize_rows(const Int8LinearArgs& a, int64_t row_begin, int64_t row_end) 
   }
 }
 
-__attribute__((target("amx-tile,amx-int8,avx512f"))) void run_block(const Int8LinearArgs& a, int64_t mb, int64_t nb) {
+namespace {
+
+// Rows [m0, m0 + 16 * kRowTiles) x columns [n0, n0 + 32) of y. Each 64-channel block's int32 tile
+// products are scaled into float accumulators (the block's row and column scales) for the rows that
+// exist only: a decode step's few rows cost little more than their own tile instructions.
+template <int kRowTiles>
+__attribute__((target("amx-tile,amx-int8,avx512f"))) void run_tiles(const Int8LinearArgs& a, int64_t m0, int64_t n0) {
   // The tile configuration is per thread and other AMX code (onnxruntime's own kernels) may have changed
   // it since: loading it costs less than 1% of a block's work.
   static const TileConfig config = make_config();
   _tile_loadconfig(&config);
   const PackedWeight& w = *a.w;
-  const int64_t K = w.K, k_tiles = K / 64, m0 = mb * kRowBlock, n0 = nb * kColBlock;
+  const int64_t K = w.K, blocks = K / 64;
   const int8_t* x0 = a.xq + m0 * K;
   const int8_t* x1 = x0 + 16 * K;
-  const int8_t* b0 = w.data.data() + (n0 / 16) * k_tiles * 1024;
-  const int8_t* b1 = b0 + k_tiles * 1024;
-  alignas(64) int32_t part[4][16][16];
-  alignas(64) float acc[4][16][16] = {};
+  const int8_t* b0 = w.data.data() + (n0 / 16) * blocks * 1024;
+  const int8_t* b1 = b0 + blocks * 1024;
+  int64_t valid[2];  // real rows of each row tile
+  for (int t = 0; t < 2; ++t) valid[t] = std::clamp<int64_t>(a.M - m0 - 16 * t, 0, 16);
+  alignas(64) int32_t part[2 * kRowTiles][16][16];
+  alignas(64) float acc[2 * kRowTiles][16][16] = {};
   static_assert(kBlock == 64, "one scale block is one tile of K");
-  const int64_t blocks = k_tiles;
   for (int64_t kb = 0; kb < blocks; ++kb) {  // each block of input channels has its own activation scales
     _tile_zero(0);
     _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
     _tile_loadd(4, x0 + kb * 64, K);
-    _tile_loadd(5, x1 + kb * 64, K);
     _tile_loadd(6, b0 + kb * 1024, 64);
     _tile_loadd(7, b1 + kb * 1024, 64);
     _tile_dpbssd(0, 4, 6);
     _tile_dpbssd(1, 4, 7);
-    _tile_dpbssd(2, 5, 6);
-    _tile_dpbssd(3, 5, 7);
     _tile_stored(0, part[0], 64);
     _tile_stored(1, part[1], 64);
-    _tile_stored(2, part[2], 64);
-    _tile_stored(3, part[3], 64);
+    if constexpr (kRowTiles == 2) {
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_loadd(5, x1 + kb * 64, K);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+      _tile_stored(2, part[2], 64);
+      _tile_stored(3, part[3], 64);
+    }
     // This block's weight scales of the 2 x 16 columns (packed [blocks][Np], padded with zeros).
     const __m512 col_scales[2] = {_mm512_loadu_ps(w.scale.data() + kb * w.Np + n0),
                                   _mm512_loadu_ps(w.scale.data() + kb * w.Np + n0 + 16)};
-    for (int t = 0; t < 4; ++t) {  // acc += float(part) * row scale * column scale, one zmm per row
+    for (int t = 0; t < 2 * kRowTiles; ++t) {  // acc += float(part) * row scale * column scale, one zmm per row
       const float* row_scales = a.x_scale + (m0 + (t / 2) * 16) * blocks + kb;
-      for (int r = 0; r < 16; ++r) {
+      for (int64_t r = 0; r < valid[t / 2]; ++r) {
         const __m512 products = _mm512_cvtepi32_ps(_mm512_load_si512(part[t][r]));
         const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(row_scales[r * blocks]), col_scales[t % 2]);
         _mm512_store_ps(acc[t][r], _mm512_fmadd_ps(products, scales, _mm512_load_ps(acc[t][r])));
@@ -143,14 +152,19 @@ __attribute__((target("amx-tile,amx-int8,avx512f"))) void run_block(const Int8Li
     }
   }
   const int64_t N = w.N;
-  for (int t = 0; t < 4; ++t) {
-    const int64_t row0 = m0 + (t / 2) * 16, col0 = n0 + (t % 2) * 16;
-    const int64_t rows = std::min<int64_t>(16, a.M - row0), cols = std::min<int64_t>(16, N - col0);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* y = a.y + (row0 + r) * N + col0;
-      for (int64_t c = 0; c < cols; ++c) y[c] = acc[t][r][c];
-    }
+  for (int t = 0; t < 2 * kRowTiles; ++t) {
+    const int64_t row0 = m0 + (t / 2) * 16, col0 = n0 + (t % 2) * 16, cols = std::min<int64_t>(16, N - col0);
+    if (cols <= 0) continue;  // a padding tile
+    for (int64_t r = 0; r < valid[t / 2]; ++r) std::memcpy(a.y + (row0 + r) * N + col0, acc[t][r], cols * sizeof(float));
   }
+}
+
+}  // namespace
+
+void run_block(const Int8LinearArgs& a, int64_t mb, int64_t nb) {
+  const int64_t m0 = mb * kRowBlock, n0 = nb * kColBlock;
+  if (a.M - m0 > 16) return run_tiles<2>(a, m0, n0);
+  return run_tiles<1>(a, m0, n0);  // the second row tile would be padding only
 }
 
 }  // namespace llmc

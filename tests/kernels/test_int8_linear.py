@@ -33,7 +33,7 @@ def test_int8_linear_matches_numpy(with_kernels, n, k):
     weight = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
     codes, scale = il.quantize_weight(weight)
     session = _session(weight, with_kernels)
-    for m in (1, 16, 33, 70):
+    for m in (1, 3, 16, 17, 33, 70):  # one or two row tiles per work item, partly filled
         x = rng.standard_normal((m, k)).astype(np.float32)
         x[0] = 0.0  # an all-zero row (scale 1)
         y = session.run(None, {"x": x})[0]

@@ -27,6 +27,7 @@ def test_long_steps_run_the_int8_graph_and_agree_with_fp32(int8_bundle, tiny_bun
     prompt = list(range(3, 83))  # 80 tokens: one prefill step of the int8 graph
     params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=5)
     llm = LLM(int8_bundle, max_num_batched_tokens=256)
+    llm.engine.int8_min_tokens = engine_ort.PREFILL_MIN_TOKENS  # decodes on the main graph, whatever was measured
     out = llm.generate([prompt], params)[0]
     assert llm.engine.path_counts["int8_amx"] == [1, 80] and llm.engine.path_counts["main"][0] == 7
     assert "int8 AMX" in llm.engine.gemm_path
@@ -44,3 +45,33 @@ def test_without_amx_the_bundle_runs_the_main_graph(int8_bundle, tiny_bundle, mo
     assert llm.engine.path_counts["int8_amx"] == [0, 0] and "main graph" in llm.engine.gemm_path
     ref = LLM(tiny_bundle).generate([list(range(3, 83))], SamplingParams(max_tokens=6, ignore_eos=True))[0]
     assert out.token_ids == ref.token_ids  # the same fp32 graph as the bundle without the int8 one
+
+
+@needs_amx
+@pytest.mark.parametrize("int8_from,expected", [(None, 1), (4, 4), (8, 8), (100, engine_ort.PREFILL_MIN_TOKENS)])
+def test_the_crossover_is_the_smallest_batch_from_which_int8_stays_faster(int8_bundle, monkeypatch, int8_from,
+                                                                          expected):
+    """calibrate_int8 times decode batches on both graphs (here with made-up timings)."""
+    llm = LLM(int8_bundle)
+    engine = llm.engine
+
+    def fake_timed(fn, session, inputs, pool):
+        batch = len(inputs.input_ids)
+        int8_wins = int8_from is None or batch >= int8_from
+        return 1.0 if (session is engine.int8_session) == int8_wins else 2.0
+
+    monkeypatch.setattr(engine_ort, "_timed", fake_timed)
+    engine.calibrate_int8(llm.pool)
+    assert engine.int8_min_tokens == expected
+    assert ("every step" in engine.gemm_path) == (expected == 1)
+
+
+@needs_amx
+def test_with_int8_from_one_token_every_step_runs_the_int8_graph(int8_bundle, tiny_bundle):
+    llm = LLM(int8_bundle)
+    llm.engine.int8_min_tokens = 1
+    prompts = [list(range(3, 40)), list(range(50, 60))]
+    out = llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    assert llm.engine.path_counts["main"] == [0, 0] and llm.engine.path_counts["int8_amx"][0] > 0
+    ref = LLM(tiny_bundle).generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
+    assert [o.token_ids[0] for o in out] == [o.token_ids[0] for o in ref]
