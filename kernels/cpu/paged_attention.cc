@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace llmc {
@@ -66,6 +67,70 @@ inline void weighted_sum(const float* __restrict w, const T* __restrict rows, in
     return;
   }
   for (int64_t i = 0; i < n; ++i) axpy(out, w[i], rows + i * stride, D);
+}
+
+// The 16 lane sums of 16 vectors, as one vector, in a tree of shuffles (no serial horizontal sums).
+// Lane i of the result is the sum of parts[kBitReversed[i]]: store key i's partial at kBitReversed[i].
+constexpr int kBitReversed[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+inline f32x16 sum_lanes16(const f32x16* parts) {
+  f32x16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {
+    a[i] = __builtin_shufflevector(parts[2 * i], parts[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(parts[2 * i], parts[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+  return __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+// Scores of the kG query heads of one KV head against n <= 16 cached keys (rows `stride` apart): each key
+// is loaded once for the whole group. q: [kG, kD]; out: kG rows `out_stride` apart, n values each.
+template <int kD, int kG, typename T>
+inline void group_scores(const float* __restrict q, const T* __restrict keys, int64_t stride, int64_t n, float scale,
+                         float* __restrict out, int64_t out_stride) {
+  f32x16 parts[kG][16];
+  for (int64_t i = 0; i < n; ++i) {
+    f32x16 k[kD / 16];
+    for (int v = 0; v < kD / 16; ++v) k[v] = load16(keys + i * stride + 16 * v);
+    for (int j = 0; j < kG; ++j) {
+      f32x16 acc = load16(q + j * kD) * k[0];
+      for (int v = 1; v < kD / 16; ++v) acc += load16(q + j * kD + 16 * v) * k[v];
+      parts[j][kBitReversed[i]] = acc;
+    }
+  }
+  for (int j = 0; j < kG; ++j) {
+    for (int64_t i = n; i < 16; ++i) parts[j][kBitReversed[i]] = f32x16{};
+    alignas(64) float sums[16];
+    store16(sums, sum_lanes16(parts[j]) * scale);
+    std::memcpy(out + j * out_stride, sums, n * sizeof(float));
+  }
+}
+
+// out[j][:kD] += sum_i w[j * w_stride + i] * values[i * stride][:kD] for the kG heads of one KV head:
+// each value row is loaded once for the group, the sums stay in registers.
+template <int kD, int kG, typename T>
+inline void group_weighted_sum(const float* __restrict w, int64_t w_stride, const T* __restrict values, int64_t stride,
+                               int64_t n, float* __restrict out, int64_t out_stride) {
+  f32x16 acc[kG][kD / 16] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    f32x16 v[kD / 16];
+    for (int d = 0; d < kD / 16; ++d) v[d] = load16(values + i * stride + 16 * d);
+    for (int j = 0; j < kG; ++j) {
+      const f32x16 wi = f32x16{} + w[j * w_stride + i];
+      for (int d = 0; d < kD / 16; ++d) acc[j][d] += wi * v[d];
+    }
+  }
+  for (int j = 0; j < kG; ++j) {
+    for (int d = 0; d < kD / 16; ++d) store16(out + j * out_stride + 16 * d, load16(out + j * out_stride + 16 * d) + acc[j][d]);
+  }
 }
 
 // Rotate-half RoPE of `heads` vectors of length D: out = x * cos + rotate_half(x) * sin.
@@ -164,7 +229,8 @@ StepPlan plan_step(const PagedAttentionArgs& a) {
   return plan;
 }
 
-template <int kD, typename T>
+// kG > 0 (with kD > 0): the query heads per KV head as a constant, cached keys and values read once per group.
+template <int kD, int kG, typename T>
 void attend_chunk_d(const PagedAttentionArgs& a, int64_t t, int64_t c, float* partial) {
   const T* k_pool = static_cast<const T*>(a.k_pool);
   const T* v_pool = static_cast<const T*>(a.v_pool);
@@ -186,6 +252,15 @@ void attend_chunk_d(const PagedAttentionArgs& a, int64_t t, int64_t c, float* pa
   float* scores = scores_buffer.data();  // [H, kChunk]: row h's first n
   const int64_t cached_end = std::min(end, cached);
   for_each_cached_run(a, k_pool, s, begin, cached_end, [&](const T* keys, int64_t first, int64_t m) {
+    if constexpr (kD > 0 && kG > 0) {
+      for (int64_t g = 0; g < a.KVH; ++g) {
+        for (int64_t i = 0; i < m; i += 16) {
+          group_scores<kD, kG, T>(q + g * kG * kD, keys + i * row + g * kD, row, std::min<int64_t>(16, m - i), a.scale,
+                                  scores + g * kG * kChunk + (first - begin) + i, kChunk);
+        }
+      }
+      return;
+    }
     for (int64_t h = 0; h < H; ++h) {
       const T* key = keys + (h / group) * D;
       float* out = scores + h * kChunk + (first - begin);
@@ -208,6 +283,13 @@ void attend_chunk_d(const PagedAttentionArgs& a, int64_t t, int64_t c, float* pa
   }
 
   for_each_cached_run(a, v_pool, s, begin, cached_end, [&](const T* values, int64_t first, int64_t m) {
+    if constexpr (kD > 0 && kG > 0) {
+      for (int64_t g = 0; g < a.KVH; ++g) {
+        group_weighted_sum<kD, kG, T>(scores + g * kG * kChunk + (first - begin), kChunk, values + g * kD, row, m,
+                                      partial + g * kG * (D + 2), D + 2);
+      }
+      return;
+    }
     for (int64_t h = 0; h < H; ++h) {
       weighted_sum<kD, T>(scores + h * kChunk + (first - begin), values + (h / group) * D, row, m, D,
                           partial + h * (D + 2));
@@ -221,12 +303,23 @@ void attend_chunk_d(const PagedAttentionArgs& a, int64_t t, int64_t c, float* pa
   }
 }
 
+template <int kD, typename T>
+void attend_chunk_g(const PagedAttentionArgs& a, int64_t t, int64_t c, float* partial) {
+  switch (a.H / a.KVH) {
+    case 1: return attend_chunk_d<kD, 1, T>(a, t, c, partial);
+    case 2: return attend_chunk_d<kD, 2, T>(a, t, c, partial);
+    case 3: return attend_chunk_d<kD, 3, T>(a, t, c, partial);
+    case 4: return attend_chunk_d<kD, 4, T>(a, t, c, partial);
+    default: return attend_chunk_d<kD, 0, T>(a, t, c, partial);
+  }
+}
+
 template <typename T>
 void attend_chunk_t(const PagedAttentionArgs& a, int64_t t, int64_t c, float* partial) {
   switch (a.D) {
-    case 64: return attend_chunk_d<64, T>(a, t, c, partial);
-    case 128: return attend_chunk_d<128, T>(a, t, c, partial);
-    default: return attend_chunk_d<0, T>(a, t, c, partial);
+    case 64: return attend_chunk_g<64, T>(a, t, c, partial);
+    case 128: return attend_chunk_g<128, T>(a, t, c, partial);
+    default: return attend_chunk_d<0, 0, T>(a, t, c, partial);
   }
 }
 

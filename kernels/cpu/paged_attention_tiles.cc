@@ -1,7 +1,9 @@
 // Prefill tiles of llmc's fused paged attention (see paged_attention.h): kTile consecutive rows of one
 // sequence attend together, one 16-lane vector per (key, head) holding the tile's 16 scores, so a
-// key is read once per tile and no dot product needs a horizontal sum. Keys stream in chunks of
-// kChunk with an online softmax (running maximum and sum per row), flash-attention style.
+// key is read once per tile and no dot product needs a horizontal sum. The outputs are kept the same
+// way, transposed (one vector of 16 rows per head and dimension): P.V is then the same broadcast-FMA
+// loop as Q.K, its sums in registers. Keys stream in chunks of kChunk with an online softmax (running
+// maximum and sum per row), flash-attention style.
 #include <algorithm>
 #include <type_traits>
 #include <vector>
@@ -14,11 +16,11 @@ namespace {
 
 static_assert(kTile == 16, "a tile is one 16-lane vector of rows");
 
-// The tile's running state: per head, 16 lanes (rows) of maximum and sum, and 16 rows of [D] outputs.
+// The tile's running state: per head, 16 lanes (rows) of maximum, sum and outputs.
 struct TileState {
   int64_t H, D;
   std::vector<f32x16> peak, sum;  // [H]
-  std::vector<float> acc;         // [H, 16, D]
+  std::vector<f32x16> acc;        // [H, D]: the tile's outputs, transposed (lane = row)
   std::vector<f32x16> qt;         // [H, D]: the tile's rotated queries, transposed (lane = row)
   std::vector<f32x16> scores;     // [kChunk, H]
 };
@@ -29,14 +31,27 @@ void attend_keys(const PagedAttentionArgs& a, TileState& st, const float* const*
   const int64_t H = st.H, D = st.D, group = a.H / a.KVH;
   f32x16 lane{};
   for (int i = 0; i < 16; ++i) lane[i] = static_cast<float>(i);
+  // Scores kKeys keys at a time: independent accumulator chains (one chain per key and head was bound by
+  // the FMA latency, ~4x slower), each query vector loaded once for them.
+  constexpr int64_t kKeys = 8;
+  for (int64_t j0 = 0; j0 < n; j0 += kKeys) {
+    const int64_t m = std::min(kKeys, n - j0);
+    for (int64_t h = 0; h < H; ++h) {
+      const f32x16* q = st.qt.data() + h * D;
+      const float* key[kKeys];
+      for (int64_t j = 0; j < kKeys; ++j) key[j] = keys[j0 + std::min(j, m - 1)] + (h / group) * D;
+      f32x16 s[kKeys] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t j = 0; j < kKeys; ++j) s[j] += q[d] * key[j][d];
+      }
+      for (int64_t j = 0; j < m; ++j) st.scores[(j0 + j) * H + h] = s[j];
+    }
+  }
   for (int64_t j = 0; j < n; ++j) {
     // Row i sees keys up to last_key_of_row0 + i; lanes past the tile's rows see none.
     const i32x16 allowed = (lane >= static_cast<float>(first + j - last_key_of_row0)) & (lane < static_cast<float>(rows));
     for (int64_t h = 0; h < H; ++h) {
-      const float* key = keys[j] + (h / group) * D;
-      const f32x16* q = st.qt.data() + h * D;
-      f32x16 s{};
-      for (int64_t d = 0; d < D; ++d) s += q[d] * key[d];
+      const f32x16 s = st.scores[j * H + h];
       st.scores[j * H + h] = allowed ? s * a.scale : f32x16{} - 3.0e38f;
     }
   }
@@ -46,24 +61,31 @@ void attend_keys(const PagedAttentionArgs& a, TileState& st, const float* const*
     const f32x16 rescale = exp_nonpositive(st.peak[h] - chunk_peak);
     st.peak[h] = chunk_peak;
     st.sum[h] *= rescale;
-    float* acc = st.acc.data() + h * 16 * D;
-    for (int i = 0; i < rows; ++i) {
-      for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= rescale[i];
-    }
+    f32x16* acc = st.acc.data() + h * D;
+    for (int64_t d = 0; d < D; ++d) acc[d] *= rescale;
     for (int64_t j = 0; j < n; ++j) {
       const f32x16 p = exp_nonpositive(st.scores[j * H + h] - chunk_peak);
       st.scores[j * H + h] = p;
       st.sum[h] += p;
     }
   }
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t h = 0; h < H; ++h) {
-      const float* value = values[j] + (h / group) * D;
-      const f32x16 p = st.scores[j * H + h];
-      float* acc = st.acc.data() + h * 16 * D;
-      for (int i = 0; i < rows; ++i) {
-        const float w = p[i];
-        for (int64_t d = 0; d < D; ++d) acc[i * D + d] += w * value[d];
+  for (int64_t h = 0; h < H; ++h) {  // acc[h][d] += p_j * v_j[d], 16 dimensions at a time in registers
+    f32x16* acc = st.acc.data() + h * D;
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      if (D - d0 >= 16) {
+        f32x16 sums[16];
+        for (int dd = 0; dd < 16; ++dd) sums[dd] = acc[d0 + dd];
+        for (int64_t j = 0; j < n; ++j) {
+          const float* value = values[j] + (h / group) * D + d0;
+          const f32x16 p = st.scores[j * H + h];
+          for (int dd = 0; dd < 16; ++dd) sums[dd] += p * value[dd];
+        }
+        for (int dd = 0; dd < 16; ++dd) acc[d0 + dd] = sums[dd];
+        continue;
+      }
+      for (int64_t j = 0; j < n; ++j) {  // a head size that is not a multiple of 16: the tail
+        const float* value = values[j] + (h / group) * D;
+        for (int64_t d = d0; d < D; ++d) acc[d] += st.scores[j * H + h] * value[d];
       }
     }
   }
@@ -76,7 +98,7 @@ void attend_tile_t(const PagedAttentionArgs& a, int64_t s, int64_t r0, int64_t r
   const int64_t* tokens = a.query_index + s * a.Qmax;  // step token of each row
   const int64_t last_key_of_row0 = cached + r0, total = cached + r0 + rows;  // keys [0, total)
   TileState st{H, D, std::vector<f32x16>(H, f32x16{} - 3.0e38f), std::vector<f32x16>(H, f32x16{}),
-               std::vector<float>(H * 16 * D, 0.0f), std::vector<f32x16>(H * D, f32x16{}),
+               std::vector<f32x16>(H * D, f32x16{}), std::vector<f32x16>(H * D, f32x16{}),
                std::vector<f32x16>(kChunk * H)};
   for (int64_t i = 0; i < rows; ++i) {
     const float* q = a.q_rotated + tokens[r0 + i] * H * D;
@@ -120,8 +142,8 @@ void attend_tile_t(const PagedAttentionArgs& a, int64_t s, int64_t r0, int64_t r
     float* out = a.out + tokens[r0 + i] * H * D;
     for (int64_t h = 0; h < H; ++h) {
       const float inv = 1.0f / st.sum[h][i];
-      const float* acc = st.acc.data() + (h * 16 + i) * D;
-      for (int64_t d = 0; d < D; ++d) out[h * D + d] = acc[d] * inv;
+      const f32x16* acc = st.acc.data() + h * D;
+      for (int64_t d = 0; d < D; ++d) out[h * D + d] = acc[d][i] * inv;
     }
   }
 }

@@ -14,18 +14,27 @@ import torch
 from llmc.compiler.emit_onnx import emit_onnx
 from llmc.compiler.importer import import_checkpoint
 from llmc.kernels import fused_cpu
-from tests.helpers import ort_options, profiled_op_types
+from tests.helpers import ort_options, profiled_op_types, write_tiny_checkpoint
 
 BLOCK, NUM_BLOCKS = 6, 64  # 6: the kernel's 64-key chunks end inside blocks
 
 
-@pytest.fixture(scope="module", params=["float32", "float16"])
+# Head geometries: the tiny model's (head size 16: the kernel's generic loops), SmolLM2's (64, 3 query
+# heads per KV head) and head size 128 with 2 (the grouped loops with constant sizes).
+HEADS = {"d16-g2": {}, "d64-g3": dict(hidden_size=384, num_attention_heads=6, num_key_value_heads=2),
+         "d128-g2": dict(hidden_size=512, num_attention_heads=4, num_key_value_heads=2)}
+
+
+@pytest.fixture(scope="module", params=[("float32", "d16-g2"), ("float16", "d16-g2"), ("float32", "d64-g3"),
+                                        ("float16", "d64-g3"), ("float32", "d128-g2")], ids="-".join)
 def engine(request, tiny_checkpoint, tmp_path_factory):
-    """(model, step graph, KV dtype) over float32 and float16 pools."""
+    """(model, step graph, KV dtype) over float32 and float16 pools and several head geometries."""
+    kv_dtype, heads = request.param
     work = tmp_path_factory.mktemp("fused")
-    model = import_checkpoint(tiny_checkpoint, work_dir=work).model
-    entry = emit_onnx(model, work / "engine", kv_dtype=request.param)
-    return model, work / "engine" / entry["graph"], request.param
+    checkpoint = write_tiny_checkpoint(work / "ckpt", **HEADS[heads]) if HEADS[heads] else tiny_checkpoint
+    model = import_checkpoint(checkpoint, work_dir=work).model
+    entry = emit_onnx(model, work / "engine", kv_dtype=kv_dtype)
+    return model, work / "engine" / entry["graph"], kv_dtype
 
 
 def _long_step(model, kv_dtype="float32"):
