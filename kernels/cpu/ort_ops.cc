@@ -108,7 +108,8 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
 
   RETURN_IF_ERROR(make_output(api, context, 0, a.T, a.H * a.D, &a.out));
   RETURN_IF_ERROR(make_output(api, context, 1, a.T, a.KVH * a.D, &a.k_rotated));
-  std::vector<float> q_rotated(a.T * a.H * a.D);
+  thread_local std::vector<float> q_rotated;  // scratch reused across calls (see int8_linear_op.cc)
+  q_rotated.resize(a.T * a.H * a.D);
   a.q_rotated = q_rotated.data();
   llmc::rotate_all(a);
   llmc::StepPlan plan = llmc::plan_step(a);
