@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -296,10 +297,13 @@ def _range(text: str) -> tuple[int, int]:
 @click.option("--sweep", default=None, help="Offline sweep, e.g. max_num_seqs=1,2,4,8,16 (writes JSON + PNG).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "out_path", default="bench.json", show_default=True, type=click.Path(path_type=Path))
+@click.option("--profile", is_flag=True,
+              help="Offline: profile every step with onnxruntime's profiler and report where step time goes "
+                   "(GEMMs, attention, the rest, outside the graph, host).")
 @_spec_options
 def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_len: str, rate: str, url: str | None,
           max_num_seqs: int, max_num_batched_tokens: int, kv_cache_memory: str, policy: str,
-          no_prefix_caching: bool, sweep: str | None, seed: int, out_path: Path, no_speculation: bool,
+          no_prefix_caching: bool, sweep: str | None, seed: int, out_path: Path, profile: bool, no_speculation: bool,
           num_spec_tokens: int | None, fixed_speculation: bool) -> None:
     """Benchmark BUNDLE: tokens/s, TTFT, TPOT, inter-token latency, KV usage and waste."""
     _setup_logging(1)
@@ -313,6 +317,8 @@ def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_le
     spec = _spec_kwargs(no_speculation, num_spec_tokens, fixed_speculation)
     make = lambda **kw: LLM(loaded, kv_cache_memory=kv_cache_memory, policy=policy,  # noqa: E731
                             enable_prefix_caching=not no_prefix_caching, **spec, **{**settings, **kw})
+    if profile and (sweep or mode != "offline"):
+        raise click.BadParameter("--profile goes with --mode offline (no --sweep)")
     if sweep:
         key, _, values = sweep.partition("=")
         if key not in settings:
@@ -325,7 +331,9 @@ def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_le
         report = {"workload": {"requests": num_requests, "prompt_len": prompt_len, "output_len": output_len},
                   "sweep": results, "plot": plot}
     elif mode == "offline":
-        report = {"mode": "offline", **settings, "policy": policy, **b.run_offline(make(), workload)}
+        with tempfile.TemporaryDirectory(prefix="llmc-profile-") as traces:
+            llm = make(profile_dir=traces if profile else None)
+            report = {"mode": "offline", **settings, "policy": policy, **b.run_offline(llm, workload)}
     else:
         report = {"mode": "online", **_online(b, make, workload, url, float(rate), loaded.manifest["name"], seed)}
     out_path.write_text(b.to_json(report))

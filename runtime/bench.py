@@ -68,9 +68,11 @@ def summarize(traces: list[RequestTrace], duration: float, extra: dict | None = 
 
 
 def run_offline(llm, workload: list[BenchRequest]) -> dict:
-    """All requests queued at once through the Python API; per-token times taken after each step."""
+    """All requests queued at once through the Python API; per-token times taken after each step. An LLM
+    made with profile_dir also reports `step_time` (runtime/step_profile.py)."""
     from llmc.runtime.llm import StepTiming
     from llmc.runtime.sequence import SamplingParams
+    from llmc.runtime.step_profile import step_time_report
 
     start = time.perf_counter()
     seqs, traces = [], []
@@ -82,6 +84,7 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
     timing_before = replace(llm.timing)
     spec_before = replace(llm.spec_stats)
     preemptions_before = llm.scheduler.num_preemptions
+    path_seconds_before = dict(llm.engine.path_seconds)
     done, next_report = 0, max(1, len(seqs) // 10)
     while llm.scheduler.has_unfinished():
         updated = llm.step()
@@ -98,6 +101,7 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
     duration = time.perf_counter() - start
     for seq in seqs:
         llm.release(seq)
+    path_seconds = {path: llm.engine.path_seconds[path] - path_seconds_before[path] for path in path_seconds_before}
     run_timing = StepTiming(llm.timing.steps - timing_before.steps, llm.timing.total_s - timing_before.total_s,
                             llm.timing.engine_s - timing_before.engine_s)
     return summarize(traces, duration, {
@@ -105,8 +109,10 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
         "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
         "host_overhead_fraction": run_timing.host_fraction, "attention": llm.engine.attention,
         "gemm_path": llm.engine.gemm_path,
-        "engine_calls_by_path": {path: {"calls": calls, "tokens": tokens}
+        "engine_calls_by_path": {path: {"calls": calls, "tokens": tokens, "seconds": path_seconds[path]}
                                  for path, (calls, tokens) in llm.engine.path_counts.items()},
+        "step_time": (step_time_report(llm.engine.end_profiling(), path_seconds, duration, llm.engine.calibration_runs)
+                      if llm.engine.profiling else None),
         "preemptions": llm.scheduler.num_preemptions - preemptions_before,
         "prefix_cache_hit_rate": llm.block_manager.stats.hit_rate,
         "speculation": spec_delta(spec_before, llm.spec_stats) if llm.spec_policy else None})

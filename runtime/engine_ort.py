@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -47,8 +48,10 @@ class OrtEngine:
     """An InferenceSession over the bundle's step graph (and one over its int8 prefill graph, if it has
     one and this CPU runs it)."""
 
-    def __init__(self, bundle: Bundle, num_threads: int | None = None, draft: bool = False):
-        """The bundle's target engine, or (draft=True) its speculative draft model's engine.
+    def __init__(self, bundle: Bundle, num_threads: int | None = None, draft: bool = False,
+                 profile_dir: str | Path | None = None):
+        """The bundle's target engine, or (draft=True) its speculative draft model's engine. With
+        profile_dir, onnxruntime profiles every step there (end_profiling returns the traces).
 
         Every session of the process runs on one global thread pool: a target and a draft session
         taking turns with pools of their own made each other ~2x slower on 2 cores (one pool's
@@ -69,16 +72,20 @@ class OrtEngine:
                               f"read {KV_LAYOUT}: rebuild it with this llmc (`llmc build` of its model.yaml)")
         path = bundle.path / entry["dir"] / entry["graph"]
         _use_global_thread_pool(num_threads or len(os.sched_getaffinity(0)))
-        self.session, fused = _session(path)
+        self.profiling = profile_dir is not None
+        self.session, fused = _session(path, profile_dir and Path(profile_dir) / "main")
         self.attention = "llmc fused CPU kernel" if fused else "ONNX function body"
         self.int8_session = None  # the int8 graph: steps of at least int8_min_tokens tokens run here
         prefill = entry.get("prefill")
         if prefill and amx_int8_available():
-            self.int8_session, _ = _session(bundle.path / entry["dir"] / prefill["graph"])
+            self.int8_session, _ = _session(bundle.path / entry["dir"] / prefill["graph"],
+                                            profile_dir and Path(profile_dir) / "int8")
         elif prefill:
             log.info("this CPU has no AMX int8 tiles (or llmc's kernels are off): every step runs the main graph")
         self.int8_min_tokens = PREFILL_MIN_TOKENS  # steps of this many tokens or more run the int8 graph
         self.path_counts = {"main": [0, 0], "int8_amx": [0, 0]}  # [engine calls, tokens] per path
+        self.path_seconds = {"main": 0.0, "int8_amx": 0.0}  # wall time of those calls
+        self.calibration_runs = {"main": 0, "int8_amx": 0}  # runs of each graph outside step() (not steps)
         self.geometry = geometry
         self.num_layers = geometry.num_layers
         self._bindings: dict[int, tuple[KVPool, ort.IOBinding]] = {}
@@ -93,7 +100,17 @@ class OrtEngine:
         counts = self.path_counts["int8_amx" if use_int8 else "main"]
         counts[0] += 1
         counts[1] += num_tokens
-        return self.run_session(session, inputs, pool)
+        start = time.perf_counter()
+        logits = self.run_session(session, inputs, pool)
+        self.path_seconds["int8_amx" if use_int8 else "main"] += time.perf_counter() - start
+        return logits
+
+    def end_profiling(self) -> dict[str, str]:
+        """Stop profiling; the trace file of each graph that has one ("main", "int8_amx")."""
+        traces = {"main": self.session.end_profiling()}
+        if self.int8_session is not None:
+            traces["int8_amx"] = self.int8_session.end_profiling()
+        return {name: path for name, path in traces.items() if path}
 
     @property
     def gemm_path(self) -> str:
@@ -115,12 +132,13 @@ class OrtEngine:
         for batch in CALIBRATION_BATCHES:
             inputs = layout_step([Chunk([0], context - 1, blocks, 1)] * batch, pool.block_size)
             seconds = {}
-            for name, session in (("main", self.session), ("int8", self.int8_session)):
+            for name, session in (("main", self.session), ("int8_amx", self.int8_session)):
                 self.run_session(session, inputs, pool)  # warm
                 seconds[name] = min(_timed(self.run_session, session, inputs, pool) for _ in range(3))
-            faster[batch] = seconds["int8"] < seconds["main"]
+                self.calibration_runs[name] += 4
+            faster[batch] = seconds["int8_amx"] < seconds["main"]
             log.debug("decode batch %d: main graph %.1f ms, int8 graph %.1f ms", batch, 1e3 * seconds["main"],
-                      1e3 * seconds["int8"])
+                      1e3 * seconds["int8_amx"])
         self.int8_min_tokens = PREFILL_MIN_TOKENS
         for batch in reversed(CALIBRATION_BATCHES):
             if not faster[batch]:
@@ -160,9 +178,14 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def _session(path) -> tuple[ort.InferenceSession, bool]:
-    """A CPU session over one step graph on the global thread pool; whether llmc's kernels are registered."""
+def _session(path, profile_prefix: Path | None = None) -> tuple[ort.InferenceSession, bool]:
+    """A CPU session over one step graph on the global thread pool; whether llmc's kernels are registered.
+    With profile_prefix, onnxruntime's profiler writes its trace there."""
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        profile_prefix.parent.mkdir(parents=True, exist_ok=True)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.use_per_session_threads = False
     options.log_severity_level = 3

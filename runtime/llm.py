@@ -63,15 +63,16 @@ class LLM:
                  kv_cache_fraction: float | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True, policy: str = "continuous", num_threads: int | None = None,
                  verify: bool = True, speculation: bool = True, num_spec_tokens: int | None = None,
-                 adaptive_speculation: bool | None = None):
+                 adaptive_speculation: bool | None = None, profile_dir: str | Path | None = None):
         """speculation=False ignores the bundle's speculative section; num_spec_tokens and
-        adaptive_speculation override its k and its adaptive switch."""
+        adaptive_speculation override its k and its adaptive switch; profile_dir turns on onnxruntime's
+        profiler for the target engine (runtime/step_profile.py)."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         self.geometry = self.bundle.geometry
         self.tokenizer = BundleTokenizer(self.bundle)
         budget = plan_kv_budget(kv_cache_memory, kv_cache_fraction)
         spec = self.bundle.manifest.get("speculative") if speculation else None
-        self.engine = OrtEngine(self.bundle, num_threads)
+        self.engine = OrtEngine(self.bundle, num_threads, profile_dir=profile_dir)
         self.drafter, self.draft_pool, self.spec_policy = None, None, None
         if spec and spec["method"] == "draft":
             draft_engine = OrtEngine(self.bundle, num_threads, draft=True)

@@ -47,3 +47,40 @@ def test_sweep_writes_json_and_png(tiny_bundle, tmp_path):
     report = json.loads(out.read_text())
     assert [r["max_num_seqs"] for r in report["sweep"]] == [1, 2]
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_profiled_run_reports_where_step_time_goes(tiny_bundle, workload, tmp_path):
+    llm = LLM(tiny_bundle, max_num_seqs=4, max_num_batched_tokens=32, profile_dir=tmp_path)
+    report = b.run_offline(llm, workload)
+    calls = report["engine_calls_by_path"]
+    step_time = report["step_time"]
+    main = step_time["graphs"]["main"]
+    assert main["runs"] == calls["main"]["calls"] > 0  # one profiled graph run per engine call
+    assert sum(main["fraction"].values()) == pytest.approx(1.0)
+    assert main["fraction"]["gemm"] > 0 and main["fraction"]["attention"] > 0  # MatMul/Gemm, PagedAttention
+    assert 0 <= main["outside_graph_s"] < calls["main"]["seconds"]
+    assert step_time["engine_s"] == pytest.approx(calls["main"]["seconds"])
+    assert step_time["engine_s"] + step_time["host_s"] == pytest.approx(report["duration_s"], rel=0.01)
+
+
+def test_an_unprofiled_run_has_no_step_time(tiny_bundle, workload):
+    report = b.run_offline(LLM(tiny_bundle, max_num_seqs=4, max_num_batched_tokens=32), workload)
+    assert report["step_time"] is None and report["engine_calls_by_path"]["main"]["seconds"] > 0
+
+
+def test_profile_categories_and_skipped_runs(tmp_path):
+    from llmc.runtime.step_profile import category, summarize_profile
+
+    assert [category(op) for op in ("Int8Linear", "MatMulNBits", "PagedAttention", "Add")] == \
+        ["gemm", "gemm", "attention", "other"]
+    node = lambda ts, op, dur: {"cat": "Node", "name": f"n_{ts}_kernel_time", "ts": ts, "dur": dur,  # noqa: E731
+                                "args": {"op_name": op}}
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 100}, node(10, "Gemm", 50),
+              {"cat": "Session", "name": "model_run", "ts": 200, "dur": 40}, node(210, "Gemm", 10),
+              node(220, "PagedAttention", 30)]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps(events))
+    whole, later = summarize_profile(trace), summarize_profile(trace, skip_runs=1)
+    assert whole["runs"] == 2 and whole["fraction"]["gemm"] == pytest.approx(60 / 90)
+    assert later["runs"] == 1 and later["graph_ms_per_run"] == pytest.approx(0.04)
+    assert later["fraction"] == {"gemm": 0.25, "attention": 0.75, "other": 0.0}
