@@ -64,11 +64,13 @@ def torch_scorer(model) -> Scorer:
     return score
 
 
-def bundle_scorer(bundle, num_threads: int | None = None) -> Scorer:
-    """A bundle's onnxruntime engine, over its own block size."""
+def bundle_scorer(bundle, num_threads: int | None = None, chunk_tokens: int | None = None) -> Scorer:
+    """A bundle's onnxruntime engine, over its own block size. With chunk_tokens, a window is scored that
+    many tokens a step, so later tokens read the earlier ones' K/V from the pool (the KV dtype and the
+    cached-key paths count, as when serving); otherwise in one step."""
     from llmc.runtime.engine_ort import OrtEngine
     from llmc.runtime.kv_pool import KVPool
-    from llmc.runtime.step_inputs import StepInputs
+    from llmc.runtime.step_inputs import Chunk, layout_step
 
     engine = OrtEngine(bundle, num_threads)
     block_size = bundle.manifest["kv_cache"]["block_size"]
@@ -77,17 +79,15 @@ def bundle_scorer(bundle, num_threads: int | None = None) -> Scorer:
         t = len(ids)
         num_blocks = -(-t // block_size)
         pool = KVPool(bundle.geometry, num_blocks, block_size, bundle.kv_dtype)
-        inputs = StepInputs(input_ids=ids.astype(np.int64), positions=np.arange(t, dtype=np.int64),
-                            slot_mapping=np.arange(t, dtype=np.int64),
-                            block_tables=np.arange(num_blocks, dtype=np.int32)[None],
-                            context_lens=np.array([t], np.int32), query_start=np.array([0, t], np.int32),
-                            logits_index=np.arange(t, dtype=np.int64))
-        return engine.step(inputs, pool)
+        step = chunk_tokens or t
+        chunks = [Chunk(ids[i:i + step].tolist(), i, list(range(num_blocks)), len(ids[i:i + step]))
+                  for i in range(0, t, step)]
+        return np.concatenate([engine.step(layout_step([chunk], block_size), pool) for chunk in chunks])
 
     return score
 
 
-def reference_scorer(path: Path, vocab_size: int) -> Scorer:
+def reference_scorer(path: Path, vocab_size: int, chunk_tokens: int | None = None) -> Scorer:
     """The reference to measure KL against: another bundle (onnxruntime) or a checkpoint (torch; needs
     llmc[build])."""
     from llmc.artifacts.bundle import MANIFEST, load_bundle
@@ -95,7 +95,7 @@ def reference_scorer(path: Path, vocab_size: int) -> Scorer:
     if (path / MANIFEST).is_file():
         bundle = load_bundle(path)
         geometry = bundle.geometry
-        scorer = bundle_scorer(bundle)
+        scorer = bundle_scorer(bundle, chunk_tokens=chunk_tokens)
     else:
         try:
             from llmc.compiler.importer import import_checkpoint
@@ -112,8 +112,9 @@ def reference_scorer(path: Path, vocab_size: int) -> Scorer:
 
 
 def eval_bundle(bundle_path: Path, texts: list[Path], reference: Path | None, seq_len: int,
-                max_windows: int) -> dict:
-    """`llmc eval`: perplexity of a bundle on text files and, with a reference, KL from it.
+                max_windows: int, chunk_tokens: int | None = None) -> dict:
+    """`llmc eval`: perplexity of a bundle on text files and, with a reference, KL from it (each scored
+    chunk_tokens a step, or a window a step).
 
     The default reference of a quantized bundle is its source checkpoint, when it is still on disk.
     """
@@ -126,8 +127,8 @@ def eval_bundle(bundle_path: Path, texts: list[Path], reference: Path | None, se
         reference = Path(bundle.manifest["source"]["path"])
     ids = calibration.token_stream(bundle.tokenizer_dir, texts, [], bundle.geometry.vocab_size)
     windows = calibration.windows(ids, seq_len, None, None, "eval")[:max_windows]
-    ref = reference_scorer(reference, bundle.geometry.vocab_size) if reference is not None else None
-    result = evaluate(bundle_scorer(bundle), windows, ref)
+    ref = reference_scorer(reference, bundle.geometry.vocab_size, chunk_tokens) if reference is not None else None
+    result = evaluate(bundle_scorer(bundle, chunk_tokens=chunk_tokens), windows, ref)
     result.update({"bundle": str(bundle.path), "texts": [str(t) for t in texts],
-                   "reference": str(reference) if reference is not None else None})
+                   "reference": str(reference) if reference is not None else None, "chunk_tokens": chunk_tokens})
     return result

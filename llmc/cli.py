@@ -168,10 +168,13 @@ def run(bundle: Path, prompt: str, chat: bool, system: str | None, max_tokens: i
               help="Bundle or checkpoint to measure KL from (default: a quantized bundle's source).")
 @click.option("--seq-len", default=512, show_default=True, type=int, help="Tokens per window.")
 @click.option("--max-windows", default=16, show_default=True, type=int)
+@click.option("--chunk-tokens", type=click.IntRange(min=1), default=None,
+              help="Score each window this many tokens a step (later tokens read K/V from the pool, as when "
+                   "serving); default: a window a step.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def eval_command(bundle: Path, texts: tuple[Path, ...], reference: Path | None, seq_len: int, max_windows: int,
-                 as_json: bool, verbose: int) -> None:
+                 chunk_tokens: int | None, as_json: bool, verbose: int) -> None:
     """Perplexity of BUNDLE on held-out text, and KL from the unquantized model."""
     _setup_logging(verbose)
     from llmc.compiler.evaluate import eval_bundle
@@ -179,7 +182,7 @@ def eval_command(bundle: Path, texts: tuple[Path, ...], reference: Path | None, 
     for text in texts:
         if not text.is_file():
             raise click.BadParameter(f"{text}: no such file", param_hint="--text")
-    result = eval_bundle(bundle, list(texts), reference, seq_len, max_windows)
+    result = eval_bundle(bundle, list(texts), reference, seq_len, max_windows, chunk_tokens)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
