@@ -53,9 +53,9 @@ def _fused_linear(g: GraphBuilder, x: str, names: list[str], linears: list[torch
     larger kernels per step. Falls back to one matmul each when their formats differ."""
     quantized = [quant.get(name) for name in names]
     if quant.get("int8_linears") and linears[0].in_features % il.BLOCK == 0:
-        # the int8 graph: one node per linear, from its float (or dequantized) weight (a stacked matmul's
+        # the int8 graph: one node per linear, from its float or quantized weight (a stacked matmul's
         # Split cost more, ~9% of a prefill step, than quantizing x once per linear)
-        outs = [il.int8_linear(g, x, name, q.dequantize() if q is not None else _np(linear.weight))
+        outs = [il.int8_linear(g, x, name, q if q is not None else _np(linear.weight))
                 for name, q, linear in zip(names, quantized, linears)]
         for i, linear in enumerate(linears):
             if linear.bias is not None:
@@ -158,7 +158,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
     if int8_linears and geo.hidden_size % il.BLOCK == 0:  # the int8 graph: the LM head too (tied or not)
         head = model.embed.weight if model.lm_head is None else model.lm_head.weight
-        weight = quant["lm_head"].dequantize() if "lm_head" in quant else _np(head)
+        weight = quant["lm_head"] if "lm_head" in quant else _np(head)
         g.op_to("Identity", [il.int8_linear(g, h, "lm_head", weight, two_level=True)], "logits")
     elif "lm_head" in quant:
         g.op_to("Identity", [_linear(g, h, "lm_head", model.lm_head, quant)], "logits")

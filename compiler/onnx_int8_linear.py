@@ -35,6 +35,18 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scale
 
 
+def exact_codes(q) -> tuple[np.ndarray, np.ndarray] | None:
+    """A QuantizedWeight's int4 codes as this op's weight, exactly (q - zero, with each group's scale on its
+    blocks of 64), when its groups are whole blocks of 64 and its zero points integers; else None."""
+    if q.bits != 4 or q.block_size % BLOCK or q.in_features % BLOCK or (q.zero is not None and q.zero.dtype != np.uint8):
+        return None
+    n, k = q.q.shape[0], q.in_features
+    zero = q.zero.astype(np.int16)[..., None] if q.zero is not None else np.int16(8)
+    codes = (q.q.astype(np.int16) - zero).reshape(n, -1)[:, :k].astype(np.int8)  # in [-15, 15]
+    scales = np.repeat(q.scale, q.block_size // BLOCK, axis=1)[:, :k // BLOCK].astype(np.float32)
+    return np.ascontiguousarray(codes), np.ascontiguousarray(scales)
+
+
 def reference(x: np.ndarray, codes: np.ndarray, w_scale: np.ndarray) -> np.ndarray:
     """The op in numpy (the tests' reference)."""
     m, k = x.shape
@@ -75,15 +87,19 @@ def build_function() -> onnx.FunctionProto:
                                 opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, two_level: bool = False) -> str:
-    """Add an llmc.Int8Linear node over weight [N, K] (float32, quantized here).
+def int8_linear(g: GraphBuilder, x: str, name: str, weight, two_level: bool = False) -> str:
+    """Add an llmc.Int8Linear node over weight [N, K]: float32 (quantized here), or a QuantizedWeight (its
+    int4 codes exactly where exact_codes can, else its dequantized weight quantized here).
 
     two_level: the activations' rounding error is quantized too and multiplied in the same op, as extra
     rows (y = W q(x) + W q(x - q(x))): activation error ~250x smaller, about weight-only int8, for twice the
     tile work but the same weight reads. For the LM head, which sees a few rows a step (measured on SmolLM2:
     one level cost +0.13% perplexity there).
     """
-    codes, scale = quantize_weight(weight)
+    if isinstance(weight, np.ndarray):
+        codes, scale = quantize_weight(weight)
+    else:
+        codes, scale = exact_codes(weight) or quantize_weight(weight.dequantize())
     w, w_scale = g.weight(f"{name}.qweight_int8", codes), g.weight(f"{name}.scale_int8", scale)
     if not two_level:
         return g.op(OP_TYPE, x, w, w_scale, domain=DOMAIN, name=f"{name}.int8_linear")

@@ -187,8 +187,9 @@ class BuildSpec(_Strict):
     calibration: CalibrationSpec | None = None
     eval: EvalSpec | None = None
     speculative: SpeculativeSpec | None = None
-    # A second step graph for steps of many tokens (prefill chunks, large decode batches): the linears
-    # run int8 activations per token against int8 weights, on AMX tiles where the CPU has them.
+    # A second step graph whose linears run int8 activations (per token and block of 64) against int8
+    # weights (or int4 codes held exactly), on AMX tiles where the CPU has them; the runtime measures
+    # from which step size it beats the main graph.
     int8_prefill: bool = False
     runtime: dict[str, Any] | None = None
     # Where the YAML lives; relative paths resolve against it. Set by load_spec.
@@ -207,11 +208,16 @@ class BuildSpec(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _int8_prefill_over_float_weights(self):
-        if self.int8_prefill and self.quantization is not None:
-            raise ValueError("int8_prefill: the int8 prefill graph is validated for float weights only (SmolLM2 fp32: "
-                             "+0.38% perplexity; over an int4 bundle it cost +1.4%, past llmc's 0.5% bar); build "
-                             "without quantization, or set int8_prefill: false")
+    def _int8_prefill_over_exact_weights(self):
+        q = self.quantization
+        if not self.int8_prefill or q is None:
+            return self
+        exact = q.bits == 4 and q.group_size % 64 == 0 and (q.symmetric or q.zero_point == "int")
+        if not exact:
+            raise ValueError(f"int8_prefill: the int8 graph holds int4 weights exactly only in groups of 64 or more "
+                             f"with integer zero points (here bits {q.bits}, group_size {q.group_size}, zero_point "
+                             f"{q.zero_point}); requantized, an int4 g32 bundle lost +1.4% perplexity. Use "
+                             "group_size: 64 or 128 (or no quantization), or set int8_prefill: false")
         return self
 
     @model_validator(mode="after")

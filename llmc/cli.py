@@ -292,7 +292,7 @@ def _range(text: str) -> tuple[int, int]:
 @click.option("--output-len", default="30:250", show_default=True, help="Output tokens MIN:MAX (uniform, EOS ignored).")
 @click.option("--rate", default="inf", show_default=True, help="Online: requests/s (Poisson), or inf.")
 @click.option("--url", default=None, help="Online: an already running OpenAI-compatible server.")
-@click.option("--max-num-seqs", default=16, show_default=True, type=int)
+@click.option("--max-num-seqs", default=64, show_default=True, type=int)
 @click.option("--max-num-batched-tokens", default=2048, show_default=True, type=int)
 @click.option("--kv-cache-memory", default="2GiB", show_default=True)
 @click.option("--policy", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True)

@@ -134,8 +134,16 @@ def test_speculative_method_defaults_to_draft(tmp_path):
     assert spec.speculative.method == "draft" and spec.speculative.num_tokens == 3
 
 
-def test_int8_prefill_over_quantized_weights_is_refused(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("quantization,ok", [({"method": "rtn"}, True), ({"method": "rtn", "group_size": 64}, True),
+                                             ({"method": "rtn", "symmetric": True, "group_size": 256}, True),
+                                             ({"method": "rtn", "group_size": 32}, False),
+                                             ({"method": "rtn", "zero_point": "float"}, False),
+                                             ({"method": "rtn", "bits": 8}, False)])
+def test_int8_prefill_over_quantized_weights_needs_exact_int4_codes(tmp_path, tiny_checkpoint, quantization, ok):
     path = write_yaml(tmp_path / "model.yaml", name="m", source=str(tiny_checkpoint), int8_prefill=True,
-                      quantization={"method": "rtn"})
-    with pytest.raises(ConfigError, match="int8_prefill: the int8 prefill graph is validated for float weights"):
+                      quantization=quantization)
+    if ok:
+        assert load_spec(path).int8_prefill
+        return
+    with pytest.raises(ConfigError, match="int8_prefill: the int8 graph holds int4 weights exactly only in groups of 64"):
         load_spec(path)

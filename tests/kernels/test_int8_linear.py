@@ -50,3 +50,26 @@ def test_a_tokens_result_does_not_depend_on_the_other_tokens():
     x = rng.standard_normal((20, 64)).astype(np.float32)
     crowded = np.concatenate([x, 100 * rng.standard_normal((20, 64)).astype(np.float32)])  # outlier tokens
     np.testing.assert_array_equal(session.run(None, {"x": crowded})[0][:20], session.run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("symmetric,group", [(False, 64), (False, 128), (True, 64)])
+def test_int4_codes_are_held_exactly(symmetric, group):
+    """exact_codes: int4 groups of 64 or more become the op's int8 weight with no second rounding."""
+    import torch
+
+    from llmc.kernels.quant import GridConfig, quantize_rtn
+
+    weight = torch.randn(48, 256) * 0.05
+    q = quantize_rtn(weight, GridConfig(4, group, symmetric))
+    codes, scale = il.exact_codes(q)
+    rebuilt = codes.reshape(48, -1, il.BLOCK).astype(np.float32) * scale[..., None]
+    np.testing.assert_array_equal(rebuilt.reshape(48, 256), q.dequantize())
+    assert np.abs(codes).max() <= 15
+
+
+def test_int4_groups_smaller_than_a_block_are_not_exact():
+    import torch
+
+    from llmc.kernels.quant import GridConfig, quantize_rtn
+
+    assert il.exact_codes(quantize_rtn(torch.randn(16, 128), GridConfig(4, 32, False))) is None

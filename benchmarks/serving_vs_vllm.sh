@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Serving benchmark against vLLM for CPU, same machine, same run: each system on a fresh server, one
+# at a time, the same workload through HTTP streaming (llmc bench --mode online: 64 requests queued at
+# once, prompts 30-500 tokens, outputs 30-250 with EOS ignored, seed 0). Needs the peers of
+# ../shared/peers/setup.sh vllm and the bundles named below (llmc build examples/<name>.yaml).
+#
+#     bash benchmarks/serving_vs_vllm.sh [ROUNDS]      -> benchmarks/results/serving_vs_vllm/*.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-1}
+OUT=benchmarks/results/serving_vs_vllm
+PEERS=${PEERS:-$HOME/peers}
+mkdir -p "$OUT"
+wait_up() {  # until the server answers /v1/models (or 300 s)
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/v1/models" >/dev/null && return 0; sleep 1; done
+  echo "server on port $1 did not come up" >&2; return 1
+}
+measure() {  # name port pid
+  wait_up "$2"
+  llmc bench out/smollm2-135m --mode online --url "http://127.0.0.1:$2" --out "$OUT/$1-round$round.json" >/dev/null
+  kill "$3"; wait "$3" 2>/dev/null || true
+  python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], round(r['output_tok_s'],1), 'tok/s, TTFT p50',
+             round(r['ttft_ms']['p50']/1000,2), 's, completed', r['completed'], '/', r['requests'])" "$OUT/$1-round$round.json" "$1"
+}
+for round in $(seq "$ROUNDS"); do
+  for bundle in smollm2-135m-int8-prefill smollm2-135m smollm2-135m-int4; do
+    llmc serve "out/$bundle" --port 18801 >/dev/null 2>&1 &
+    measure "llmc-$bundle" 18801 $!
+  done
+  PORT=18802 DTYPE=bfloat16 "$PEERS/vllm-serve.sh" >/dev/null 2>&1 &
+  measure vllm-bf16 18802 $!
+done
