@@ -29,6 +29,7 @@ OUTPUTS = ("logits", "new_keys", "new_values")
 # sequences on both graphs. Measured on SmolLM2 (2 threads, 400 tokens of context): an fp32 main graph
 # takes 29 ms at batch 1 and 73 ms at 16, the int8 graph 12 and 46 ms: int8 from one token on.
 PREFILL_MIN_TOKENS = 16
+FUSED_ATTENTION = "llmc fused CPU kernel"
 CALIBRATION_BATCHES = (1, 2, 4, 8)
 CALIBRATION_CONTEXT = 128
 
@@ -74,7 +75,7 @@ class OrtEngine:
         _use_global_thread_pool(num_threads or len(os.sched_getaffinity(0)))
         self.profiling = profile_dir is not None
         self.session, fused = _session(path, profile_dir and Path(profile_dir) / "main")
-        self.attention = "llmc fused CPU kernel" if fused else "ONNX function body"
+        self.attention = FUSED_ATTENTION if fused else "ONNX function body"
         self.int8_session = None  # the int8 graph: steps of at least int8_min_tokens tokens run here
         prefill = entry.get("prefill")
         if prefill and amx_int8_available():

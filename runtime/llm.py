@@ -17,7 +17,7 @@ import numpy as np
 from llmc.artifacts.bundle import Bundle, load_bundle
 from llmc.errors import RequestError
 from llmc.runtime.block_manager import BlockManager, blocks_needed
-from llmc.runtime.engine_ort import OrtEngine
+from llmc.runtime.engine_ort import FUSED_ATTENTION, OrtEngine
 from llmc.runtime.kv_pool import KVPool, plan_kv_budget
 from llmc.runtime.drafters import ModelDrafter, NgramDrafter
 from llmc.runtime.sampler import sample_token, top_logprobs
@@ -281,14 +281,14 @@ class LLM:
                 break
         return [seq]
 
-    @staticmethod
-    def _engine_calls(scheduled: list) -> list[list]:
-        """Split a step into decodes (with their drafted tokens) and prefill chunks when it holds both.
-
-        The portable attention pads every sequence's queries to the longest chunk of the call, so
-        a decode batched with a 500-token prefill chunk would cost as much as 500 tokens of
-        attention; two calls (decodes, then chunks) avoid that padding.
-        """
+    def _engine_calls(self, scheduled: list) -> list[list]:
+        """The step's engine calls: one, with the fused attention kernel (it attends each sequence's own
+        rows, so decodes ride along a prefill chunk's matmuls); otherwise decodes (with their drafted
+        tokens), then prefill chunks. The portable attention pads every sequence's queries to the
+        longest chunk of the call: a decode batched with a 500-token chunk would cost as much as 500
+        tokens of attention."""
+        if self.engine.attention == FUSED_ATTENTION:
+            return [scheduled]
         decodes = [item for item in scheduled if item.num_new_tokens - len(item.spec_tokens) == 1]
         chunks = [item for item in scheduled if item.num_new_tokens - len(item.spec_tokens) > 1]
         return [group for group in (decodes, chunks) if group]
