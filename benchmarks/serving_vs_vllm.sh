@@ -23,7 +23,7 @@ measure() {  # name port pid
              round(r['ttft_ms']['p50']/1000,2), 's, completed', r['completed'], '/', r['requests'])" "$OUT/$1-round$round.json" "$1"
 }
 for round in $(seq "$ROUNDS"); do
-  for bundle in smollm2-135m-int8-prefill smollm2-135m smollm2-135m-int4; do
+  for bundle in smollm2-135m-int8-prefill smollm2-135m-gptq smollm2-135m smollm2-135m-int4; do
     llmc serve "out/$bundle" --port 18801 >/dev/null 2>&1 &
     measure "llmc-$bundle" 18801 $!
   done
