@@ -4,7 +4,7 @@
 # once, prompts 30-500 tokens, outputs 30-250 with EOS ignored, seed 0). Needs the peers of
 # ../shared/peers/setup.sh vllm and the bundles named below (llmc build examples/<name>.yaml).
 #
-#     bash benchmarks/serving_vs_vllm.sh [ROUNDS]      -> benchmarks/results/serving_vs_vllm/*.json
+#     [BUNDLES="a b"] bash benchmarks/serving_vs_vllm.sh [ROUNDS]   -> benchmarks/results/serving_vs_vllm/*.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-1}
@@ -17,13 +17,13 @@ wait_up() {  # until the server answers /v1/models (or 300 s)
 }
 measure() {  # name port pid
   wait_up "$2"
-  llmc bench out/smollm2-135m --mode online --url "http://127.0.0.1:$2" --out "$OUT/$1-round$round.json" >/dev/null
+  llmc bench out/smollm2-135m --mode online --url "http://127.0.0.1:$2" --out "$OUT/$1-$(date +%H%M)-round$round.json" >/dev/null
   kill "$3"; wait "$3" 2>/dev/null || true
   python -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], round(r['output_tok_s'],1), 'tok/s, TTFT p50',
-             round(r['ttft_ms']['p50']/1000,2), 's, completed', r['completed'], '/', r['requests'])" "$OUT/$1-round$round.json" "$1"
+             round(r['ttft_ms']['p50']/1000,2), 's, completed', r['completed'], '/', r['requests'])" "$(ls -t "$OUT"/$1-*-round$round.json | head -1)" "$1"
 }
 for round in $(seq "$ROUNDS"); do
-  for bundle in smollm2-135m-int8-prefill smollm2-135m-gptq smollm2-135m smollm2-135m-int4; do
+  for bundle in ${BUNDLES:-smollm2-135m-int8-prefill smollm2-135m-gptq smollm2-135m smollm2-135m-int4}; do
     llmc serve "out/$bundle" --port 18801 >/dev/null 2>&1 &
     measure "llmc-$bundle" 18801 $!
   done
