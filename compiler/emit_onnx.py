@@ -226,7 +226,7 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
                    "weights_format": "int8 per output channel and block of 64",
                    "activations": "int8 per token and block of 64"}
     return {"format": "onnx", "prefill": prefill, "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
-            "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "kv_update": "returned",
+            "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "attention_plan": pa.PLAN_FORMAT, "kv_update": "returned",
             "quantized_linears": sorted(quantized or {}), "weight_format": weight_format if quantized else None,
             "accuracy_level": accuracy_level if nbits else None,
             "activation_block_size": activation_block_size if nbits and accuracy_level == 4 else None,

@@ -2,10 +2,12 @@
 
 The plan (`build_plan`, nodes in the main graph) turns the step contract's ragged layout into a
 padded one that every layer shares: each sequence's queries padded to the longest chunk, its
-cached blocks, one additive mask. The op (`build_function`, an ONNX local function) is then a
-handful of nodes around the standard ONNX `Attention` op (opset 23: grouped-query heads, the
-cached keys, concatenated with the new ones, as its key input, the mask). onnxruntime (any EP) runs the
-body; a TensorRT build can map the node to a plugin instead.
+cached blocks, its cached and new lengths. The op (`build_function`, an ONNX local function) is then
+a handful of nodes around the standard ONNX `Attention` op (opset 23: grouped-query heads, the
+cached keys, concatenated with the new ones, as its key input, an additive mask it builds from the
+lengths). onnxruntime (any EP) runs the body; a TensorRT build can map the node to a plugin instead.
+The mask lives in the body, not the plan: llmc's fused kernel needs none, and for a step mixing
+64 decodes with a 500-token chunk the padded mask was ~160 MB, ~5% of the step to build.
 
 The pools are token-major ([NB, B, KVH, D]): a gather of a sequence's blocks is already its keys
 [L, KVH * D], the 3-D layout onnxruntime's Attention kernel reads in place (strided), so each layer
@@ -18,7 +20,7 @@ Op contract (S sequences, T tokens, Qmax the longest chunk, L = cached blocks * 
     query_positions int64 [S, Qmax]                 its position (plan)
     cached_tables [S, Mc]                           blocks holding cached tokens (plan)
     cached_shape int64 [3] = [S, L, KVH*D]          (plan)
-    mask float [S, 1, Qmax, L + Qmax]               0 where a query may attend, -inf elsewhere (plan)
+    lengths int64 [S, 2]                            (cached tokens, new tokens) of each sequence (plan)
     token_index int64 [T, 2]                        (sequence, row) of each token in the padded layout (plan)
     rope_cos, rope_sin [P, D/2]
     -> out [T, H*D], k_rotated [T, KVH*D] (the keys to write into the pool)
@@ -38,7 +40,8 @@ from llmc.compiler.onnx_builder import GraphBuilder
 DOMAIN = "llmc"
 OP_TYPE = "PagedAttention"
 OPSET = 23
-PLAN = ["query_index", "query_positions", "cached_tables", "cached_shape", "mask", "token_index"]
+PLAN = ["query_index", "query_positions", "cached_tables", "cached_shape", "lengths", "token_index"]
+PLAN_FORMAT = "lengths"  # recorded in the manifest: bundles whose plan passed a mask must be rebuilt
 INPUTS = ["q", "k", "v", "k_pool", "v_pool", *PLAN, "rope_cos", "rope_sin"]
 
 
@@ -76,17 +79,28 @@ def build_plan(g: GraphBuilder, num_kv_heads: int, head_dim: int, pool: str) -> 
     cached_shape = g.op("Concat", g.op("Shape", "block_tables", start=0, end=1), ctx_len,
                         g.const([num_kv_heads * head_dim]), axis=0)
 
-    # Mask: cached key j < num_cached; new key j <= the query's row and j < q_len.
+    lengths = g.op("Concat", g.op("Unsqueeze", num_cached, one), g.op("Unsqueeze", q_len, one), axis=1)  # [S, 2]
+    return dict(zip(PLAN, (query_index, query_positions, cached_tables, cached_shape, lengths, token_index)))
+
+
+def _mask(g: GraphBuilder) -> str:
+    """The body's additive mask [S, 1, Qmax, L + Qmax] from the plan: cached key j < num_cached; new key
+    j <= the query's row and j < q_len."""
+    zero, one = g.const(0), g.const(1)
+    num_cached = g.op("Slice", "lengths", g.const([0]), g.const([1]), g.const([1]))  # [S, 1]
+    q_len = g.op("Slice", "lengths", g.const([1]), g.const([2]), g.const([1]))  # [S, 1]
+    q_max = g.op("Shape", "query_index", start=1, end=2)  # [1]
+    ctx_len = g.op("Slice", "cached_shape", g.const([1]), g.const([2]))  # [1] L
     key_c = g.op("Range", zero, g.op("Squeeze", ctx_len), one)  # [L]
-    allowed_c = g.op("Less", key_c, g.op("Unsqueeze", num_cached, one))  # [S, L]
+    q_range = g.op("Range", zero, g.op("Squeeze", q_max), one)  # [Qmax]
+    allowed_c = g.op("Less", key_c, num_cached)  # [S, L]
     causal = g.op("LessOrEqual", q_range, g.op("Unsqueeze", q_range, one))  # [Qmax, Qmax]
-    valid_n = g.op("Less", q_range, g.op("Unsqueeze", q_len, one))  # [S, Qmax]
+    valid_n = g.op("Less", q_range, q_len)  # [S, Qmax]
     allowed_n = g.op("And", g.op("Unsqueeze", causal, zero), g.op("Unsqueeze", valid_n, one))  # [S, Qmax, Qmax]
-    rows = g.op("Concat", g.op("Unsqueeze", q_max, zero), ctx_len, axis=0)  # [2] = [Qmax, L]
+    rows = g.op("Concat", q_max, ctx_len, axis=0)  # [2] = [Qmax, L]
     allowed = g.op("Concat", g.op("Expand", g.op("Unsqueeze", allowed_c, one), rows), allowed_n, axis=-1)
-    mask = g.op("Unsqueeze", g.op("Where", allowed, g.const(0.0, np.float32), g.const(-np.inf, np.float32)),
+    return g.op("Unsqueeze", g.op("Where", allowed, g.const(0.0, np.float32), g.const(-np.inf, np.float32)),
                 one)  # [S, 1, Qmax, L + Qmax]
-    return dict(zip(PLAN, (query_index, query_positions, cached_tables, cached_shape, mask, token_index)))
 
 
 def build_function(kv_dtype: str = "float32") -> onnx.FunctionProto:
@@ -103,7 +117,7 @@ def build_function(kv_dtype: str = "float32") -> onnx.FunctionProto:
     if kv_dtype == "float16":
         cached = [g.op("Cast", c, to=onnx.TensorProto.FLOAT) for c in cached]
     k_all, v_all = (g.op("Concat", c, new, axis=1) for c, new in zip(cached, (k, v)))
-    out = g.op("Attention", q, k_all, v_all, "mask", refs={
+    out = g.op("Attention", q, k_all, v_all, _mask(g), refs={
         "scale": ("scale", real), "q_num_heads": ("num_heads", integer), "kv_num_heads": ("kv_num_heads", integer)})
     g.nodes.append(helper.make_node("GatherND", [out, "token_index"], ["out"], name="pa_out"))  # [T, H*D]
     g.nodes.append(helper.make_node("GatherND", [k, "token_index"], ["k_rotated"], name="pa_k_rotated"))

@@ -30,6 +30,7 @@ OUTPUTS = ("logits", "new_keys", "new_values")
 # takes 29 ms at batch 1 and 73 ms at 16, the int8 graph 12 and 46 ms: int8 from one token on.
 PREFILL_MIN_TOKENS = 16
 FUSED_ATTENTION = "llmc fused CPU kernel"
+ATTENTION_PLAN = "lengths"  # compiler/onnx_paged_attention.PLAN_FORMAT (the serving path imports no compiler)
 CALIBRATION_BATCHES = (1, 2, 4, 8)
 CALIBRATION_CONTEXT = 128
 
@@ -71,6 +72,10 @@ class OrtEngine:
         if layout != KV_LAYOUT:
             raise BundleError(f"{bundle.path} was built for KV pools laid out as {layout}; this runtime's engines "
                               f"read {KV_LAYOUT}: rebuild it with this llmc (`llmc build` of its model.yaml)")
+        if entry.get("attention_plan") != ATTENTION_PLAN:
+            raise BundleError(f"{bundle.path} was built by an earlier llmc whose attention plan passed a padded mask "
+                              "to every layer; this runtime's kernels read the plan's lengths: rebuild it with this "
+                              "llmc (`llmc build` of its model.yaml)")
         path = bundle.path / entry["dir"] / entry["graph"]
         _use_global_thread_pool(num_threads or len(os.sched_getaffinity(0)))
         self.profiling = profile_dir is not None

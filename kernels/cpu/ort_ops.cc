@@ -17,14 +17,14 @@ const char* kOpName = "PagedAttention";
 
 // Inputs, in the order of the op's contract (compiler/onnx_paged_attention.py: INPUTS).
 enum Input : size_t {
-  kQ, kK, kV, kKeyPool, kValuePool, kQueryIndex, kQueryPositions, kCachedTables, kCachedShape, kMask,
+  kQ, kK, kV, kKeyPool, kValuePool, kQueryIndex, kQueryPositions, kCachedTables, kCachedShape, kLengths,
   kTokenIndex, kRopeCos, kRopeSin, kNumInputs
 };
 // The pools' type is checked at run time (float or float16): UNDEFINED lets onnxruntime pass either.
 const ONNXTensorElementDataType kInputTypes[kNumInputs] = {
     ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_UNDEFINED, ELEMENT_UNDEFINED, ELEMENT_INT64,
-    ELEMENT_INT64, ELEMENT_INT32, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_FLOAT};
-const size_t kInputRanks[kNumInputs] = {2, 2, 2, 4, 4, 2, 2, 2, 1, 4, 2, 2, 2};
+    ELEMENT_INT64, ELEMENT_INT32, ELEMENT_INT64, ELEMENT_INT64, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_FLOAT};
+const size_t kInputRanks[kNumInputs] = {2, 2, 2, 4, 4, 2, 2, 2, 1, 2, 2, 2, 2};
 
 // Work below this many multiply-adds (per Q.K or P.V) stays on the calling thread.
 constexpr int64_t kParallelWork = int64_t(1) << 16;

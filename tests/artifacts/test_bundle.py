@@ -81,6 +81,21 @@ def test_other_kv_layout_refused_with_a_rebuild_hint(tiny_bundle, tmp_path):
         OrtEngine(load_bundle(copy))
 
 
+def test_a_bundle_whose_attention_plan_passed_a_mask_is_refused_with_a_rebuild_hint(tiny_bundle, tmp_path):
+    """Bundles from before the plan's lengths (a padded mask per layer) carry no attention_plan."""
+    from llmc.runtime.engine_ort import OrtEngine
+
+    assert load_bundle(tiny_bundle).manifest["engines"]["onnxruntime"]["attention_plan"] == "lengths"
+    copy = _copy(tiny_bundle, tmp_path)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    del manifest["engines"]["onnxruntime"]["attention_plan"]
+    body = json.dumps(manifest).encode()
+    (copy / MANIFEST).write_bytes(body)
+    (copy / MANIFEST_CHECKSUM).write_text(hashlib.sha256(body).hexdigest())
+    with pytest.raises(BundleError, match=r"earlier llmc whose attention plan passed a padded mask.*rebuild it"):
+        OrtEngine(load_bundle(copy))
+
+
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="no such bundle"):
         load_bundle(tmp_path / "absent")
