@@ -33,6 +33,7 @@ FUSED_ATTENTION = "llmc fused CPU kernel"
 ATTENTION_PLAN = "lengths"  # compiler/onnx_paged_attention.PLAN_FORMAT (the serving path imports no compiler)
 CALIBRATION_BATCHES = (1, 2, 4, 8)
 CALIBRATION_CONTEXT = 128
+CALIBRATION_REPEATS = 3  # timed runs per batch and graph, after one warm-up
 
 
 def _use_global_thread_pool(num_threads: int) -> None:
@@ -102,13 +103,12 @@ class OrtEngine:
         """Run one step; returns logits [N, vocab] and updates the pools in place."""
         num_tokens = len(inputs.input_ids)
         use_int8 = self.int8_session is not None and num_tokens >= self.int8_min_tokens
-        session = self.int8_session if use_int8 else self.session
-        counts = self.path_counts["int8_amx" if use_int8 else "main"]
-        counts[0] += 1
-        counts[1] += num_tokens
+        session, path = (self.int8_session, "int8_amx") if use_int8 else (self.session, "main")
+        self.path_counts[path][0] += 1
+        self.path_counts[path][1] += num_tokens
         start = time.perf_counter()
         logits = self.run_session(session, inputs, pool)
-        self.path_seconds["int8_amx" if use_int8 else "main"] += time.perf_counter() - start
+        self.path_seconds[path] += time.perf_counter() - start
         return logits
 
     def end_profiling(self) -> dict[str, str]:
@@ -140,8 +140,8 @@ class OrtEngine:
             seconds = {}
             for name, session in (("main", self.session), ("int8_amx", self.int8_session)):
                 self.run_session(session, inputs, pool)  # warm
-                seconds[name] = min(_timed(self.run_session, session, inputs, pool) for _ in range(3))
-                self.calibration_runs[name] += 4
+                seconds[name] = min(_timed(self.run_session, session, inputs, pool) for _ in range(CALIBRATION_REPEATS))
+                self.calibration_runs[name] += 1 + CALIBRATION_REPEATS
             faster[batch] = seconds["int8_amx"] < seconds["main"]
             log.debug("decode batch %d: main graph %.1f ms, int8 graph %.1f ms", batch, 1e3 * seconds["main"],
                       1e3 * seconds["int8_amx"])

@@ -36,6 +36,10 @@ void attend_keys(const PagedAttentionArgs& a, TileState& st, const float* const*
   constexpr int64_t kKeys = 8;
   for (int64_t j0 = 0; j0 < n; j0 += kKeys) {
     const int64_t m = std::min(kKeys, n - j0);
+    i32x16 allowed[kKeys];  // row i sees keys up to last_key_of_row0 + i; lanes past the tile's rows see none
+    for (int64_t j = 0; j < m; ++j) {
+      allowed[j] = (lane >= static_cast<float>(first + j0 + j - last_key_of_row0)) & (lane < static_cast<float>(rows));
+    }
     for (int64_t h = 0; h < H; ++h) {
       const f32x16* q = st.qt.data() + h * D;
       const float* key[kKeys];
@@ -44,15 +48,7 @@ void attend_keys(const PagedAttentionArgs& a, TileState& st, const float* const*
       for (int64_t d = 0; d < D; ++d) {
         for (int64_t j = 0; j < kKeys; ++j) s[j] += q[d] * key[j][d];
       }
-      for (int64_t j = 0; j < m; ++j) st.scores[(j0 + j) * H + h] = s[j];
-    }
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    // Row i sees keys up to last_key_of_row0 + i; lanes past the tile's rows see none.
-    const i32x16 allowed = (lane >= static_cast<float>(first + j - last_key_of_row0)) & (lane < static_cast<float>(rows));
-    for (int64_t h = 0; h < H; ++h) {
-      const f32x16 s = st.scores[j * H + h];
-      st.scores[j * H + h] = allowed ? s * a.scale : f32x16{} - 3.0e38f;
+      for (int64_t j = 0; j < m; ++j) st.scores[(j0 + j) * H + h] = allowed[j] ? s[j] * a.scale : f32x16{} - 3.0e38f;
     }
   }
   for (int64_t h = 0; h < H; ++h) {
