@@ -99,13 +99,15 @@ def test_engine_failure_ends_the_step_with_error_events_and_serving_goes_on(tiny
     llm = LLM(tiny_bundle, kv_cache_memory="4MiB", max_num_seqs=8, max_num_batched_tokens=64)
     step, calls = llm.engine.step, []
 
-    def breaks_on_the_20th_call(*args):
-        calls.append(1)
-        if len(calls) == 20:
+    def breaks_on_the_5th_call_with_both_requests(inputs, pool):
+        calls.append(len(inputs.context_lens))  # sequences in this call
+        if calls[-1] == 2 and calls.count(2) == 5:  # both requests are running (one may arrive a few steps late)
             raise RuntimeError("injected engine failure")
-        return step(*args)
+        if calls[-1] == 1:
+            time.sleep(0.01)  # alone: slow down so the other request arrives before this one ends
+        return step(inputs, pool)
 
-    llm.engine.step = breaks_on_the_20th_call
+    llm.engine.step = breaks_on_the_5th_call_with_both_requests
     with served(llm) as (url, engine):
         async def go():
             async with httpx.AsyncClient(timeout=60) as client:
