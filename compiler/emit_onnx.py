@@ -52,11 +52,12 @@ def _fused_linear(g: GraphBuilder, x: str, names: list[str], linears: list[torch
     """Linears that read the same x, as one matmul over their stacked weights (then split): fewer,
     larger kernels per step. Falls back to one matmul each when their formats differ."""
     quantized = [quant.get(name) for name in names]
-    if quant.get("int8_linears") and linears[0].in_features % il.BLOCK == 0:
-        # the int8 graph: one node per linear, from its float or quantized weight (a stacked matmul's
+    outliers = [quant["outliers"].get(name, []) for name in names] if quant.get("int8_linears") else []
+    if outliers and all(il.supports(linear.in_features, len(o)) for linear, o in zip(linears, outliers)):
+        # the int8 graph: one node per linear, from its float or dequantized weight (a stacked matmul's
         # Split cost more, ~9% of a prefill step, than quantizing x once per linear)
-        outs = [il.int8_linear(g, x, name, q if q is not None else _np(linear.weight))
-                for name, q, linear in zip(names, quantized, linears)]
+        outs = [il.int8_linear(g, x, name, q.dequantize() if q is not None else _np(linear.weight), o)
+                for name, q, linear, o in zip(names, quantized, linears, outliers)]
         for i, linear in enumerate(linears):
             if linear.bias is not None:
                 outs[i] = g.op("Add", outs[i], g.weight(f"{names[i]}.bias", _np(linear.bias)))
@@ -119,18 +120,20 @@ def _matmul_qdq(g: GraphBuilder, x: str, name: str, qw) -> str:
 
 def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level: int = 4,
                 weight_format: str = "matmulnbits", activation_block_size: int | None = None,
-                kv_dtype: str = "float32", int8_linears: bool = False) -> onnx.ModelProto:
+                kv_dtype: str = "float32", int8_linears: bool = False,
+                outlier_channels: dict | None = None) -> onnx.ModelProto:
     """Translate llmc's torch model into the step graph (weights inline; saved as external data).
 
     Linears named in `quantized` become com.microsoft.MatMulNBits nodes over their codes, or with
     weight_format "qdq" standard DequantizeLinear + MatMul (the TensorRT target). q/k/v and gate/up
     each run as one matmul over stacked weights. kv_dtype is the pools' (and the returned K/V's) dtype.
-    int8_linears: every linear, the LM head included, becomes llmc.Int8Linear (int8 weights and
-    activations with scales per block of 64 inputs: the int8 graph).
+    int8_linears: every linear, the LM head included, becomes llmc.Int8Linear (int8 weights per output
+    channel, int8 activations per token, the linear's outlier_channels in bf16: the int8 graph).
     """
     geo = model.geo
     quant = {**(quantized or {}), "accuracy_level": accuracy_level, "format": weight_format,
-             "activation_block_size": activation_block_size, "int8_linears": int8_linears}
+             "activation_block_size": activation_block_size, "int8_linears": int8_linears,
+             "outliers": outlier_channels or {}}
     g = GraphBuilder()
     embed = g.weight("embed.weight", _np(model.embed.weight))
     half = geo.head_dim // 2
@@ -156,10 +159,11 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
         new_keys.append(k_rotated)
         new_values.append(v)
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
-    if int8_linears and geo.hidden_size % il.BLOCK == 0:  # the int8 graph: the LM head too (tied or not)
+    head_outliers = (outlier_channels or {}).get("lm_head", [])
+    if int8_linears and il.supports(geo.hidden_size, len(head_outliers)):  # the int8 graph: the LM head too
         head = model.embed.weight if model.lm_head is None else model.lm_head.weight
-        weight = quant["lm_head"] if "lm_head" in quant else _np(head)
-        g.op_to("Identity", [il.int8_linear(g, h, "lm_head", weight, two_level=True)], "logits")
+        weight = quant["lm_head"].dequantize() if "lm_head" in quant else _np(head)
+        g.op_to("Identity", [il.int8_linear(g, h, "lm_head", weight, head_outliers, two_level=True)], "logits")
     elif "lm_head" in quant:
         g.op_to("Identity", [_linear(g, h, "lm_head", model.lm_head, quant)], "logits")
     else:
@@ -198,9 +202,10 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
 
 def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, accuracy_level: int = 4,
               weight_format: str = "matmulnbits", activation_block_size: int | None = None,
-              kv_dtype: str = "float32", int8_prefill: bool = False) -> dict:
+              kv_dtype: str = "float32", int8_prefill: bool = False, outlier_channels: dict | None = None) -> dict:
     """Write model.onnx + model.onnx.data into out_dir (and with int8_prefill the int8 prefill graph,
-    prefill.onnx + prefill.onnx.data); return the engine's manifest entry."""
+    prefill.onnx + prefill.onnx.data, its linears' outlier channels from passes/act_outliers); return the
+    engine's manifest entry."""
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("building the ONNX step graph (%d layers, %d quantized linears)", model.geo.num_layers,
              len(quantized or {}))
@@ -218,13 +223,14 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
     if int8_prefill:
         log.info("building the int8 prefill graph (llmc.Int8Linear: int8 weights and activations)")
         proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size, kv_dtype,
-                            int8_linears=True)
+                            int8_linears=True, outlier_channels=outlier_channels)
         onnx.save_model(proto, str(out_dir / PREFILL_GRAPH_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=PREFILL_DATA_FILE, size_threshold=0)
         onnx.checker.check_model(str(out_dir / PREFILL_GRAPH_FILE))
         prefill = {"graph": PREFILL_GRAPH_FILE, "weights": PREFILL_DATA_FILE, "linear_op": f"{il.DOMAIN}.{il.OP_TYPE}",
-                   "weights_format": "int8 per output channel and block of 64",
-                   "activations": "int8 per token and block of 64"}
+                   "linear_format": il.FORMAT,
+                   "weights_format": "int8 per output channel; outlier input channels bf16",
+                   "activations": "int8 per token; outlier input channels bf16"}
     return {"format": "onnx", "prefill": prefill, "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
             "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "attention_plan": pa.PLAN_FORMAT, "kv_update": "returned",
             "quantized_linears": sorted(quantized or {}), "weight_format": weight_format if quantized else None,

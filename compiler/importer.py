@@ -48,6 +48,7 @@ class ModelIR:
     source_files: list[SourceFile] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     quantized: dict = field(default_factory=dict)  # linear name -> kernels.quant.QuantizedWeight
+    outlier_channels: dict = field(default_factory=dict)  # linear name -> int64 channels (passes/act_outliers)
 
 
 def hf_name_to_llmc(name: str) -> str | None:

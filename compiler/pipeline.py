@@ -22,6 +22,7 @@ from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec, QuantizationSpec, l
 from llmc.compiler.tokenizer_meta import tokenizer_manifest
 from llmc.errors import ConfigError
 from llmc.kernels.quant import GridConfig
+from llmc.passes.act_outliers import ActivationOutliers
 from llmc.passes.base import run_passes
 from llmc.passes.quant_awq import QuantAWQ
 from llmc.passes.quant_gptq import QuantGPTQ
@@ -61,6 +62,11 @@ def build_passes(spec: BuildSpec, ir) -> list:
             else:
                 g = q.gptq or GPTQSpec()
                 passes.append(QuantGPTQ(cfg, head, windows, g.damp, g.block_size, g.act_order, g.mse))
+    # -- the int8 graph's activation outliers (after quantization: found on the weights it runs) -------
+    if spec.int8_prefill:
+        cal = spec.calibration
+        windows = _windows(spec, ir, cal, cal.n_samples, cal.seed, "calibration")
+        passes.append(ActivationOutliers(windows, spec.int8_outlier_channels))
     return passes
 
 
@@ -171,7 +177,8 @@ def build(spec: BuildSpec) -> Path:
                                           spec.kv_cache.dtype)
                 else:
                     entry = emit_onnx(ir.model, engine_dir, ir.quantized, **_onnx_options(spec.quantization),
-                                      kv_dtype=spec.kv_cache.dtype, int8_prefill=spec.int8_prefill)
+                                      kv_dtype=spec.kv_cache.dtype, int8_prefill=spec.int8_prefill,
+                                      outlier_channels=ir.outlier_channels)
                 engines[target] = {"dir": f"engines/{target}", **entry}
             if draft is not None:
                 draft_ir, options = draft

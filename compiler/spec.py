@@ -187,10 +187,12 @@ class BuildSpec(_Strict):
     calibration: CalibrationSpec | None = None
     eval: EvalSpec | None = None
     speculative: SpeculativeSpec | None = None
-    # A second step graph whose linears run int8 activations (per token and block of 64) against int8
-    # weights (or int4 codes held exactly), on AMX tiles where the CPU has them; the runtime measures
-    # from which step size it beats the main graph.
+    # A second step graph whose linears run int8 activations (one scale per token) against int8 weights
+    # (per output channel), each linear's int8_outlier_channels largest input channels (found on the
+    # calibration text) in bf16, on AMX tiles where the CPU has them; the runtime measures from which
+    # step size it beats the main graph.
     int8_prefill: bool = False
+    int8_outlier_channels: int = Field(default=64, ge=0, le=1024, multiple_of=32)
     runtime: dict[str, Any] | None = None
     # Where the YAML lives; relative paths resolve against it. Set by load_spec.
     base_dir: str = "."
@@ -206,19 +208,6 @@ class BuildSpec(_Strict):
         if value is not None:
             raise ValueError(f"section {info.field_name!r} " + NOT_YET.format("serving limits given to `llmc serve`"))
         return value
-
-    @model_validator(mode="after")
-    def _int8_prefill_over_exact_weights(self):
-        q = self.quantization
-        if not self.int8_prefill or q is None:
-            return self
-        exact = q.bits == 4 and q.group_size % 64 == 0 and (q.symmetric or q.zero_point == "int")
-        if not exact:
-            raise ValueError(f"int8_prefill: the int8 graph holds int4 weights exactly only in groups of 64 or more "
-                             f"with integer zero points (here bits {q.bits}, group_size {q.group_size}, zero_point "
-                             f"{q.zero_point}); requantized, an int4 g32 bundle lost +1.4% perplexity. Use "
-                             "group_size: 64 or 128 (or no quantization), or set int8_prefill: false")
-        return self
 
     @model_validator(mode="after")
     def _tensorrt_takes_symmetric_int4(self):
@@ -241,8 +230,11 @@ class BuildSpec(_Strict):
         if q is not None and q.method in ("awq", "gptq") and self.calibration is None:
             raise ValueError(f"quantization.method {q.method} calibrates on real text: add a calibration section, "
                              "e.g. calibration: {texts: [/usr/share/common-licenses/GPL-3]}")
-        if self.calibration is not None and (q is None or q.method == "rtn"):
-            raise ValueError("calibration: only AWQ and GPTQ use calibration text; remove it or set "
+        if self.int8_prefill and self.calibration is None:
+            raise ValueError("int8_prefill: the int8 graph finds its activation outlier channels on real text: add a "
+                             "calibration section, e.g. calibration: {texts: [/usr/share/common-licenses/GPL-3]}")
+        if self.calibration is not None and not self.int8_prefill and (q is None or q.method == "rtn"):
+            raise ValueError("calibration: only AWQ, GPTQ and int8_prefill use calibration text; remove it or set "
                              "quantization.method to awq or gptq")
         return self
 

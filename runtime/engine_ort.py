@@ -31,6 +31,7 @@ OUTPUTS = ("logits", "new_keys", "new_values")
 PREFILL_MIN_TOKENS = 16
 FUSED_ATTENTION = "llmc fused CPU kernel"
 ATTENTION_PLAN = "lengths"  # compiler/onnx_paged_attention.PLAN_FORMAT (the serving path imports no compiler)
+INT8_LINEAR_FORMAT = "per-token+outliers"  # compiler/onnx_int8_linear.FORMAT
 CALIBRATION_BATCHES = (1, 2, 4, 8)
 CALIBRATION_CONTEXT = 128
 CALIBRATION_REPEATS = 3  # timed runs per batch and graph, after one warm-up
@@ -84,6 +85,11 @@ class OrtEngine:
         self.attention = FUSED_ATTENTION if fused else "ONNX function body"
         self.int8_session = None  # the int8 graph: steps of at least int8_min_tokens tokens run here
         prefill = entry.get("prefill")
+        if prefill and prefill.get("linear_format") != INT8_LINEAR_FORMAT:
+            raise BundleError(f"{bundle.path} was built by an earlier llmc whose int8 graph scaled activations per "
+                              "block of 64 channels; this runtime's Int8Linear takes one scale per token and the "
+                              "calibrated outlier channels: rebuild it with this llmc (`llmc build` of its "
+                              "model.yaml, which needs a calibration section for int8_prefill)")
         if prefill and amx_int8_available():
             self.int8_session, _ = _session(bundle.path / entry["dir"] / prefill["graph"],
                                             profile_dir and Path(profile_dir) / "int8")

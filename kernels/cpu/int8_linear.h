@@ -1,7 +1,10 @@
-// llmc.Int8Linear on AMX: y[M, N] = sum over blocks b of 64 input channels of (x[M, b] quantized to int8,
-// one scale per row and block) . (w[N, b] int8, one scale per output channel and block)^T, in float. The op's ONNX function body
-// (compiler/onnx_int8_linear.py) computes the same with MatMulInteger; this kernel runs it on the
-// CPU's AMX tiles (TDPBSSD: 16x64 int8 . 64x16 int8 -> 16x16 int32).
+// llmc.Int8Linear on AMX: y[M, N] = (q_x[M, Ki] . w[N, Ki]^T) * x_scale[M] * w_scale[N] + bf16(x_o[M, Ko]) . w_o[N, Ko]^T
+// in float, over the input channels in the op's order `channels` [K] (the first Ki inlier, the last Ko
+// outlier channels): the inliers quantized to int8 with one scale per row, the few outlier channels
+// (the calibration's largest activations) in bf16 on their own. The op's ONNX function body
+// (compiler/onnx_int8_linear.py) computes the same with MatMulInteger; this kernel runs the int8 part
+// on AMX int8 tiles (TDPBSSD: 16x64 . 64x16 -> 16x16 int32, summed over all of Ki in the tiles) and the
+// outliers on AMX bf16 tiles (TDPBF16PS: 16x32 . 32x16 -> 16x16 float).
 #pragma once
 
 #include <cstdint>
@@ -9,30 +12,35 @@
 
 namespace llmc {
 
-// Whether this CPU and OS run AMX int8 tiles (CPUID, XCR0, and Linux's per-process permission).
+// Whether this CPU and OS run AMX int8 and bf16 tiles (CPUID, XCR0, and Linux's per-process permission).
 bool amx_int8_usable();
 
-// The weight in the tiles' layout: [N/16][K/64][16 rows of K/4][16 columns x 4 K] int8, padded with zeros
-// to whole tiles; built once per weight.
+// The weights in the tiles' layouts, padded with zeros to whole tiles; built once per weight.
 struct PackedWeight {
-  int64_t N = 0, K = 0, Np = 0;
-  std::vector<int8_t> data;
-  std::vector<float> scale;  // [K / kBlock][Np]: the weight's scales by block, columns contiguous
+  int64_t N = 0, Ki = 0, Ko = 0, Np = 0;
+  std::vector<int8_t> data;       // [Np/16][Ki/64][16 rows of Ki/4][16 columns x 4 K]
+  std::vector<uint16_t> outlier;  // [Np/16][Ko/32][16 rows of Ko/2][16 columns x 2 K], bf16
+  std::vector<float> scale;       // [Np]
+  std::vector<int32_t> channels;  // [Ki + Ko]: the input channel of each packed position
 };
-PackedWeight pack_weight(const int8_t* w, const float* scale, int64_t N, int64_t K);  // scale [N, K / kBlock]
+// w [N, Ki] int8, w_scale [N], w_outlier [N, Ko] float (bf16 values), channels [Ki + Ko].
+PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_outlier, const int64_t* channels,
+                         int64_t N, int64_t Ki, int64_t Ko);
 
 struct Int8LinearArgs {
   const float* x;          // [M, K]
   const PackedWeight* w;
   float* y;                // [M, N]
   int64_t M;
-  int8_t* xq;              // [Mp, K] scratch: x quantized per row and block (zero rows as padding)
-  float* x_scale;          // [Mp, K / kBlock]
+  int8_t* xq;              // [Mp, Ki] scratch: the inliers quantized per row (zero rows as padding)
+  uint16_t* xo;            // [Mp, Ko] scratch: the outliers in bf16
+  float* x_scale;          // [Mp]
 };
 
-constexpr int64_t kBlock = 64;     // input channels per activation scale (one AMX tile of K)
-constexpr int64_t kRowBlock = 32;  // rows of x per work item (2 tiles)
+constexpr int64_t kRowBlock = 32;  // rows of y per work item (2 tiles)
 constexpr int64_t kColBlock = 32;  // columns of y per work item (2 tiles)
+constexpr int64_t kInlierAlign = 64;   // Ki: whole int8 tiles of K
+constexpr int64_t kOutlierAlign = 32;  // Ko: whole bf16 tiles of K
 
 int64_t padded_rows(int64_t M);
 void quantize_rows(const Int8LinearArgs& a, int64_t row_begin, int64_t row_end);

@@ -1,5 +1,6 @@
-// The onnxruntime custom op llmc.Int8Linear (inputs x float [M, K], w int8 [N, K], w_scale float [N, K / 64];
-// output y float [M, N]) over the AMX kernel of int8_linear.h. Registered only where AMX runs; elsewhere
+// The onnxruntime custom op llmc.Int8Linear (inputs x float [M, K], w int8 [N, Ki], w_scale float [N],
+// w_outlier float [N, Ko], channels int64 [K = Ki + Ko]; output y float [M, N]) over the AMX kernel of
+// int8_linear.h. Registered only where AMX runs; elsewhere
 // onnxruntime runs the op's ONNX function body.
 #include <memory>
 #include <mutex>
@@ -42,20 +43,30 @@ void gemm_item(void* data, size_t item) {
 OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   Kernel& kernel = *static_cast<Kernel*>(kernel_ptr);
   const ortabi::Api& api = kernel.api;
-  llmc_ops::Tensor x, w, scale;
+  llmc_ops::Tensor x, w, scale, outlier, channels;
   RETURN_IF_ERROR(llmc_ops::read_input(api, context, 0, &x));
   RETURN_IF_ERROR(llmc_ops::read_input(api, context, 1, &w));
   RETURN_IF_ERROR(llmc_ops::read_input(api, context, 2, &scale));
-  if (x.dims.size() != 2 || w.dims.size() != 2 || scale.dims.size() != 2 || x.dims[1] != w.dims[1] ||
-      w.dims[1] % llmc::kBlock != 0 || scale.dims != std::vector<int64_t>{w.dims[0], w.dims[1] / llmc::kBlock}) {
-    return error(api, "expected x [M, K], w [N, K] and w_scale [N, K / 64], K a multiple of 64");
+  RETURN_IF_ERROR(llmc_ops::read_input(api, context, 3, &outlier));
+  RETURN_IF_ERROR(llmc_ops::read_input(api, context, 4, &channels));
+  if (x.dims.size() != 2 || w.dims.size() != 2 || outlier.dims.size() != 2 || scale.dims.size() != 1 ||
+      channels.dims.size() != 1 || outlier.dims[0] != w.dims[0] || scale.dims[0] != w.dims[0] ||
+      channels.dims[0] != x.dims[1] || w.dims[1] + outlier.dims[1] != x.dims[1] ||
+      w.dims[1] % llmc::kInlierAlign != 0 || outlier.dims[1] % llmc::kOutlierAlign != 0) {
+    return error(api, "expected x [M, K], w [N, Ki], w_scale [N], w_outlier [N, Ko] and channels [K = Ki + Ko], "
+                      "Ki a multiple of 64 and Ko of 32");
   }
-  const int64_t M = x.dims[0], N = w.dims[0], K = w.dims[1];
+  const int64_t M = x.dims[0], N = w.dims[0], Ki = w.dims[1], Ko = outlier.dims[1];
+  const int64_t* order = static_cast<const int64_t*>(channels.data);
+  for (int64_t k = 0; k < Ki + Ko; ++k) {
+    if (order[k] < 0 || order[k] >= Ki + Ko) return error(api, "a channel index is out of range");
+  }
   const int8_t* weight = static_cast<const int8_t*>(w.data);
   {
-    std::lock_guard<std::mutex> lock(kernel.mutex);  // pack once: onnxruntime passes the same initializer
-    if (kernel.packed_from != weight || kernel.packed.N != N || kernel.packed.K != K) {
-      kernel.packed = llmc::pack_weight(weight, static_cast<const float*>(scale.data), N, K);
+    std::lock_guard<std::mutex> lock(kernel.mutex);  // pack once: onnxruntime passes the same initializers
+    if (kernel.packed_from != weight || kernel.packed.N != N || kernel.packed.Ki != Ki || kernel.packed.Ko != Ko) {
+      kernel.packed = llmc::pack_weight(weight, static_cast<const float*>(scale.data),
+                                        static_cast<const float*>(outlier.data), order, N, Ki, Ko);
       kernel.packed_from = weight;
     }
   }
@@ -66,10 +77,13 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   // Scratch reused across calls on this thread: fresh buffers of a few MB were fresh pages each call
   // (malloc maps them), zeroed by the kernel: ~7% of a prefill step.
   thread_local std::vector<int8_t> xq;
+  thread_local std::vector<uint16_t> xo;
   thread_local std::vector<float> x_scale;
-  xq.resize(Mp * K);
-  x_scale.resize(Mp * (K / llmc::kBlock));
-  llmc::Int8LinearArgs args{static_cast<const float*>(x.data), &kernel.packed, y, M, xq.data(), x_scale.data()};
+  xq.resize(Mp * Ki);
+  xo.resize(Mp * Ko);
+  x_scale.resize(Mp);
+  llmc::Int8LinearArgs args{static_cast<const float*>(x.data), &kernel.packed, y, M, xq.data(), xo.data(),
+                            x_scale.data()};
   Work work{&args, Mp / llmc::kRowBlock, kernel.packed.Np / llmc::kColBlock};
   RETURN_IF_ERROR(api.KernelContextParallelFor(context, quantize_item, work.row_blocks, work.row_blocks, &work));
   const size_t items = static_cast<size_t>(work.row_blocks * work.col_blocks);
@@ -81,7 +95,8 @@ OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKerne
   return nullptr;
 }
 
-const ONNXTensorElementDataType kInputTypes[3] = {ELEMENT_FLOAT, ELEMENT_INT8, ELEMENT_FLOAT};
+const ONNXTensorElementDataType kInputTypes[5] = {ELEMENT_FLOAT, ELEMENT_INT8, ELEMENT_FLOAT, ELEMENT_FLOAT,
+                                                  ELEMENT_INT64};
 
 }  // namespace
 
@@ -90,8 +105,8 @@ namespace llmc_ops {
 OrtCustomOp make_int8_linear_op() {
   OrtCustomOp op = base_op();
   op.GetName = [](const OrtCustomOp*) { return "Int8Linear"; };
-  op.GetInputType = [](const OrtCustomOp*, size_t i) { return i < 3 ? kInputTypes[i] : ELEMENT_UNDEFINED; };
-  op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(3); };
+  op.GetInputType = [](const OrtCustomOp*, size_t i) { return i < 5 ? kInputTypes[i] : ELEMENT_UNDEFINED; };
+  op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(5); };
   op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(1); };
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   op.CreateKernelV2 = create_kernel;

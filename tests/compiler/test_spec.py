@@ -87,7 +87,7 @@ def test_relative_source_resolves_against_yaml(tmp_path, tiny_checkpoint):
     ({"method": "rtn", "group_size": 512}, {}, "quantization.group_size", "power of two"),
     ({"method": "gptq"}, {}, "", "calibration section"),
     ({"method": "awq"}, {}, "", "calibration section"),
-    ({"method": "rtn"}, {"calibration": {"texts": ["a.txt"]}}, "", "only AWQ and GPTQ"),
+    ({"method": "rtn"}, {"calibration": {"texts": ["a.txt"]}}, "", "only AWQ, GPTQ and int8_prefill"),
     ({"method": "gptq", "awq": {"grid": 10}}, {"calibration": {"texts": ["a.txt"]}}, "quantization", "awq"),
     ({"method": "gptq", "gptq": {"damp": 0}}, {"calibration": {"texts": ["a.txt"]}}, "quantization.gptq.damp", ""),
     ({"method": "gptq"}, {"calibration": {"n_samples": 4}}, "calibration", "texts or token_files"),
@@ -134,16 +134,23 @@ def test_speculative_method_defaults_to_draft(tmp_path):
     assert spec.speculative.method == "draft" and spec.speculative.num_tokens == 3
 
 
-@pytest.mark.parametrize("quantization,ok", [({"method": "rtn"}, True), ({"method": "rtn", "group_size": 64}, True),
-                                             ({"method": "rtn", "symmetric": True, "group_size": 256}, True),
-                                             ({"method": "rtn", "group_size": 32}, False),
-                                             ({"method": "rtn", "zero_point": "float"}, False),
-                                             ({"method": "rtn", "bits": 8}, False)])
-def test_int8_prefill_over_quantized_weights_needs_exact_int4_codes(tmp_path, tiny_checkpoint, quantization, ok):
+@pytest.mark.parametrize("quantization", [None, {"method": "rtn", "group_size": 32}, {"method": "rtn", "bits": 8}])
+def test_int8_prefill_takes_any_weights_with_calibration_text(tmp_path, tiny_checkpoint, quantization):
+    calibration = {"texts": ["cal.txt"]}
     path = write_yaml(tmp_path / "model.yaml", name="m", source=str(tiny_checkpoint), int8_prefill=True,
-                      quantization=quantization)
-    if ok:
-        assert load_spec(path).int8_prefill
-        return
-    with pytest.raises(ConfigError, match="int8_prefill: the int8 graph holds int4 weights exactly only in groups of 64"):
+                      calibration=calibration, **({"quantization": quantization} if quantization else {}))
+    spec = load_spec(path)
+    assert spec.int8_prefill and spec.int8_outlier_channels == 64
+
+
+def test_int8_prefill_without_calibration_text_says_how_to_add_it(tmp_path, tiny_checkpoint):
+    path = write_yaml(tmp_path / "model.yaml", name="m", source=str(tiny_checkpoint), int8_prefill=True)
+    with pytest.raises(ConfigError, match="int8_prefill: the int8 graph finds its activation outlier channels"):
+        load_spec(path)
+
+
+def test_int8_outlier_channels_must_fill_bf16_tiles(tmp_path, tiny_checkpoint):
+    path = write_yaml(tmp_path / "model.yaml", name="m", source=str(tiny_checkpoint), int8_prefill=True,
+                      calibration={"texts": ["cal.txt"]}, int8_outlier_channels=40)
+    with pytest.raises(ConfigError, match="int8_outlier_channels"):
         load_spec(path)

@@ -7,7 +7,7 @@ from llmc.kernels import fused_cpu
 from llmc.runtime import engine_ort
 from llmc.runtime.llm import LLM
 from llmc.runtime.sequence import SamplingParams
-from tests.helpers import write_yaml
+from tests.helpers import TEXT, write_yaml
 
 needs_amx = pytest.mark.skipif(not fused_cpu.amx_int8_available(), reason="this CPU has no AMX int8 tiles")
 
@@ -18,8 +18,10 @@ def int8_bundle(tmp_path_factory, tiny_checkpoint):
     from llmc.compiler.spec import load_spec
 
     work = tmp_path_factory.mktemp("int8-build")
+    (work / "calibration.txt").write_text(" ".join([TEXT] * 20))
     return build(load_spec(write_yaml(work / "model.yaml", name="tiny-int8", source=str(tiny_checkpoint),
-                                      kv_cache={"block_size": 4}, int8_prefill=True, output="out")))
+                                      kv_cache={"block_size": 4}, int8_prefill=True, output="out",
+                                      calibration={"texts": ["calibration.txt"], "n_samples": 4, "seq_len": 64})))
 
 
 @needs_amx
@@ -75,3 +77,26 @@ def test_with_int8_from_one_token_every_step_runs_the_int8_graph(int8_bundle, ti
     assert llm.engine.path_counts["main"] == [0, 0] and llm.engine.path_counts["int8_amx"][0] > 0
     ref = LLM(tiny_bundle).generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
     assert [o.token_ids[0] for o in out] == [o.token_ids[0] for o in ref]
+
+
+def test_the_int8_graph_records_its_outlier_channels_and_old_formats_are_refused(int8_bundle, tmp_path):
+    """The act_outliers pass is in the manifest; an int8 graph of the earlier format (activation scales
+    per block of 64) is refused with a rebuild hint, not run through a mismatched kernel."""
+    import hashlib
+    import json
+    import shutil
+
+    from llmc.artifacts.bundle import MANIFEST, MANIFEST_CHECKSUM, load_bundle
+    from llmc.errors import BundleError
+
+    manifest = load_bundle(int8_bundle).manifest
+    record = next(p for p in manifest["passes"] if p["name"] == "act_outliers")
+    assert record["channels"] == 64 and record["linears"] >= 1 and record["step_gain_max"] >= 1.0
+    assert manifest["engines"]["onnxruntime"]["prefill"]["linear_format"] == engine_ort.INT8_LINEAR_FORMAT
+    copy = shutil.copytree(int8_bundle, tmp_path / "old")
+    del manifest["engines"]["onnxruntime"]["prefill"]["linear_format"]
+    body = json.dumps(manifest).encode()
+    (copy / MANIFEST).write_bytes(body)
+    (copy / MANIFEST_CHECKSUM).write_text(hashlib.sha256(body).hexdigest())
+    with pytest.raises(BundleError, match=r"int8 graph scaled activations per block of 64.*rebuild it"):
+        engine_ort.OrtEngine(load_bundle(copy))
