@@ -73,6 +73,8 @@ PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_o
   p.outlier.assign(p.Np * Ko, 0);
   p.scale.assign(p.Np, 0.0f);
   p.channels.assign(channels, channels + Ki + Ko);
+  p.inlier_masks.assign((Ki + Ko + 15) / 16, 0);
+  for (int64_t k = 0; k < Ki; ++k) p.inlier_masks[channels[k] / 16] |= static_cast<uint16_t>(1u << (channels[k] % 16));
   const int64_t int8_tiles = Ki / 64, bf16_tiles = Ko / 32;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t nt = n / 16, col = n % 16;
@@ -91,12 +93,13 @@ PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_o
 
 int64_t padded_rows(int64_t M) { return round_up(M, kRowBlock); }
 
-void quantize_rows(const Int8LinearArgs& a, int64_t row_begin, int64_t row_end) {
+__attribute__((target("avx512f,avx512bw"))) void quantize_rows(const Int8LinearArgs& a, int64_t row_begin,
+                                                               int64_t row_end) {
   const PackedWeight& w = *a.w;
   const int64_t Ki = w.Ki, Ko = w.Ko, K = Ki + Ko;
-  const int32_t* channels = w.channels.data();
+  const int32_t* outlier_channels = w.channels.data() + Ki;
   thread_local std::vector<float> inliers;
-  inliers.resize(Ki);
+  inliers.resize(Ki + 16);
   for (int64_t m = row_begin; m < row_end; ++m) {
     int8_t* q = a.xq + m * Ki;
     uint16_t* o = a.xo + m * Ko;
@@ -107,15 +110,25 @@ void quantize_rows(const Int8LinearArgs& a, int64_t row_begin, int64_t row_end) 
       continue;
     }
     const float* x = a.x + m * K;
-    float amax = 0.0f;
-    for (int64_t k = 0; k < Ki; ++k) {
-      inliers[k] = x[channels[k]];
-      amax = std::max(amax, std::fabs(inliers[k]));
+    __m512 amax = _mm512_setzero_ps();
+    int64_t n = 0;
+    for (int64_t c = 0; c < K; c += 16) {  // the inliers, in channel order, compressed 16 channels at a time
+      const __mmask16 valid = K - c >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - c)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, x + c);
+      const __mmask16 inlier = w.inlier_masks[c / 16];
+      _mm512_mask_compressstoreu_ps(inliers.data() + n, inlier, v);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_mov_ps(inlier, v)));
+      n += __builtin_popcount(inlier);
     }
-    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;  // one scale per row
-    for (int64_t k = 0; k < Ki; ++k) q[k] = static_cast<int8_t>(std::nearbyint(inliers[k] / scale));
+    const float peak = _mm512_reduce_max_ps(amax);
+    const float scale = peak > 0.0f ? peak / 127.0f : 1.0f;  // one scale per row
+    const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+    for (int64_t k = 0; k < Ki; k += 16) {  // Ki is a multiple of 64; round to nearest even, as the body's Round
+      const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(inliers.data() + k), inverse));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(codes));
+    }
     a.x_scale[m] = scale;
-    for (int64_t k = 0; k < Ko; ++k) o[k] = float_to_bf16(x[channels[Ki + k]]);
+    for (int64_t k = 0; k < Ko; ++k) o[k] = float_to_bf16(x[outlier_channels[k]]);
   }
 }
 

@@ -22,6 +22,7 @@ struct PackedWeight {
   std::vector<uint16_t> outlier;  // [Np/16][Ko/32][16 rows of Ko/2][16 columns x 2 K], bf16
   std::vector<float> scale;       // [Np]
   std::vector<int32_t> channels;  // [Ki + Ko]: the input channel of each packed position
+  std::vector<uint16_t> inlier_masks;  // [ceil(K / 16)]: bit c of mask i: channel 16 i + c is an inlier
 };
 // w [N, Ki] int8, w_scale [N], w_outlier [N, Ko] float (bf16 values), channels [Ki + Ko].
 PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_outlier, const int64_t* channels,
