@@ -118,6 +118,30 @@ def _matmul_qdq(g: GraphBuilder, x: str, name: str, qw) -> str:
     return g.op("MatMul", x, w)
 
 
+def _mlp(g: GraphBuilder, h: str, p: str, layer, quant: dict) -> str:
+    """SwiGLU MLP of normed h [T, hidden]."""
+    gate, up = _fused_linear(g, h, [f"{p}.gate_proj", f"{p}.up_proj"], [layer.gate_proj, layer.up_proj], quant)
+    mlp = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+    return _linear(g, mlp, f"{p}.down_proj", layer.down_proj, quant)
+
+
+def _int8_mlp(g: GraphBuilder, h: str, p: str, layer, quant: dict) -> str | None:
+    """The int8 graph's MLP as two nodes: gate | up as one Int8Linear [T, 2I] (they share h and its
+    outlier channels), then down_proj as Int8LinearSwiGLU, which applies silu(gate) * up as it quantizes
+    (no separate activation pass over [T, I]); None where the int8 path does not apply."""
+    if not quant.get("int8_linears"):
+        return None
+    names = [f"{p}.gate_proj", f"{p}.up_proj", f"{p}.down_proj"]
+    linears = [layer.gate_proj, layer.up_proj, layer.down_proj]
+    outliers = [np.asarray(quant["outliers"].get(n, []), dtype=np.int64) for n in names]
+    if not all(il.supports(lin.in_features, len(o)) for lin, o in zip(linears, outliers)) \
+            or any(lin.bias is not None for lin in linears) or not np.array_equal(outliers[0], outliers[1]):
+        return None
+    weights = [quant[n].dequantize() if n in quant else _np(lin.weight) for n, lin in zip(names, linears)]
+    gate_up = il.int8_linear(g, h, f"{p}.gate_up_proj", np.concatenate(weights[:2]), outliers[0])  # [T, 2I]
+    return il.int8_linear(g, gate_up, names[2], weights[2], outliers[2], swiglu=True)
+
+
 def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level: int = 4,
                 weight_format: str = "matmulnbits", activation_block_size: int | None = None,
                 kv_dtype: str = "float32", int8_linears: bool = False,
@@ -153,9 +177,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
                                kv_num_heads=geo.num_kv_heads)
         x = g.op("Add", x, _linear(g, attn, f"{p}.o_proj", layer.o_proj, quant))
         h = _rms_norm(g, x, g.weight(f"{p}.mlp_norm", _np(layer.mlp_norm)), geo.rms_norm_eps)
-        gate, up = _fused_linear(g, h, [f"{p}.gate_proj", f"{p}.up_proj"], [layer.gate_proj, layer.up_proj], quant)
-        mlp = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
-        x = g.op("Add", x, _linear(g, mlp, f"{p}.down_proj", layer.down_proj, quant))
+        x = g.op("Add", x, _int8_mlp(g, h, p, layer, quant) or _mlp(g, h, p, layer, quant))
         new_keys.append(k_rotated)
         new_values.append(v)
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
@@ -193,7 +215,8 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
                helper.make_tensor_value_info("new_keys", kv_type, kv_out),
                helper.make_tensor_value_info("new_values", kv_type, kv_out)]
     graph = helper.make_graph(g.nodes, "llmc_step", inputs, outputs, g.initializers)
-    functions = [pa.build_function(kv_dtype)] + ([il.build_function()] if int8_linears else [])
+    functions = [pa.build_function(kv_dtype)] + ([il.build_function(), il.build_function(swiglu=True)]
+                                                 if int8_linears else [])
     return helper.make_model(
         graph, functions=functions, producer_name="llmc",
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(pa.DOMAIN, 1),

@@ -25,6 +25,7 @@ from llmc.compiler.onnx_builder import GraphBuilder
 
 DOMAIN = "llmc"
 OP_TYPE = "Int8Linear"
+SWIGLU_OP_TYPE = "Int8LinearSwiGLU"  # the same over silu(gate) * up of an input [M, 2K] = gate | up
 OPSET = 23
 INLIER_ALIGN = 64   # Ki: whole int8 tiles of K
 OUTLIER_ALIGN = 32  # Ko: whole bf16 tiles of K
@@ -55,9 +56,15 @@ def quantize_weight(w: np.ndarray, channels: np.ndarray, num_outliers: int):
     return np.ascontiguousarray(codes), scale, bf16_round(outlier)
 
 
+def swiglu(gate_up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up of [M, 2K] = gate | up; [M, K]."""
+    gate, up = np.split(gate_up, 2, axis=1)
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
 def reference(x: np.ndarray, codes: np.ndarray, w_scale: np.ndarray, w_outlier: np.ndarray,
               channels: np.ndarray) -> np.ndarray:
-    """The op in numpy (the tests' reference)."""
+    """The op in numpy (the tests' reference; Int8LinearSwiGLU's is this of swiglu(x))."""
     ki = codes.shape[1]
     xp = x[:, channels]
     inlier, outlier = xp[:, :ki], xp[:, ki:]
@@ -76,11 +83,16 @@ def _row_codes(g: GraphBuilder, x: str) -> tuple[str, str]:
     return g.op("Round", g.op("Div", x, x_scale)), x_scale
 
 
-def build_function() -> onnx.FunctionProto:
-    """The op's portable body (x, w, w_scale, w_outlier, channels) -> y."""
+def build_function(swiglu: bool = False) -> onnx.FunctionProto:
+    """The op's portable body (x, w, w_scale, w_outlier, channels) -> y; with swiglu Int8LinearSwiGLU's."""
     g = GraphBuilder("i8_")
+    x = "x"
+    if swiglu:  # x [M, 2K] = gate | up
+        k = g.op("Shape", "channels")  # [1]
+        gate = g.op("Slice", x, g.const([0]), k, g.const([1]))
+        x = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), g.op("Slice", x, k, g.const([1 << 62]), g.const([1])))
     ki = g.op("Slice", g.op("Shape", "w"), g.const([1]), g.const([2]))  # [1]
-    xp = g.op("Gather", "x", "channels", axis=1)  # [M, K]
+    xp = g.op("Gather", x, "channels", axis=1)  # [M, K]
     inlier = g.op("Slice", xp, g.const([0]), ki, g.const([1]))  # [M, Ki]
     outlier = g.op("Slice", xp, ki, g.const([1 << 62]), g.const([1]))  # [M, Ko]
     codes, x_scale = _row_codes(g, inlier)
@@ -92,7 +104,8 @@ def build_function() -> onnx.FunctionProto:
     outlier_bf16 = g.op("Cast", g.op("Cast", outlier, to=onnx.TensorProto.BFLOAT16), to=onnx.TensorProto.FLOAT)
     outlier_sums = g.op("MatMul", outlier_bf16, g.op("Transpose", "w_outlier", perm=[1, 0]))  # [M, N]
     g.nodes.append(helper.make_node("Add", [scaled, outlier_sums], ["y"], name="i8_y"))
-    return helper.make_function(DOMAIN, OP_TYPE, ["x", "w", "w_scale", "w_outlier", "channels"], ["y"], g.nodes,
+    return helper.make_function(DOMAIN, SWIGLU_OP_TYPE if swiglu else OP_TYPE,
+                                ["x", "w", "w_scale", "w_outlier", "channels"], ["y"], g.nodes,
                                 opset_imports=[helper.make_opsetid("", OPSET)])
 
 
@@ -102,9 +115,11 @@ def supports(in_features: int, num_outliers: int) -> bool:
         and in_features > num_outliers
 
 
-def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers, two_level: bool = False) -> str:
+def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers, two_level: bool = False,
+                swiglu: bool = False) -> str:
     """Add an llmc.Int8Linear node over a float weight [N, K] (a quantized weight dequantized first) with
-    the given outlier input channels (see passes/act_outliers.py).
+    the given outlier input channels (see passes/act_outliers.py); with swiglu an Int8LinearSwiGLU node,
+    whose x [M, 2K] is gate | up.
 
     two_level: the inliers' rounding error is quantized too and multiplied in the same op, as extra
     rows (y = W q(x) + W q(x - q(x))): activation error ~250x smaller, for twice the tile work but the
@@ -118,7 +133,9 @@ def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers
     w, w_scale = g.weight(f"{name}.qweight_int8", codes), g.weight(f"{name}.scale_int8", scale)
     w_o, order = g.weight(f"{name}.outlier_bf16", w_outlier), g.weight(f"{name}.channels", channels)
     if not two_level:
-        return g.op(OP_TYPE, x, w, w_scale, w_o, order, domain=DOMAIN, name=f"{name}.int8_linear")
+        return g.op(SWIGLU_OP_TYPE if swiglu else OP_TYPE, x, w, w_scale, w_o, order, domain=DOMAIN,
+                    name=f"{name}.int8_linear")
+    assert not swiglu, "two_level is for a plain x"
     ki = codes.shape[1]
     inliers = g.op("Gather", x, g.const(channels[:ki]), axis=1)  # [M, Ki]
     codes_x, x_scale = _row_codes(g, inliers)

@@ -14,7 +14,7 @@ from pathlib import Path
 # onnxruntime op types by where their time goes (kernels of the step graphs, and what onnxruntime
 # fuses them into).
 GEMM_OPS = frozenset({"Gemm", "MatMul", "FusedMatMul", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat",
-                      "DynamicQuantizeMatMul", "Int8Linear"})
+                      "DynamicQuantizeMatMul", "Int8Linear", "Int8LinearSwiGLU"})
 ATTENTION_OPS = frozenset({"PagedAttention"})
 
 

@@ -1,5 +1,6 @@
 // AMX int8 GEMM for llmc.Int8Linear (int8_linear.h).
 #include "int8_linear.h"
+#include "vec16.h"
 
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -43,6 +44,15 @@ uint16_t float_to_bf16(float value) {
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
 }
+
+// silu(gate) * up on 16 lanes: gate * sigmoid(gate), sigmoid from exp(-|gate|) <= 1.
+inline __m512 swiglu16(__m512 gate, __m512 up) {
+  const f32x16 g = reinterpret_cast<f32x16>(gate), e = exp_nonpositive(-reinterpret_cast<f32x16>(_mm512_abs_ps(gate)));
+  const f32x16 sigmoid = g >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+  return reinterpret_cast<__m512>(g * sigmoid * reinterpret_cast<f32x16>(up));
+}
+
+float swiglu1(float gate, float up) { return gate / (1.0f + std::exp(-gate)) * up; }
 
 }  // namespace
 
@@ -109,14 +119,17 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_rows(const Int8LinearA
       a.x_scale[m] = 0.0f;
       continue;
     }
-    const float* x = a.x + m * K;
+    const float* x = a.x + m * K * (a.swiglu ? 2 : 1);
     __m512 amax = _mm512_setzero_ps();
     int64_t n = 0;
     for (int64_t c = 0; c < K; c += 16) {  // the inliers, in channel order, compressed 16 channels at a time
       const __mmask16 valid = K - c >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - c)) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(valid, x + c);
+      const __m512 v = a.swiglu ? swiglu16(_mm512_maskz_loadu_ps(valid, x + c), _mm512_maskz_loadu_ps(valid, x + K + c))
+                                : _mm512_maskz_loadu_ps(valid, x + c);
       const __mmask16 inlier = w.inlier_masks[c / 16];
-      _mm512_mask_compressstoreu_ps(inliers.data() + n, inlier, v);
+      // compress in a register, then a full store (the next one overwrites the lanes past n): the
+      // compressing store to memory is several times slower
+      _mm512_storeu_ps(inliers.data() + n, _mm512_maskz_compress_ps(inlier, v));
       amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_mov_ps(inlier, v)));
       n += __builtin_popcount(inlier);
     }
@@ -128,7 +141,10 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_rows(const Int8LinearA
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(codes));
     }
     a.x_scale[m] = scale;
-    for (int64_t k = 0; k < Ko; ++k) o[k] = float_to_bf16(x[outlier_channels[k]]);
+    for (int64_t k = 0; k < Ko; ++k) {
+      const int64_t c = outlier_channels[k];
+      o[k] = float_to_bf16(a.swiglu ? swiglu1(x[c], x[K + c]) : x[c]);
+    }
   }
 }
 

@@ -29,13 +29,14 @@ PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_o
                          int64_t N, int64_t Ki, int64_t Ko);
 
 struct Int8LinearArgs {
-  const float* x;          // [M, K]
+  const float* x;          // [M, K], or with swiglu [M, 2K]: gate | up, x being silu(gate) * up
   const PackedWeight* w;
   float* y;                // [M, N]
   int64_t M;
   int8_t* xq;              // [Mp, Ki] scratch: the inliers quantized per row (zero rows as padding)
   uint16_t* xo;            // [Mp, Ko] scratch: the outliers in bf16
   float* x_scale;          // [Mp]
+  bool swiglu = false;
 };
 
 constexpr int64_t kRowBlock = 32;  // rows of y per work item (2 tiles)

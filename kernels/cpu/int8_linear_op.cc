@@ -15,6 +15,7 @@ namespace {
 
 struct Kernel {
   ortabi::Api api;
+  bool swiglu;  // llmc.Int8LinearSwiGLU: x is [M, 2K], gate | up
   std::mutex mutex;
   const int8_t* packed_from = nullptr;  // the weight buffer the packed copy was made from
   llmc::PackedWeight packed;
@@ -51,10 +52,10 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   RETURN_IF_ERROR(llmc_ops::read_input(api, context, 4, &channels));
   if (x.dims.size() != 2 || w.dims.size() != 2 || outlier.dims.size() != 2 || scale.dims.size() != 1 ||
       channels.dims.size() != 1 || outlier.dims[0] != w.dims[0] || scale.dims[0] != w.dims[0] ||
-      channels.dims[0] != x.dims[1] || w.dims[1] + outlier.dims[1] != x.dims[1] ||
+      channels.dims[0] * (kernel.swiglu ? 2 : 1) != x.dims[1] || w.dims[1] + outlier.dims[1] != channels.dims[0] ||
       w.dims[1] % llmc::kInlierAlign != 0 || outlier.dims[1] % llmc::kOutlierAlign != 0) {
-    return error(api, "expected x [M, K], w [N, Ki], w_scale [N], w_outlier [N, Ko] and channels [K = Ki + Ko], "
-                      "Ki a multiple of 64 and Ko of 32");
+    return error(api, "expected x [M, K] ([M, 2K] for Int8LinearSwiGLU), w [N, Ki], w_scale [N], w_outlier [N, Ko] "
+                      "and channels [K = Ki + Ko], Ki a multiple of 64 and Ko of 32");
   }
   const int64_t M = x.dims[0], N = w.dims[0], Ki = w.dims[1], Ko = outlier.dims[1];
   const int64_t* order = static_cast<const int64_t*>(channels.data);
@@ -83,15 +84,16 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   xo.resize(Mp * Ko);
   x_scale.resize(Mp);
   llmc::Int8LinearArgs args{static_cast<const float*>(x.data), &kernel.packed, y, M, xq.data(), xo.data(),
-                            x_scale.data()};
+                            x_scale.data(), kernel.swiglu};
   Work work{&args, Mp / llmc::kRowBlock, kernel.packed.Np / llmc::kColBlock};
   RETURN_IF_ERROR(api.KernelContextParallelFor(context, quantize_item, work.row_blocks, work.row_blocks, &work));
   const size_t items = static_cast<size_t>(work.row_blocks * work.col_blocks);
   return api.KernelContextParallelFor(context, gemm_item, items, std::min<size_t>(items, 64), &work);
 }
 
+template <bool kSwiGLU>
 OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo*, void** out) {
-  *out = new Kernel{ortabi::Api(table)};
+  *out = new Kernel{ortabi::Api(table), kSwiGLU};
   return nullptr;
 }
 
@@ -102,14 +104,18 @@ const ONNXTensorElementDataType kInputTypes[5] = {ELEMENT_FLOAT, ELEMENT_INT8, E
 
 namespace llmc_ops {
 
-OrtCustomOp make_int8_linear_op() {
+OrtCustomOp make_int8_linear_op(bool swiglu) {
   OrtCustomOp op = base_op();
-  op.GetName = [](const OrtCustomOp*) { return "Int8Linear"; };
+  if (swiglu) {
+    op.GetName = [](const OrtCustomOp*) { return "Int8LinearSwiGLU"; };
+  } else {
+    op.GetName = [](const OrtCustomOp*) { return "Int8Linear"; };
+  }
   op.GetInputType = [](const OrtCustomOp*, size_t i) { return i < 5 ? kInputTypes[i] : ELEMENT_UNDEFINED; };
   op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(5); };
   op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(1); };
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
-  op.CreateKernelV2 = create_kernel;
+  op.CreateKernelV2 = swiglu ? create_kernel<true> : create_kernel<false>;
   op.KernelComputeV2 = compute;
   return op;
 }

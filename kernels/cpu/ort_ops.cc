@@ -149,7 +149,8 @@ OrtCustomOp make_op() {
 }
 
 const OrtCustomOp kPagedAttention = make_op();
-const OrtCustomOp kInt8Linear = llmc_ops::make_int8_linear_op();
+const OrtCustomOp kInt8Linear = llmc_ops::make_int8_linear_op(false);
+const OrtCustomOp kInt8LinearSwiGLU = llmc_ops::make_int8_linear_op(true);
 
 }  // namespace
 
@@ -211,6 +212,9 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   OrtCustomOpDomain* domain = nullptr;  // kept for the life of the process, as onnxruntime requires
   RETURN_IF_ERROR(api.CreateCustomOpDomain(kDomain, &domain));
   RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kPagedAttention));
-  if (llmc::amx_int8_usable()) RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8Linear));
+  if (llmc::amx_int8_usable()) {
+    RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8Linear));
+    RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearSwiGLU));
+  }
   return api.AddCustomOpDomain(options, domain);
 }

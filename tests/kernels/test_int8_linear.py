@@ -87,3 +87,34 @@ def test_bf16_round_is_round_to_nearest_even():
     assert abs(il.bf16_round(values)[4] / values[4] - 1) < 2**-8
 
 
+
+
+def _swiglu_session(weight: np.ndarray, outliers, with_kernels: bool) -> ort.InferenceSession:
+    g = GraphBuilder()
+    g.nodes.append(helper.make_node("Identity", [il.int8_linear(g, "x", "lin", weight, outliers, swiglu=True)], ["y"]))
+    n, k = weight.shape
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 2 * k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], g.initializers)
+    model = helper.make_model(graph, functions=[il.build_function(swiglu=True)],
+                              opset_imports=[helper.make_opsetid("", il.OPSET), helper.make_opsetid(il.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    if with_kernels:
+        assert fused_cpu.register_fused_kernels(options)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("with_kernels", [pytest.param(True, marks=needs_amx), False], ids=["amx", "function-body"])
+@pytest.mark.parametrize("k,num_outliers", [(128, 0), (160, 32), (224, 96)])
+def test_swiglu_variant_is_the_op_over_silu_gate_times_up(with_kernels, k, num_outliers):
+    """Int8LinearSwiGLU(gate | up) = Int8Linear(silu(gate) * up), its activation computed as it quantizes."""
+    rng = np.random.default_rng(k)
+    weight = (rng.standard_normal((48, k)) * 0.05).astype(np.float32)
+    outliers = rng.choice(k, num_outliers, replace=False)
+    channels = il.channel_order(k, outliers)
+    codes, scale, w_outlier = il.quantize_weight(weight, channels, num_outliers)
+    session = _swiglu_session(weight, outliers, with_kernels)
+    for m in (1, 17, 40):
+        gate_up = (3 * rng.standard_normal((m, 2 * k))).astype(np.float32)  # gates on both sides of 0, past |3|
+        y = session.run(None, {"x": gate_up})[0]
+        ref = il.reference(il.swiglu(gate_up), codes, scale, w_outlier, channels)
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
