@@ -182,10 +182,13 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
         new_values.append(v)
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
     head_outliers = (outlier_channels or {}).get("lm_head", [])
-    if int8_linears and il.supports(geo.hidden_size, len(head_outliers)):  # the int8 graph: the LM head too
+    # the int8 graph: the LM head too, with its outlier channels (a second level of activation codes, the
+    # first level's rounding error quantized again, scored 16.790 vs 16.789 perplexity on 16 held-out
+    # windows, for twice the head's tile work)
+    if int8_linears and il.supports(geo.hidden_size, len(head_outliers)):
         head = model.embed.weight if model.lm_head is None else model.lm_head.weight
         weight = quant["lm_head"].dequantize() if "lm_head" in quant else _np(head)
-        g.op_to("Identity", [il.int8_linear(g, h, "lm_head", weight, head_outliers, two_level=True)], "logits")
+        g.op_to("Identity", [il.int8_linear(g, h, "lm_head", weight, head_outliers)], "logits")
     elif "lm_head" in quant:
         g.op_to("Identity", [_linear(g, h, "lm_head", model.lm_head, quant)], "logits")
     else:

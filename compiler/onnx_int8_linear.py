@@ -115,15 +115,10 @@ def supports(in_features: int, num_outliers: int) -> bool:
         and in_features > num_outliers
 
 
-def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers, two_level: bool = False,
-                swiglu: bool = False) -> str:
+def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers, swiglu: bool = False) -> str:
     """Add an llmc.Int8Linear node over a float weight [N, K] (a quantized weight dequantized first) with
     the given outlier input channels (see passes/act_outliers.py); with swiglu an Int8LinearSwiGLU node,
     whose x [M, 2K] is gate | up.
-
-    two_level: the inliers' rounding error is quantized too and multiplied in the same op, as extra
-    rows (y = W q(x) + W q(x - q(x))): activation error ~250x smaller, for twice the tile work but the
-    same weight reads. For the LM head, which sees a few rows a step.
     """
     if not supports(weight.shape[1], len(outliers)):
         raise ValueError(f"{name}: Int8Linear takes {len(outliers)} outlier channels (a multiple of {OUTLIER_ALIGN}) of "
@@ -132,18 +127,5 @@ def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers
     codes, scale, w_outlier = quantize_weight(weight, channels, len(outliers))
     w, w_scale = g.weight(f"{name}.qweight_int8", codes), g.weight(f"{name}.scale_int8", scale)
     w_o, order = g.weight(f"{name}.outlier_bf16", w_outlier), g.weight(f"{name}.channels", channels)
-    if not two_level:
-        return g.op(SWIGLU_OP_TYPE if swiglu else OP_TYPE, x, w, w_scale, w_o, order, domain=DOMAIN,
-                    name=f"{name}.int8_linear")
-    assert not swiglu, "two_level is for a plain x"
-    ki = codes.shape[1]
-    inliers = g.op("Gather", x, g.const(channels[:ki]), axis=1)  # [M, Ki]
-    codes_x, x_scale = _row_codes(g, inliers)
-    residual_inliers = g.op("Sub", inliers, g.op("Mul", codes_x, x_scale))  # [M, Ki]
-    residual = g.op("ScatterElements", g.op("Mul", x, g.const(0.0, np.float32)),
-                    g.op("Expand", g.const(channels[None, :ki]), g.op("Shape", inliers)), residual_inliers,
-                    axis=1)  # [M, K]: the inliers' rounding error, zero at the outliers
-    both = g.op(OP_TYPE, g.op("Concat", x, residual, axis=0), w, w_scale, w_o, order, domain=DOMAIN,
-                name=f"{name}.int8_linear")  # [2M, N]
-    first, second = g.op("Split", both, axis=0, outputs=2, num_outputs=2)  # [M, N] each
-    return g.op("Add", first, second)
+    return g.op(SWIGLU_OP_TYPE if swiglu else OP_TYPE, x, w, w_scale, w_o, order, domain=DOMAIN,
+                name=f"{name}.int8_linear")

@@ -12,13 +12,14 @@ from llmc.kernels import fused_cpu
 needs_amx = pytest.mark.skipif(not fused_cpu.amx_int8_available(), reason="this CPU has no AMX int8 tiles")
 
 
-def _session(weight: np.ndarray, outliers, with_kernels: bool, two_level: bool = False) -> ort.InferenceSession:
+def _session(weight: np.ndarray, outliers, with_kernels: bool, swiglu: bool = False) -> ort.InferenceSession:
     g = GraphBuilder()
-    g.nodes.append(helper.make_node("Identity", [il.int8_linear(g, "x", "lin", weight, outliers, two_level)], ["y"]))
+    g.nodes.append(helper.make_node("Identity", [il.int8_linear(g, "x", "lin", weight, outliers, swiglu)], ["y"]))
     n, k = weight.shape
-    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], g.initializers)
-    model = helper.make_model(graph, functions=[il.build_function()],
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 2 * k if swiglu else k])
+    graph = helper.make_graph(g.nodes, "t", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+                              g.initializers)
+    model = helper.make_model(graph, functions=[il.build_function(swiglu)],
                               opset_imports=[helper.make_opsetid("", il.OPSET), helper.make_opsetid(il.DOMAIN, 1)])
     options = ort.SessionOptions()
     if with_kernels:
@@ -58,19 +59,6 @@ def test_outlier_channels_keep_the_other_channels_precise():
     assert errors[1] < errors[0] / 5  # what is left: bf16 rounding of the large channels
 
 
-@pytest.mark.parametrize("with_kernels", [pytest.param(True, marks=needs_amx), False], ids=["amx", "function-body"])
-def test_two_level_activations_are_about_weight_only_int8(with_kernels):
-    rng = np.random.default_rng(2)
-    weight = (rng.standard_normal((80, 160)) * 0.05).astype(np.float32)
-    x = rng.standard_normal((5, 160)).astype(np.float32)
-    outliers = np.arange(32)
-    y = _session(weight, outliers, with_kernels, two_level=True).run(None, {"x": x})[0]
-    channels = il.channel_order(160, outliers)
-    codes, scale, w_outlier = il.quantize_weight(weight, channels, 32)
-    weight_only = x[:, channels[:128]] @ (codes * scale[:, None]).T + il.bf16_round(x[:, channels[128:]]) @ w_outlier.T
-    np.testing.assert_allclose(y, weight_only, atol=2e-4 * np.abs(weight_only).max())
-
-
 def test_a_tokens_result_does_not_depend_on_the_other_tokens():
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((64, 96)) * 0.05).astype(np.float32)
@@ -89,20 +77,6 @@ def test_bf16_round_is_round_to_nearest_even():
 
 
 
-def _swiglu_session(weight: np.ndarray, outliers, with_kernels: bool) -> ort.InferenceSession:
-    g = GraphBuilder()
-    g.nodes.append(helper.make_node("Identity", [il.int8_linear(g, "x", "lin", weight, outliers, swiglu=True)], ["y"]))
-    n, k = weight.shape
-    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 2 * k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], g.initializers)
-    model = helper.make_model(graph, functions=[il.build_function(swiglu=True)],
-                              opset_imports=[helper.make_opsetid("", il.OPSET), helper.make_opsetid(il.DOMAIN, 1)])
-    options = ort.SessionOptions()
-    if with_kernels:
-        assert fused_cpu.register_fused_kernels(options)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 @pytest.mark.parametrize("with_kernels", [pytest.param(True, marks=needs_amx), False], ids=["amx", "function-body"])
 @pytest.mark.parametrize("k,num_outliers", [(128, 0), (160, 32), (224, 96)])
 def test_swiglu_variant_is_the_op_over_silu_gate_times_up(with_kernels, k, num_outliers):
@@ -112,7 +86,7 @@ def test_swiglu_variant_is_the_op_over_silu_gate_times_up(with_kernels, k, num_o
     outliers = rng.choice(k, num_outliers, replace=False)
     channels = il.channel_order(k, outliers)
     codes, scale, w_outlier = il.quantize_weight(weight, channels, num_outliers)
-    session = _swiglu_session(weight, outliers, with_kernels)
+    session = _session(weight, outliers, with_kernels, swiglu=True)
     for m in (1, 17, 40):
         gate_up = (3 * rng.standard_normal((m, 2 * k))).astype(np.float32)  # gates on both sides of 0, past |3|
         y = session.run(None, {"x": gate_up})[0]
