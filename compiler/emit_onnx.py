@@ -54,10 +54,15 @@ def _fused_linear(g: GraphBuilder, x: str, names: list[str], linears: list[torch
     quantized = [quant.get(name) for name in names]
     outliers = [quant["outliers"].get(name, []) for name in names] if quant.get("int8_linears") else []
     if outliers and all(il.supports(linear.in_features, len(o)) for linear, o in zip(linears, outliers)):
-        # the int8 graph: one node per linear, from its float or dequantized weight (a stacked matmul's
-        # Split cost more, ~9% of a prefill step, than quantizing x once per linear)
-        outs = [il.int8_linear(g, x, name, q.dequantize() if q is not None else _np(linear.weight), o)
-                for name, q, linear, o in zip(names, quantized, linears, outliers)]
+        # the int8 graph: q/k/v as one Int8LinearSplit3 node where their outlier channels agree (one
+        # quantization of x, outputs written in place), else one node per linear
+        weights = [q.dequantize() if q is not None else _np(linear.weight) for q, linear in zip(quantized, linears)]
+        widths = [w.shape[0] for w in weights]
+        if len(names) == 3 and all(w % il.OUTPUT_ALIGN == 0 for w in widths) \
+                and all(np.array_equal(o, outliers[0]) for o in outliers):
+            outs = il.int8_linear(g, x, "+".join(names), np.concatenate(weights), outliers[0], splits=widths)
+        else:
+            outs = [il.int8_linear(g, x, name, w, o) for name, w, o in zip(names, weights, outliers)]
         for i, linear in enumerate(linears):
             if linear.bias is not None:
                 outs[i] = g.op("Add", outs[i], g.weight(f"{names[i]}.bias", _np(linear.bias)))
@@ -218,8 +223,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
                helper.make_tensor_value_info("new_keys", kv_type, kv_out),
                helper.make_tensor_value_info("new_values", kv_type, kv_out)]
     graph = helper.make_graph(g.nodes, "llmc_step", inputs, outputs, g.initializers)
-    functions = [pa.build_function(kv_dtype)] + ([il.build_function(), il.build_function(swiglu=True)]
-                                                 if int8_linears else [])
+    functions = [pa.build_function(kv_dtype)] + ([il.build_function(op) for op in il.FUNCTIONS] if int8_linears else [])
     return helper.make_model(
         graph, functions=functions, producer_name="llmc",
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(pa.DOMAIN, 1),

@@ -26,6 +26,8 @@ from llmc.compiler.onnx_builder import GraphBuilder
 DOMAIN = "llmc"
 OP_TYPE = "Int8Linear"
 SWIGLU_OP_TYPE = "Int8LinearSwiGLU"  # the same over silu(gate) * up of an input [M, 2K] = gate | up
+SPLIT3_OP_TYPE = "Int8LinearSplit3"  # the same with y as 3 outputs side by side (input `splits`: widths)
+OUTPUT_ALIGN = 16  # Int8LinearSplit3's widths: whole tiles of columns
 OPSET = 23
 INLIER_ALIGN = 64   # Ki: whole int8 tiles of K
 OUTLIER_ALIGN = 32  # Ko: whole bf16 tiles of K
@@ -83,11 +85,11 @@ def _row_codes(g: GraphBuilder, x: str) -> tuple[str, str]:
     return g.op("Round", g.op("Div", x, x_scale)), x_scale
 
 
-def build_function(swiglu: bool = False) -> onnx.FunctionProto:
-    """The op's portable body (x, w, w_scale, w_outlier, channels) -> y; with swiglu Int8LinearSwiGLU's."""
+def build_function(op_type: str = OP_TYPE) -> onnx.FunctionProto:
+    """The portable body of op_type: (x, w, w_scale, w_outlier, channels) -> y, Split3's (..., splits) -> y0, y1, y2."""
     g = GraphBuilder("i8_")
     x = "x"
-    if swiglu:  # x [M, 2K] = gate | up
+    if op_type == SWIGLU_OP_TYPE:  # x [M, 2K] = gate | up
         k = g.op("Shape", "channels")  # [1]
         gate = g.op("Slice", x, g.const([0]), k, g.const([1]))
         x = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), g.op("Slice", x, k, g.const([1 << 62]), g.const([1])))
@@ -103,10 +105,17 @@ def build_function(swiglu: bool = False) -> onnx.FunctionProto:
     scaled = g.op("Mul", g.op("Mul", g.op("Cast", sums, to=onnx.TensorProto.FLOAT), x_scale), "w_scale")
     outlier_bf16 = g.op("Cast", g.op("Cast", outlier, to=onnx.TensorProto.BFLOAT16), to=onnx.TensorProto.FLOAT)
     outlier_sums = g.op("MatMul", outlier_bf16, g.op("Transpose", "w_outlier", perm=[1, 0]))  # [M, N]
-    g.nodes.append(helper.make_node("Add", [scaled, outlier_sums], ["y"], name="i8_y"))
-    return helper.make_function(DOMAIN, SWIGLU_OP_TYPE if swiglu else OP_TYPE,
-                                ["x", "w", "w_scale", "w_outlier", "channels"], ["y"], g.nodes,
-                                opset_imports=[helper.make_opsetid("", OPSET)])
+    inputs, outputs = ["x", "w", "w_scale", "w_outlier", "channels"], ["y"]
+    if op_type == SPLIT3_OP_TYPE:
+        inputs, outputs = inputs + ["splits"], ["y0", "y1", "y2"]
+        g.nodes.append(helper.make_node("Split", [g.op("Add", scaled, outlier_sums), "splits"], outputs, axis=1,
+                                        name="i8_split"))
+    else:
+        g.nodes.append(helper.make_node("Add", [scaled, outlier_sums], ["y"], name="i8_y"))
+    return helper.make_function(DOMAIN, op_type, inputs, outputs, g.nodes, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+FUNCTIONS = (OP_TYPE, SWIGLU_OP_TYPE, SPLIT3_OP_TYPE)  # what an int8 graph may use: build_function of each
 
 
 def supports(in_features: int, num_outliers: int) -> bool:
@@ -115,10 +124,12 @@ def supports(in_features: int, num_outliers: int) -> bool:
         and in_features > num_outliers
 
 
-def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers, swiglu: bool = False) -> str:
+def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers, swiglu: bool = False,
+                splits: list[int] | None = None):
     """Add an llmc.Int8Linear node over a float weight [N, K] (a quantized weight dequantized first) with
-    the given outlier input channels (see passes/act_outliers.py); with swiglu an Int8LinearSwiGLU node,
-    whose x [M, 2K] is gate | up.
+    the given outlier input channels (see passes/act_outliers.py). swiglu: an Int8LinearSwiGLU node,
+    whose x [M, 2K] is gate | up. splits (3 widths, multiples of 16): an Int8LinearSplit3 node over
+    stacked weights, returning its 3 outputs (one quantization of x for the 3 linears).
     """
     if not supports(weight.shape[1], len(outliers)):
         raise ValueError(f"{name}: Int8Linear takes {len(outliers)} outlier channels (a multiple of {OUTLIER_ALIGN}) of "
@@ -127,5 +138,8 @@ def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers
     codes, scale, w_outlier = quantize_weight(weight, channels, len(outliers))
     w, w_scale = g.weight(f"{name}.qweight_int8", codes), g.weight(f"{name}.scale_int8", scale)
     w_o, order = g.weight(f"{name}.outlier_bf16", w_outlier), g.weight(f"{name}.channels", channels)
+    if splits is not None:
+        return g.op(SPLIT3_OP_TYPE, x, w, w_scale, w_o, order, g.const(splits), domain=DOMAIN, outputs=3,
+                    name=f"{name}.int8_linear")
     return g.op(SWIGLU_OP_TYPE if swiglu else OP_TYPE, x, w, w_scale, w_o, order, domain=DOMAIN,
                 name=f"{name}.int8_linear")

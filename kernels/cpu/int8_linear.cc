@@ -217,10 +217,13 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f"))) void run_tiles(con
       _tile_stored(3, outliers[3], 64);
     }
   }
-  const int64_t N = w.N;
   for (int t = 0; t < 2 * kRowTiles; ++t) {  // y = sums * row scale * column scale + outliers
-    const int64_t row0 = m0 + (t / 2) * 16, col0 = n0 + (t % 2) * 16, cols = std::min<int64_t>(16, N - col0);
-    if (cols <= 0) continue;  // a padding tile
+    const int64_t row0 = m0 + (t / 2) * 16, col0 = n0 + (t % 2) * 16;
+    if (col0 >= w.N) continue;  // a padding tile
+    int o = 0;  // the output holding these columns
+    while (col0 >= a.y_begin[o + 1]) ++o;
+    const int64_t width = a.y_begin[o + 1] - a.y_begin[o], cols = std::min<int64_t>(16, a.y_begin[o + 1] - col0);
+    float* out = a.y[o] + (col0 - a.y_begin[o]);
     const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
     const __m512 col_scales = _mm512_loadu_ps(w.scale.data() + col0);
     const int64_t rows = std::min<int64_t>(16, a.M - row0);
@@ -228,7 +231,7 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f"))) void run_tiles(con
       const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(a.x_scale[row0 + r]), col_scales);
       __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[t][r])), scales);
       if (bf16_tiles > 0) y = _mm512_add_ps(y, _mm512_load_ps(outliers[t][r]));
-      _mm512_mask_storeu_ps(a.y + (row0 + r) * N + col0, mask, y);
+      _mm512_mask_storeu_ps(out + (row0 + r) * width, mask, y);
     }
   }
 }

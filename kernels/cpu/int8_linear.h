@@ -31,13 +31,18 @@ PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_o
 struct Int8LinearArgs {
   const float* x;          // [M, K], or with swiglu [M, 2K]: gate | up, x being silu(gate) * up
   const PackedWeight* w;
-  float* y;                // [M, N]
+  // y[M, N] as up to 3 outputs side by side: columns [y_begin[o], y_begin[o + 1]) in y[o] (rows of
+  // y_begin[o + 1] - y_begin[o]); the boundaries are multiples of 16 (whole tiles).
+  float* y[3];
+  int64_t y_begin[4];
   int64_t M;
   int8_t* xq;              // [Mp, Ki] scratch: the inliers quantized per row (zero rows as padding)
   uint16_t* xo;            // [Mp, Ko] scratch: the outliers in bf16
   float* x_scale;          // [Mp]
   bool swiglu = false;
 };
+
+constexpr int64_t kOutputAlign = 16;  // output boundaries of a split Int8Linear: whole tiles of columns
 
 constexpr int64_t kRowBlock = 32;  // rows of y per work item (2 tiles)
 constexpr int64_t kColBlock = 32;  // columns of y per work item (2 tiles)

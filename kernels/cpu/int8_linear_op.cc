@@ -13,9 +13,11 @@
 
 namespace {
 
+enum class Variant { kPlain, kSwiGLU, kSplit3 };
+
 struct Kernel {
   ortabi::Api api;
-  bool swiglu;  // llmc.Int8LinearSwiGLU: x is [M, 2K], gate | up
+  Variant variant;  // kSwiGLU: x is [M, 2K], gate | up; kSplit3: y as 3 outputs (input 5: their widths)
   std::mutex mutex;
   const int8_t* packed_from = nullptr;  // the weight buffer the packed copy was made from
   llmc::PackedWeight packed;
@@ -52,7 +54,7 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   RETURN_IF_ERROR(llmc_ops::read_input(api, context, 4, &channels));
   if (x.dims.size() != 2 || w.dims.size() != 2 || outlier.dims.size() != 2 || scale.dims.size() != 1 ||
       channels.dims.size() != 1 || outlier.dims[0] != w.dims[0] || scale.dims[0] != w.dims[0] ||
-      channels.dims[0] * (kernel.swiglu ? 2 : 1) != x.dims[1] || w.dims[1] + outlier.dims[1] != channels.dims[0] ||
+      channels.dims[0] * (kernel.variant == Variant::kSwiGLU ? 2 : 1) != x.dims[1] || w.dims[1] + outlier.dims[1] != channels.dims[0] ||
       w.dims[1] % llmc::kInlierAlign != 0 || outlier.dims[1] % llmc::kOutlierAlign != 0) {
     return error(api, "expected x [M, K] ([M, 2K] for Int8LinearSwiGLU), w [N, Ki], w_scale [N], w_outlier [N, Ko] "
                       "and channels [K = Ki + Ko], Ki a multiple of 64 and Ko of 32");
@@ -71,8 +73,24 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
       kernel.packed_from = weight;
     }
   }
-  float* y = nullptr;
-  RETURN_IF_ERROR(llmc_ops::make_output(api, context, 0, M, N, &y));
+  llmc::Int8LinearArgs args{static_cast<const float*>(x.data), &kernel.packed, {}, {0, N, N, N}, M};
+  if (kernel.variant == Variant::kSplit3) {
+    llmc_ops::Tensor splits;
+    RETURN_IF_ERROR(llmc_ops::read_input(api, context, 5, &splits));
+    const int64_t* widths = static_cast<const int64_t*>(splits.data);
+    if (splits.dims != std::vector<int64_t>{3} || widths[0] + widths[1] + widths[2] != N) {
+      return error(api, "Int8LinearSplit3: splits must be 3 widths adding up to N");
+    }
+    for (int o = 0; o < 3; ++o) {
+      if (widths[o] <= 0 || widths[o] % llmc::kOutputAlign != 0) {
+        return error(api, "Int8LinearSplit3: each split must be a positive multiple of 16 columns");
+      }
+      args.y_begin[o + 1] = args.y_begin[o] + widths[o];
+    }
+  }
+  for (int o = 0; o < (kernel.variant == Variant::kSplit3 ? 3 : 1); ++o) {
+    RETURN_IF_ERROR(llmc_ops::make_output(api, context, o, M, args.y_begin[o + 1] - args.y_begin[o], &args.y[o]));
+  }
   if (M == 0) return nullptr;
   const int64_t Mp = llmc::padded_rows(M);
   // Scratch reused across calls on this thread: fresh buffers of a few MB were fresh pages each call
@@ -83,39 +101,50 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   xq.resize(Mp * Ki);
   xo.resize(Mp * Ko);
   x_scale.resize(Mp);
-  llmc::Int8LinearArgs args{static_cast<const float*>(x.data), &kernel.packed, y, M, xq.data(), xo.data(),
-                            x_scale.data(), kernel.swiglu};
+  args.xq = xq.data();
+  args.xo = xo.data();
+  args.x_scale = x_scale.data();
+  args.swiglu = kernel.variant == Variant::kSwiGLU;
   Work work{&args, Mp / llmc::kRowBlock, kernel.packed.Np / llmc::kColBlock};
   RETURN_IF_ERROR(api.KernelContextParallelFor(context, quantize_item, work.row_blocks, work.row_blocks, &work));
   const size_t items = static_cast<size_t>(work.row_blocks * work.col_blocks);
   return api.KernelContextParallelFor(context, gemm_item, items, std::min<size_t>(items, 64), &work);
 }
 
-template <bool kSwiGLU>
+template <Variant kVariant>
 OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo*, void** out) {
-  *out = new Kernel{ortabi::Api(table), kSwiGLU};
+  *out = new Kernel{ortabi::Api(table), kVariant};
   return nullptr;
 }
 
-const ONNXTensorElementDataType kInputTypes[5] = {ELEMENT_FLOAT, ELEMENT_INT8, ELEMENT_FLOAT, ELEMENT_FLOAT,
-                                                  ELEMENT_INT64};
+const ONNXTensorElementDataType kInputTypes[6] = {ELEMENT_FLOAT, ELEMENT_INT8, ELEMENT_FLOAT, ELEMENT_FLOAT,
+                                                  ELEMENT_INT64, ELEMENT_INT64};
 
 }  // namespace
 
 namespace llmc_ops {
 
-OrtCustomOp make_int8_linear_op(bool swiglu) {
+OrtCustomOp make_int8_linear_op(const char* name) {
   OrtCustomOp op = base_op();
-  if (swiglu) {
+  const std::string kind = name;
+  if (kind == "Int8LinearSwiGLU") {
     op.GetName = [](const OrtCustomOp*) { return "Int8LinearSwiGLU"; };
+    op.CreateKernelV2 = create_kernel<Variant::kSwiGLU>;
+  } else if (kind == "Int8LinearSplit3") {
+    op.GetName = [](const OrtCustomOp*) { return "Int8LinearSplit3"; };
+    op.CreateKernelV2 = create_kernel<Variant::kSplit3>;
+    op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(6); };
+    op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(3); };
   } else {
     op.GetName = [](const OrtCustomOp*) { return "Int8Linear"; };
+    op.CreateKernelV2 = create_kernel<Variant::kPlain>;
   }
-  op.GetInputType = [](const OrtCustomOp*, size_t i) { return i < 5 ? kInputTypes[i] : ELEMENT_UNDEFINED; };
-  op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(5); };
-  op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(1); };
+  op.GetInputType = [](const OrtCustomOp*, size_t i) { return i < 6 ? kInputTypes[i] : ELEMENT_UNDEFINED; };
+  if (kind != "Int8LinearSplit3") {
+    op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(5); };
+    op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(1); };
+  }
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
-  op.CreateKernelV2 = swiglu ? create_kernel<true> : create_kernel<false>;
   op.KernelComputeV2 = compute;
   return op;
 }

@@ -149,8 +149,9 @@ OrtCustomOp make_op() {
 }
 
 const OrtCustomOp kPagedAttention = make_op();
-const OrtCustomOp kInt8Linear = llmc_ops::make_int8_linear_op(false);
-const OrtCustomOp kInt8LinearSwiGLU = llmc_ops::make_int8_linear_op(true);
+const OrtCustomOp kInt8Linear = llmc_ops::make_int8_linear_op("Int8Linear");
+const OrtCustomOp kInt8LinearSwiGLU = llmc_ops::make_int8_linear_op("Int8LinearSwiGLU");
+const OrtCustomOp kInt8LinearSplit3 = llmc_ops::make_int8_linear_op("Int8LinearSplit3");
 
 }  // namespace
 
@@ -215,6 +216,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   if (llmc::amx_int8_usable()) {
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8Linear));
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearSwiGLU));
+    RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearSplit3));
   }
   return api.AddCustomOpDomain(options, domain);
 }

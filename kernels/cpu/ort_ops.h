@@ -27,7 +27,8 @@ OrtStatus* make_output(const ortabi::Api& api, OrtKernelContext* context, size_t
 // An op for the CPU provider with required inputs and float outputs; the caller sets name, types and callbacks.
 OrtCustomOp base_op();
 
-// llmc.Int8Linear, or with swiglu llmc.Int8LinearSwiGLU (x = silu(gate) * up of an input [M, 2K]).
-OrtCustomOp make_int8_linear_op(bool swiglu);
+// llmc.Int8Linear, llmc.Int8LinearSwiGLU (x = silu(gate) * up of an input [M, 2K]) or
+// llmc.Int8LinearSplit3 (y as 3 outputs side by side), by name.
+OrtCustomOp make_int8_linear_op(const char* name);
 
 }  // namespace llmc_ops

@@ -19,7 +19,7 @@ def _session(weight: np.ndarray, outliers, with_kernels: bool, swiglu: bool = Fa
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 2 * k if swiglu else k])
     graph = helper.make_graph(g.nodes, "t", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
                               g.initializers)
-    model = helper.make_model(graph, functions=[il.build_function(swiglu)],
+    model = helper.make_model(graph, functions=[il.build_function(op) for op in il.FUNCTIONS],
                               opset_imports=[helper.make_opsetid("", il.OPSET), helper.make_opsetid(il.DOMAIN, 1)])
     options = ort.SessionOptions()
     if with_kernels:
@@ -92,3 +92,30 @@ def test_swiglu_variant_is_the_op_over_silu_gate_times_up(with_kernels, k, num_o
         y = session.run(None, {"x": gate_up})[0]
         ref = il.reference(il.swiglu(gate_up), codes, scale, w_outlier, channels)
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("with_kernels", [pytest.param(True, marks=needs_amx), False], ids=["amx", "function-body"])
+def test_split3_variant_writes_the_three_linears_outputs(with_kernels):
+    """Int8LinearSplit3 over stacked q/k/v weights: each output is its columns of one Int8Linear."""
+    rng = np.random.default_rng(3)
+    weight = (rng.standard_normal((96 + 32 + 48, 128)) * 0.05).astype(np.float32)
+    outliers = rng.choice(128, 64, replace=False)
+    g = GraphBuilder()
+    outs = il.int8_linear(g, "x", "qkv", weight, outliers, splits=[96, 32, 48])
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 128])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["M", None]) for o in outs],
+                              g.initializers)
+    model = helper.make_model(graph, functions=[il.build_function(op) for op in il.FUNCTIONS],
+                              opset_imports=[helper.make_opsetid("", il.OPSET), helper.make_opsetid(il.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    if with_kernels:
+        assert fused_cpu.register_fused_kernels(options)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    channels = il.channel_order(128, outliers)
+    codes, scale, w_outlier = il.quantize_weight(weight, channels, 64)
+    for m in (1, 20, 45):
+        x = rng.standard_normal((m, 128)).astype(np.float32)
+        ref = il.reference(x, codes, scale, w_outlier, channels)
+        got = session.run(None, {"x": x})
+        assert [y.shape for y in got] == [(m, 96), (m, 32), (m, 48)]
+        np.testing.assert_allclose(np.concatenate(got, axis=1), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
