@@ -192,7 +192,7 @@ class BuildSpec(_Strict):
     # calibration text) in bf16, on AMX tiles where the CPU has them; the runtime measures from which
     # step size it beats the main graph.
     int8_prefill: bool = False
-    int8_outlier_channels: int = Field(default=64, ge=0, le=1024, multiple_of=32)
+    int8_outlier_channels: int = Field(default=128, ge=0, le=1024, multiple_of=32)
     runtime: dict[str, Any] | None = None
     # Where the YAML lives; relative paths resolve against it. Set by load_spec.
     base_dir: str = "."

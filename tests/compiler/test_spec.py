@@ -140,7 +140,7 @@ def test_int8_prefill_takes_any_weights_with_calibration_text(tmp_path, tiny_che
     path = write_yaml(tmp_path / "model.yaml", name="m", source=str(tiny_checkpoint), int8_prefill=True,
                       calibration=calibration, **({"quantization": quantization} if quantization else {}))
     spec = load_spec(path)
-    assert spec.int8_prefill and spec.int8_outlier_channels == 64
+    assert spec.int8_prefill and spec.int8_outlier_channels == 128
 
 
 def test_int8_prefill_without_calibration_text_says_how_to_add_it(tmp_path, tiny_checkpoint):

@@ -91,7 +91,7 @@ def test_the_int8_graph_records_its_outlier_channels_and_old_formats_are_refused
 
     manifest = load_bundle(int8_bundle).manifest
     record = next(p for p in manifest["passes"] if p["name"] == "act_outliers")
-    assert record["channels"] == 64 and record["linears"] >= 1 and record["step_gain_max"] >= 1.0
+    assert record["channels"] == 128 and record["linears"] >= 1 and record["step_gain_max"] >= 1.0
     assert manifest["engines"]["onnxruntime"]["prefill"]["linear_format"] == engine_ort.INT8_LINEAR_FORMAT
     copy = shutil.copytree(int8_bundle, tmp_path / "old")
     del manifest["engines"]["onnxruntime"]["prefill"]["linear_format"]
