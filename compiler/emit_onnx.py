@@ -186,7 +186,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
         new_keys.append(k_rotated)
         new_values.append(v)
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
-    head_outliers = (outlier_channels or {}).get("lm_head", [])
+    head_outliers = quant["outliers"].get("lm_head", [])
     # the int8 graph: the LM head too, with its outlier channels (a second level of activation codes, the
     # first level's rounding error quantized again, scored 16.790 vs 16.789 perplexity on 16 held-out
     # windows, for twice the head's tile work)

@@ -150,6 +150,56 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_rows(const Int8LinearA
 
 namespace {
 
+// Tile c += tile a . tile b: int8 (TDPBSSD, int32 sums) or bf16 (TDPBF16PS, float sums). A macro: the
+// intrinsics take the tile numbers as literal tokens.
+#define LLMC_TILE_DOT(kBf16, c, a, b) \
+  do {                                \
+    if constexpr (kBf16) {            \
+      _tile_dpbf16ps(c, a, b);        \
+    } else {                          \
+      _tile_dpbssd(c, a, b);          \
+    }                                 \
+  } while (0)
+
+// The 2 x kRowTiles accumulator tiles of rows [0, 16 kRowTiles) of x (row stride x_stride bytes) times
+// columns [0, 32) of a packed weight (column tiles of `tiles` 1 KB K tiles each, the second after the
+// first), summed over the K tiles and stored to out (int32 for int8 TDPBSSD, float for bf16 TDPBF16PS):
+// each x tile serves two weight tiles, each weight tile kRowTiles x tiles. A K tile is 64 bytes of a row
+// either way (64 int8 or 32 bf16 channels). Expects the tile configuration loaded.
+template <int kRowTiles, bool kBf16, typename Out>
+__attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void tile_products(const void* x, int64_t x_stride,
+                                                                                 const void* weight, int64_t tiles,
+                                                                                 Out (*out)[16][16]) {
+  const char* x0 = static_cast<const char*>(x);
+  const char* b0 = static_cast<const char*>(weight);
+  const char* b1 = b0 + tiles * 1024;
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (kRowTiles == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kt = 0; kt < tiles; ++kt) {
+    _tile_loadd(6, b0 + kt * 1024, 64);
+    _tile_loadd(7, b1 + kt * 1024, 64);
+    _tile_loadd(4, x0 + kt * 64, x_stride);
+    LLMC_TILE_DOT(kBf16, 0, 4, 6);
+    LLMC_TILE_DOT(kBf16, 1, 4, 7);
+    if constexpr (kRowTiles == 2) {
+      _tile_loadd(5, x0 + 16 * x_stride + kt * 64, x_stride);
+      LLMC_TILE_DOT(kBf16, 2, 5, 6);
+      LLMC_TILE_DOT(kBf16, 3, 5, 7);
+    }
+  }
+  _tile_stored(0, out[0], 64);
+  _tile_stored(1, out[1], 64);
+  if constexpr (kRowTiles == 2) {
+    _tile_stored(2, out[2], 64);
+    _tile_stored(3, out[3], 64);
+  }
+}
+#undef LLMC_TILE_DOT
+
 // Rows [m0, m0 + 16 * kRowTiles) x columns [n0, n0 + 32) of y: the int8 products summed over all of Ki
 // in 2 x kRowTiles int32 tiles (each x tile used for 2 weight tiles, each weight tile for kRowTiles x
 // tiles), scaled once; then the outliers' bf16 products in the same tiles, as floats. Expects the tile
@@ -159,63 +209,13 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f"))) void run_tiles(con
                                                                              int64_t n0) {
   const PackedWeight& w = *a.w;
   const int64_t Ki = w.Ki, Ko = w.Ko, int8_tiles = Ki / 64, bf16_tiles = Ko / 32;
-  const int8_t* x0 = a.xq + m0 * Ki;
-  const int8_t* b0 = w.data.data() + (n0 / 16) * int8_tiles * 1024;
-  const int8_t* b1 = b0 + int8_tiles * 1024;
-  _tile_zero(0);
-  _tile_zero(1);
-  if constexpr (kRowTiles == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
-  }
-  for (int64_t kt = 0; kt < int8_tiles; ++kt) {
-    _tile_loadd(6, b0 + kt * 1024, 64);
-    _tile_loadd(7, b1 + kt * 1024, 64);
-    _tile_loadd(4, x0 + kt * 64, Ki);
-    _tile_dpbssd(0, 4, 6);
-    _tile_dpbssd(1, 4, 7);
-    if constexpr (kRowTiles == 2) {
-      _tile_loadd(5, x0 + 16 * Ki + kt * 64, Ki);
-      _tile_dpbssd(2, 5, 6);
-      _tile_dpbssd(3, 5, 7);
-    }
-  }
   alignas(64) int32_t sums[2 * kRowTiles][16][16];
-  _tile_stored(0, sums[0], 64);
-  _tile_stored(1, sums[1], 64);
-  if constexpr (kRowTiles == 2) {
-    _tile_stored(2, sums[2], 64);
-    _tile_stored(3, sums[3], 64);
-  }
+  tile_products<kRowTiles, false>(a.xq + m0 * Ki, Ki, w.data.data() + (n0 / 16) * int8_tiles * 1024, int8_tiles,
+                                  sums);
   alignas(64) float outliers[2 * kRowTiles][16][16];
   if (bf16_tiles > 0) {
-    const uint16_t* xo = a.xo + m0 * Ko;
-    const uint16_t* c0 = w.outlier.data() + (n0 / 16) * bf16_tiles * 512;
-    const uint16_t* c1 = c0 + bf16_tiles * 512;
-    _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (kRowTiles == 2) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-    for (int64_t kt = 0; kt < bf16_tiles; ++kt) {
-      _tile_loadd(6, c0 + kt * 512, 64);
-      _tile_loadd(7, c1 + kt * 512, 64);
-      _tile_loadd(4, xo + kt * 32, Ko * 2);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      if constexpr (kRowTiles == 2) {
-        _tile_loadd(5, xo + 16 * Ko + kt * 32, Ko * 2);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-    }
-    _tile_stored(0, outliers[0], 64);
-    _tile_stored(1, outliers[1], 64);
-    if constexpr (kRowTiles == 2) {
-      _tile_stored(2, outliers[2], 64);
-      _tile_stored(3, outliers[3], 64);
-    }
+    tile_products<kRowTiles, true>(a.xo + m0 * Ko, Ko * 2, w.outlier.data() + (n0 / 16) * bf16_tiles * 512,
+                                   bf16_tiles, outliers);
   }
   for (int t = 0; t < 2 * kRowTiles; ++t) {  // y = sums * row scale * column scale + outliers
     const int64_t row0 = m0 + (t / 2) * 16, col0 = n0 + (t % 2) * 16;

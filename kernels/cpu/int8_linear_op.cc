@@ -61,13 +61,13 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   }
   const int64_t M = x.dims[0], N = w.dims[0], Ki = w.dims[1], Ko = outlier.dims[1];
   const int64_t* order = static_cast<const int64_t*>(channels.data);
-  for (int64_t k = 0; k < Ki + Ko; ++k) {
-    if (order[k] < 0 || order[k] >= Ki + Ko) return error(api, "a channel index is out of range");
-  }
   const int8_t* weight = static_cast<const int8_t*>(w.data);
   {
     std::lock_guard<std::mutex> lock(kernel.mutex);  // pack once: onnxruntime passes the same initializers
     if (kernel.packed_from != weight || kernel.packed.N != N || kernel.packed.Ki != Ki || kernel.packed.Ko != Ko) {
+      for (int64_t k = 0; k < Ki + Ko; ++k) {  // checked with the weights they come with, once
+        if (order[k] < 0 || order[k] >= Ki + Ko) return error(api, "a channel index is out of range");
+      }
       kernel.packed = llmc::pack_weight(weight, static_cast<const float*>(scale.data),
                                         static_cast<const float*>(outlier.data), order, N, Ki, Ko);
       kernel.packed_from = weight;
@@ -127,23 +127,21 @@ namespace llmc_ops {
 OrtCustomOp make_int8_linear_op(const char* name) {
   OrtCustomOp op = base_op();
   const std::string kind = name;
+  op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(5); };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(1); };
   if (kind == "Int8LinearSwiGLU") {
     op.GetName = [](const OrtCustomOp*) { return "Int8LinearSwiGLU"; };
     op.CreateKernelV2 = create_kernel<Variant::kSwiGLU>;
   } else if (kind == "Int8LinearSplit3") {
     op.GetName = [](const OrtCustomOp*) { return "Int8LinearSplit3"; };
     op.CreateKernelV2 = create_kernel<Variant::kSplit3>;
-    op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(6); };
+    op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(6); };  // + splits
     op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(3); };
   } else {
     op.GetName = [](const OrtCustomOp*) { return "Int8Linear"; };
     op.CreateKernelV2 = create_kernel<Variant::kPlain>;
   }
   op.GetInputType = [](const OrtCustomOp*, size_t i) { return i < 6 ? kInputTypes[i] : ELEMENT_UNDEFINED; };
-  if (kind != "Int8LinearSplit3") {
-    op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(5); };
-    op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(1); };
-  }
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   op.KernelComputeV2 = compute;
   return op;

@@ -12,12 +12,10 @@ from llmc.kernels import fused_cpu
 needs_amx = pytest.mark.skipif(not fused_cpu.amx_int8_available(), reason="this CPU has no AMX int8 tiles")
 
 
-def _session(weight: np.ndarray, outliers, with_kernels: bool, swiglu: bool = False) -> ort.InferenceSession:
-    g = GraphBuilder()
-    g.nodes.append(helper.make_node("Identity", [il.int8_linear(g, "x", "lin", weight, outliers, swiglu)], ["y"]))
-    n, k = weight.shape
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 2 * k if swiglu else k])
-    graph = helper.make_graph(g.nodes, "t", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])],
+def _graph_session(g: GraphBuilder, in_features: int, outputs: list[str], with_kernels: bool) -> ort.InferenceSession:
+    """A session over the nodes of g, with input x [M, in_features] and the named float outputs."""
+    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", in_features])],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["M", None]) for o in outputs],
                               g.initializers)
     model = helper.make_model(graph, functions=[il.build_function(op) for op in il.FUNCTIONS],
                               opset_imports=[helper.make_opsetid("", il.OPSET), helper.make_opsetid(il.DOMAIN, 1)])
@@ -25,6 +23,12 @@ def _session(weight: np.ndarray, outliers, with_kernels: bool, swiglu: bool = Fa
     if with_kernels:
         assert fused_cpu.register_fused_kernels(options)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _session(weight: np.ndarray, outliers, with_kernels: bool, swiglu: bool = False) -> ort.InferenceSession:
+    g = GraphBuilder()
+    y = il.int8_linear(g, "x", "lin", weight, outliers, swiglu)
+    return _graph_session(g, 2 * weight.shape[1] if swiglu else weight.shape[1], [y], with_kernels)
 
 
 @pytest.mark.parametrize("with_kernels", [pytest.param(True, marks=needs_amx), False], ids=["amx", "function-body"])
@@ -102,15 +106,7 @@ def test_split3_variant_writes_the_three_linears_outputs(with_kernels):
     outliers = rng.choice(128, 64, replace=False)
     g = GraphBuilder()
     outs = il.int8_linear(g, "x", "qkv", weight, outliers, splits=[96, 32, 48])
-    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", 128])],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["M", None]) for o in outs],
-                              g.initializers)
-    model = helper.make_model(graph, functions=[il.build_function(op) for op in il.FUNCTIONS],
-                              opset_imports=[helper.make_opsetid("", il.OPSET), helper.make_opsetid(il.DOMAIN, 1)])
-    options = ort.SessionOptions()
-    if with_kernels:
-        assert fused_cpu.register_fused_kernels(options)
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = _graph_session(g, 128, outs, with_kernels)
     channels = il.channel_order(128, outliers)
     codes, scale, w_outlier = il.quantize_weight(weight, channels, 64)
     for m in (1, 20, 45):
