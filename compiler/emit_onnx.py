@@ -171,6 +171,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     plan = pa.build_plan(g, geo.num_kv_heads, geo.head_dim, "key_pool_0")
     x = g.op("Gather", embed, "input_ids", axis=0)  # [T, hidden]
     new_keys, new_values = [], []
+    bf16_tiles = {"bf16_tiles": 1} if int8_linears else {}  # the int8 graph: prefill attention on AMX bf16 too
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
         h = _rms_norm(g, x, g.weight(f"{p}.attn_norm", _np(layer.attn_norm)), geo.rms_norm_eps)
@@ -179,7 +180,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
         attn, k_rotated = g.op(pa.OP_TYPE, q, k, v, f"key_pool_{i}", f"value_pool_{i}", *plan.values(),
                                rope["rope_cos"], rope["rope_sin"], domain=pa.DOMAIN, name=f"{p}.paged_attention",
                                outputs=2, scale=float(geo.head_dim ** -0.5), num_heads=geo.num_heads,
-                               kv_num_heads=geo.num_kv_heads)
+                               kv_num_heads=geo.num_kv_heads, **bf16_tiles)
         x = g.op("Add", x, _linear(g, attn, f"{p}.o_proj", layer.o_proj, quant))
         h = _rms_norm(g, x, g.weight(f"{p}.mlp_norm", _np(layer.mlp_norm)), geo.rms_norm_eps)
         x = g.op("Add", x, _int8_mlp(g, h, p, layer, quant) or _mlp(g, h, p, layer, quant))
@@ -260,7 +261,8 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
         prefill = {"graph": PREFILL_GRAPH_FILE, "weights": PREFILL_DATA_FILE, "linear_op": f"{il.DOMAIN}.{il.OP_TYPE}",
                    "linear_format": il.FORMAT,
                    "weights_format": "int8 per output channel; outlier input channels bf16",
-                   "activations": "int8 per token; outlier input channels bf16"}
+                   "activations": "int8 per token; outlier input channels bf16",
+                   "attention": "prefill tiles (>= 16 rows of a sequence) on AMX bf16 tiles; decodes float32"}
     return {"format": "onnx", "prefill": prefill, "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
             "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "attention_plan": pa.PLAN_FORMAT, "kv_update": "returned",
             "quantized_linears": sorted(quantized or {}), "weight_format": weight_format if quantized else None,

@@ -24,7 +24,9 @@ Op contract (S sequences, T tokens, Qmax the longest chunk, L = cached blocks * 
     token_index int64 [T, 2]                        (sequence, row) of each token in the padded layout (plan)
     rope_cos, rope_sin [P, D/2]
     -> out [T, H*D], k_rotated [T, KVH*D] (the keys to write into the pool)
-    attributes: scale (float), num_heads, kv_num_heads (int)
+    attributes: scale (float), num_heads, kv_num_heads (int), and optionally bf16_tiles (int): llmc's
+    kernel may run prefill tiles on AMX bf16 tiles (bf16 Q, K, V and probabilities, float sums); the
+    body ignores it (float32 throughout)
 The new tokens' K/V come in as k/v; the runtime writes them into its pools after the step.
 Tokens of a sequence sit at positions context_len - q_len ... context_len - 1, in order.
 """
@@ -123,4 +125,4 @@ def build_function(kv_dtype: str = "float32") -> onnx.FunctionProto:
     g.nodes.append(helper.make_node("GatherND", [k, "token_index"], ["k_rotated"], name="pa_k_rotated"))
     return helper.make_function(
         DOMAIN, OP_TYPE, INPUTS, ["out", "k_rotated"], g.nodes,
-        opset_imports=[helper.make_opsetid("", OPSET)], attributes=["scale", "num_heads", "kv_num_heads"])
+        opset_imports=[helper.make_opsetid("", OPSET)], attributes=["scale", "num_heads", "kv_num_heads", "bf16_tiles"])

@@ -29,8 +29,9 @@ from llmc.paths import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("ort_ops.cc", "paged_attention.cc", "paged_attention_tiles.cc", "int8_linear.cc", "int8_linear_op.cc")
-HEADERS = ("ort_abi.h", "ort_ops.h", "paged_attention.h", "int8_linear.h", "vec16.h")
+SOURCES = ("ort_ops.cc", "paged_attention.cc", "paged_attention_tiles.cc", "paged_attention_amx.cc", "int8_linear.cc",
+           "int8_linear_op.cc")
+HEADERS = ("ort_abi.h", "ort_ops.h", "paged_attention.h", "amx_tiles.h", "amx_emulation.h", "int8_linear.h", "vec16.h")
 LIBRARY = "libllmc_ort_ops.so"
 ENV_SWITCH = "LLMC_FUSED_KERNELS"
 
@@ -70,8 +71,10 @@ def _build_key(compiler: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def compile_library(target: Path, compiler: str) -> None:
-    """Compile the sources into target (atomically: a half-written library is never left there)."""
+def compile_library(target: Path, compiler: str, extra_flags: tuple[str, ...] = ()) -> None:
+    """Compile the sources into target (atomically: a half-written library is never left there). The tests
+    pass extra_flags=("-DLLMC_AMX_EMULATION",) for a library whose AMX kernels run on a scalar model of the
+    tiles (kernels/cpu/amx_emulation.h), to check them on CPUs without AMX."""
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("compiling llmc's fused CPU kernels with %s (once per machine) into %s", compiler, target)
     start = time.perf_counter()
@@ -79,7 +82,7 @@ def compile_library(target: Path, compiler: str) -> None:
         out = Path(tmp) / LIBRARY
         objects = [Path(tmp) / f"{Path(source).stem}.o" for source in SOURCES]
         for source, obj in zip(SOURCES, objects):
-            subprocess.run([compiler, *_flags(), "-c", "-o", str(obj), str(SOURCE_DIR / source)],
+            subprocess.run([compiler, *_flags(), *extra_flags, "-c", "-o", str(obj), str(SOURCE_DIR / source)],
                            check=True, capture_output=True, text=True)
         subprocess.run([compiler, *LINK_FLAGS, "-o", str(out), *map(str, objects)],
                        check=True, capture_output=True, text=True)

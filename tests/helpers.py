@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 from pathlib import Path
 
 
@@ -120,6 +122,34 @@ def ort_options(fused: bool, profile_prefix=None):
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile_prefix)
+    return options
+
+
+@functools.cache
+def emulated_amx_library() -> Path:
+    """llmc's kernel library built with its AMX kernels on a scalar model of the tiles
+    (kernels/cpu/amx_emulation.h), so that they run, slowly, on CPUs without AMX; once per test run."""
+    import pytest
+
+    from llmc.kernels import fused_cpu
+
+    compiler = fused_cpu._compiler()
+    if compiler is None:
+        pytest.skip("no C++ compiler here: llmc's kernels cannot be built")
+    target = Path(tempfile.mkdtemp(prefix="llmc-amx-emulation-")) / fused_cpu.LIBRARY
+    fused_cpu.compile_library(target, compiler, ("-DLLMC_AMX_EMULATION",))
+    return target
+
+
+def kernel_options(kernels: str):
+    """Session options for `kernels`: "native" (the library engines load: AMX where the CPU has it),
+    "emulated-amx" (emulated_amx_library: the AMX kernels on any CPU) or "function-body"."""
+    if kernels != "emulated-amx":
+        return ort_options(kernels == "native")
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(emulated_amx_library()))
     return options
 
 

@@ -17,33 +17,7 @@ namespace {
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureXtiledata = 18;
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-TileConfig make_config() {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {  // 0-3: accumulators, 4-5: x rows, 6-7: weight tiles; all 16 x 64 bytes
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  return config;
-}
-
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
-
-// float -> bf16, rounding to nearest even (as onnxruntime's Cast), NaN kept a NaN.
-uint16_t float_to_bf16(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 // silu(gate) * up on 16 lanes: gate * sigmoid(gate), sigmoid from exp(-|gate|) <= 1.
 inline __m512 swiglu16(__m512 gate, __m512 up) {
@@ -56,7 +30,10 @@ float swiglu1(float gate, float up) { return gate / (1.0f + std::exp(-gate)) * u
 
 }  // namespace
 
-bool amx_int8_usable() {
+bool amx_usable() {
+#ifdef LLMC_AMX_EMULATION
+  return true;
+#endif
   static const bool usable = [] {
     unsigned eax, ebx, ecx, edx;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
@@ -239,10 +216,7 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f"))) void run_tiles(con
 }  // namespace
 
 __attribute__((target("amx-tile,amx-int8,avx512f"))) void run_block(const Int8LinearArgs& a, int64_t mb, int64_t nb) {
-  // The tile configuration is per thread and other AMX code (onnxruntime's own kernels) may have changed
-  // it since: loading it costs less than 1% of a work item.
-  static const TileConfig config = make_config();
-  _tile_loadconfig(&config);
+  _tile_loadconfig(&full_tiles());
   const int64_t m0 = mb * kRowBlock, n0 = nb * kColBlock;
   if (a.M - m0 > 16) return run_tiles<2>(a, m0, n0);
   return run_tiles<1>(a, m0, n0);  // the second row tile would be padding only

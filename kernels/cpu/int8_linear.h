@@ -10,10 +10,9 @@
 #include <cstdint>
 #include <vector>
 
-namespace llmc {
+#include "amx_tiles.h"
 
-// Whether this CPU and OS run AMX int8 and bf16 tiles (CPUID, XCR0, and Linux's per-process permission).
-bool amx_int8_usable();
+namespace llmc {
 
 // The weights in the tiles' layouts, padded with zeros to whole tiles; built once per weight.
 struct PackedWeight {

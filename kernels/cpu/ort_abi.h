@@ -86,6 +86,7 @@ enum Slot : size_t {
   kKernelContextGetInputCount = 88,
   kKernelContextGetInput = 90,
   kKernelContextGetOutput = 91,
+  kReleaseStatus = 93,
   kReleaseTensorTypeAndShapeInfo = 99,
   kKernelContextParallelFor = 274,
 };
@@ -95,6 +96,7 @@ class Api {
  public:
   explicit Api(const OrtApi* table) : table_(reinterpret_cast<void* const*>(table)) {}
 
+  void ReleaseStatus(OrtStatus* status) const { call<void (*)(OrtStatus*)>(kReleaseStatus)(status); }
   OrtStatus* CreateStatus(OrtErrorCode code, const char* msg) const {
     return call<OrtStatus* (*)(OrtErrorCode, const char*)>(kCreateStatus)(code, msg);
   }

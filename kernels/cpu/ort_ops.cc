@@ -33,6 +33,7 @@ struct Kernel {
   ortabi::Api api;
   float scale;
   int64_t num_heads, kv_num_heads;
+  bool bf16_tiles;
 };
 
 OrtStatus* error(const ortabi::Api& api, const std::string& message) {
@@ -62,6 +63,11 @@ void run_item(void* data, size_t item) {
   llmc::run_item(*work.args, *work.plan, static_cast<int64_t>(item));
 }
 
+void pack_keys(void* data, size_t item) {
+  const Work& work = *static_cast<Work*>(data);
+  llmc::pack_keys(*work.args, *work.plan, static_cast<int64_t>(item));
+}
+
 OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   const Kernel& kernel = *static_cast<Kernel*>(kernel_ptr);
   const ortabi::Api& api = kernel.api;
@@ -80,6 +86,7 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   a.Mc = in[kCachedTables].dims[1];
   a.P = in[kRopeCos].dims[0];
   a.scale = kernel.scale;
+  a.bf16_tiles = kernel.bf16_tiles;
   const bool shapes_agree =
       a.H > 0 && a.KVH > 0 && a.D > 0 && in[kQ].dims[1] == a.H * a.D &&
       in[kK].dims == std::vector<int64_t>{a.T, a.KVH * a.D} && in[kV].dims == in[kK].dims && in[kKeyPool].dims == std::vector<int64_t>{a.NB, a.B, a.KVH, a.D} &&
@@ -114,6 +121,12 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   llmc::rotate_all(a);
   llmc::StepPlan plan = llmc::plan_step(a);
   Work work{&a, &plan};
+  const size_t packed = plan.packed_sequences.size();
+  if (packed > 1) {
+    RETURN_IF_ERROR(api.KernelContextParallelFor(context, pack_keys, packed, packed, &work));
+  } else if (packed == 1) {
+    llmc::pack_keys(a, plan, 0);
+  }
   const int64_t items = plan.num_items();
   if (items > 1 && (!plan.tiles.empty() || items * llmc::kChunk * a.H * a.D >= kParallelWork)) {
     // Tiles differ in cost (causal): one task each, taken by whichever thread is free.
@@ -128,10 +141,13 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
 
 OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo* info, void** out) {
   ortabi::Api api(table);
-  Kernel kernel{api, 0.0f, 0, 0};
+  Kernel kernel{api, 0.0f, 0, 0, false};
   RETURN_IF_ERROR(api.KernelInfoGetAttributeFloat(info, "scale", &kernel.scale));
   RETURN_IF_ERROR(api.KernelInfoGetAttributeInt64(info, "num_heads", &kernel.num_heads));
   RETURN_IF_ERROR(api.KernelInfoGetAttributeInt64(info, "kv_num_heads", &kernel.kv_num_heads));
+  int64_t bf16_tiles = 0;  // optional (graphs built before it have none): prefill tiles in float32
+  if (OrtStatus* missing = api.KernelInfoGetAttributeInt64(info, "bf16_tiles", &bf16_tiles)) api.ReleaseStatus(missing);
+  kernel.bf16_tiles = bf16_tiles != 0;
   *out = new Kernel(kernel);
   return nullptr;
 }
@@ -201,7 +217,7 @@ OrtCustomOp base_op() {
 }  // namespace llmc_ops
 
 // Whether llmc.Int8Linear runs on AMX here (it is registered only then): for the runtime's reports.
-extern "C" __attribute__((visibility("default"))) int llmc_amx_int8_usable() { return llmc::amx_int8_usable(); }
+extern "C" __attribute__((visibility("default"))) int llmc_amx_int8_usable() { return llmc::amx_usable(); }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                  const OrtApiBase* base) {
@@ -213,7 +229,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   OrtCustomOpDomain* domain = nullptr;  // kept for the life of the process, as onnxruntime requires
   RETURN_IF_ERROR(api.CreateCustomOpDomain(kDomain, &domain));
   RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kPagedAttention));
-  if (llmc::amx_int8_usable()) {
+  if (llmc::amx_usable()) {
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8Linear));
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearSwiGLU));
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearSplit3));

@@ -30,6 +30,7 @@ struct PagedAttentionArgs {
   int64_t T, S, Qmax, Mc, NB, B, P;
   int64_t H, KVH, D;
   float scale;
+  bool bf16_tiles = false;  // prefill tiles on AMX bf16 tiles (paged_attention_amx.cc) where the CPU has them
   // Outputs.
   float* out;        // [T, H*D]
   float* k_rotated;  // [T, KVH*D]
@@ -40,14 +41,27 @@ struct PagedAttentionArgs {
 // steps) is attended token by token, each token's keys split into chunks that are separate work
 // items (so a decode step's single token still spreads over threads), merged afterwards as in
 // flash-decoding. Longer runs of rows (prefill) go kTile rows at a time (paged_attention_tiles.cc).
+constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kChunk = 64;
 constexpr int64_t kTile = 16;
+
+// A sequence's keys and values in bf16 for the AMX tiles, padded with zeros to whole chunks.
+struct Bf16Keys {
+  int64_t padded = 0;         // Lp: the sequence's keys (cached and in the step), rounded up to kAmxKeys
+  std::vector<uint16_t> k;    // [KVH, Lp, D]
+  std::vector<uint16_t> v_t;  // [KVH, D, Lp]: transposed
+};
+constexpr int64_t kAmxKeys = 64;  // keys per chunk of an AMX tile
 
 struct StepPlan {
   int64_t chunks = 0;                   // key chunks per chunked token
   std::vector<int64_t> chunked_tokens;  // tokens attended chunk by chunk
   std::vector<int64_t> tiles;           // (sequence, first row, rows) per tile
   std::vector<float> partials;          // [chunked tokens, chunks, H, D + 2]: unnormalized output, max, sum
+  std::vector<int64_t> step_rows;       // [S]: each sequence's rows in the step
+  bool amx = false;                     // tiles run on AMX (a.bf16_tiles, AMX usable, D a multiple of 32)
+  std::vector<int64_t> packed_sequences;  // with amx: the sequences that have tiles
+  std::vector<Bf16Keys> bf16_keys;        // with amx: [S], filled for packed_sequences by pack_keys
   int64_t num_items() const { return int64_t(chunked_tokens.size()) * chunks + int64_t(tiles.size()) / 3; }
 };
 
@@ -65,6 +79,13 @@ void run_item(const PagedAttentionArgs& a, StepPlan& plan, int64_t item);
 
 // Combines each chunked token's partials into out (softmax over all its keys).
 void merge_chunks(const PagedAttentionArgs& a, const StepPlan& plan);
+
+// With plan.amx: sequence packed_sequences[i]'s keys and values into plan.bf16_keys (after rotate_all,
+// before the tiles run).
+void pack_keys(const PagedAttentionArgs& a, StepPlan& plan, int64_t i);
+
+// Rows [r0, r0 + rows) of sequence s, on AMX bf16 tiles (from plan.bf16_keys).
+void attend_tile_amx(const PagedAttentionArgs& a, const StepPlan& plan, int64_t s, int64_t r0, int64_t rows);
 
 // Rows [r0, r0 + rows) of sequence s (rows <= kTile), all their keys, into out.
 void attend_tile(const PagedAttentionArgs& a, int64_t s, int64_t r0, int64_t rows);

@@ -1,4 +1,5 @@
-"""llmc.Int8Linear: the AMX kernel and the ONNX function body against numpy."""
+"""llmc.Int8Linear: the AMX kernel (natively where the CPU has AMX, on a scalar model of the tiles
+everywhere) and the ONNX function body against numpy."""
 
 import numpy as np
 import onnxruntime as ort
@@ -8,36 +9,35 @@ from onnx import TensorProto, helper
 from llmc.compiler import onnx_int8_linear as il
 from llmc.compiler.onnx_builder import GraphBuilder
 from llmc.kernels import fused_cpu
+from tests.helpers import kernel_options
 
 needs_amx = pytest.mark.skipif(not fused_cpu.amx_int8_available(), reason="this CPU has no AMX int8 tiles")
+KERNELS = pytest.mark.parametrize("kernels", [pytest.param("native", marks=needs_amx), "emulated-amx", "function-body"])
 
 
-def _graph_session(g: GraphBuilder, in_features: int, outputs: list[str], with_kernels: bool) -> ort.InferenceSession:
+def _graph_session(g: GraphBuilder, in_features: int, outputs: list[str], kernels: str) -> ort.InferenceSession:
     """A session over the nodes of g, with input x [M, in_features] and the named float outputs."""
     graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", in_features])],
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["M", None]) for o in outputs],
                               g.initializers)
     model = helper.make_model(graph, functions=[il.build_function(op) for op in il.FUNCTIONS],
                               opset_imports=[helper.make_opsetid("", il.OPSET), helper.make_opsetid(il.DOMAIN, 1)])
-    options = ort.SessionOptions()
-    if with_kernels:
-        assert fused_cpu.register_fused_kernels(options)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), kernel_options(kernels), providers=["CPUExecutionProvider"])
 
 
-def _session(weight: np.ndarray, outliers, with_kernels: bool, swiglu: bool = False) -> ort.InferenceSession:
+def _session(weight: np.ndarray, outliers, kernels: str, swiglu: bool = False) -> ort.InferenceSession:
     g = GraphBuilder()
     y = il.int8_linear(g, "x", "lin", weight, outliers, swiglu)
-    return _graph_session(g, 2 * weight.shape[1] if swiglu else weight.shape[1], [y], with_kernels)
+    return _graph_session(g, 2 * weight.shape[1] if swiglu else weight.shape[1], [y], kernels)
 
 
-@pytest.mark.parametrize("with_kernels", [pytest.param(True, marks=needs_amx), False], ids=["amx", "function-body"])
+@KERNELS
 @pytest.mark.parametrize("n,k,num_outliers", [(96, 64, 0), (37, 96, 32), (960, 576, 64), (50, 224, 96)])
-def test_int8_linear_matches_numpy(with_kernels, n, k, num_outliers):
+def test_int8_linear_matches_numpy(kernels, n, k, num_outliers):
     rng = np.random.default_rng(n)
     weight = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
     outliers = rng.choice(k, num_outliers, replace=False)
-    session = _session(weight, outliers, with_kernels)
+    session = _session(weight, outliers, kernels)
     channels = il.channel_order(k, outliers)
     codes, scale, w_outlier = il.quantize_weight(weight, channels, num_outliers)
     for m in (1, 3, 16, 17, 33, 70):  # one or two row tiles per work item, partly filled
@@ -58,7 +58,7 @@ def test_outlier_channels_keep_the_other_channels_precise():
     x = rng.standard_normal((8, 256)).astype(np.float32)
     x[:, [3, 100]] *= 300.0
     exact = x @ weight.T
-    errors = [np.abs(_session(weight, outliers, False).run(None, {"x": x})[0] - exact).max()
+    errors = [np.abs(_session(weight, outliers, "function-body").run(None, {"x": x})[0] - exact).max()
               for outliers in ([], np.r_[3, 100, 4:66])]
     assert errors[1] < errors[0] / 5  # what is left: bf16 rounding of the large channels
 
@@ -66,7 +66,7 @@ def test_outlier_channels_keep_the_other_channels_precise():
 def test_a_tokens_result_does_not_depend_on_the_other_tokens():
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((64, 96)) * 0.05).astype(np.float32)
-    session = _session(weight, np.arange(32), fused_cpu.amx_int8_available())
+    session = _session(weight, np.arange(32), "native" if fused_cpu.amx_int8_available() else "emulated-amx")
     x = rng.standard_normal((20, 96)).astype(np.float32)
     crowded = np.concatenate([x, 100 * rng.standard_normal((20, 96)).astype(np.float32)])  # outlier tokens
     np.testing.assert_array_equal(session.run(None, {"x": crowded})[0][:20], session.run(None, {"x": x})[0])
@@ -81,16 +81,16 @@ def test_bf16_round_is_round_to_nearest_even():
 
 
 
-@pytest.mark.parametrize("with_kernels", [pytest.param(True, marks=needs_amx), False], ids=["amx", "function-body"])
+@KERNELS
 @pytest.mark.parametrize("k,num_outliers", [(128, 0), (160, 32), (224, 96)])
-def test_swiglu_variant_is_the_op_over_silu_gate_times_up(with_kernels, k, num_outliers):
+def test_swiglu_variant_is_the_op_over_silu_gate_times_up(kernels, k, num_outliers):
     """Int8LinearSwiGLU(gate | up) = Int8Linear(silu(gate) * up), its activation computed as it quantizes."""
     rng = np.random.default_rng(k)
     weight = (rng.standard_normal((48, k)) * 0.05).astype(np.float32)
     outliers = rng.choice(k, num_outliers, replace=False)
     channels = il.channel_order(k, outliers)
     codes, scale, w_outlier = il.quantize_weight(weight, channels, num_outliers)
-    session = _session(weight, outliers, with_kernels, swiglu=True)
+    session = _session(weight, outliers, kernels, swiglu=True)
     for m in (1, 17, 40):
         gate_up = (3 * rng.standard_normal((m, 2 * k))).astype(np.float32)  # gates on both sides of 0, past |3|
         y = session.run(None, {"x": gate_up})[0]
@@ -98,15 +98,15 @@ def test_swiglu_variant_is_the_op_over_silu_gate_times_up(with_kernels, k, num_o
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("with_kernels", [pytest.param(True, marks=needs_amx), False], ids=["amx", "function-body"])
-def test_split3_variant_writes_the_three_linears_outputs(with_kernels):
+@KERNELS
+def test_split3_variant_writes_the_three_linears_outputs(kernels):
     """Int8LinearSplit3 over stacked q/k/v weights: each output is its columns of one Int8Linear."""
     rng = np.random.default_rng(3)
     weight = (rng.standard_normal((96 + 32 + 48, 128)) * 0.05).astype(np.float32)
     outliers = rng.choice(128, 64, replace=False)
     g = GraphBuilder()
     outs = il.int8_linear(g, "x", "qkv", weight, outliers, splits=[96, 32, 48])
-    session = _graph_session(g, 128, outs, with_kernels)
+    session = _graph_session(g, 128, outs, kernels)
     channels = il.channel_order(128, outliers)
     codes, scale, w_outlier = il.quantize_weight(weight, channels, 64)
     for m in (1, 20, 45):

@@ -155,7 +155,7 @@ def test_health_keeps_its_latency_while_big_bodies_are_refused(server):
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
         assert "--max-request-bytes" in r.json()["error"]["message"]
     assert long_text.status_code == 400 and "far more than the model's context" in long_text.json()["error"]["message"]
-    assert len(latencies) >= 3 and max(latencies) < 1.0, latencies  # a frozen loop took tens of seconds
+    assert len(latencies) >= 3 and max(latencies) < 5.0, latencies  # frozen: tens of seconds
 
 
 def test_body_limit_is_configurable(tiny_bundle):
