@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "amx_tiles.h"
@@ -75,22 +76,25 @@ __attribute__((target("avx512f"))) void pack_keys_t(const PagedAttentionArgs& a,
   const int64_t* tokens = a.query_index + s * a.Qmax;
   const T* k_pool = static_cast<const T*>(a.k_pool);
   const T* v_pool = static_cast<const T*>(a.v_pool);
-  alignas(64) float value[kMaxHeadDim];
+  alignas(64) float value[kMaxHeadDim];  // a half pool's value row, as floats
   for (int64_t g = 0; g < KVH; ++g) {
     uint16_t* k = out.k.data() + g * Lp * D;
     uint16_t* v_t = out.v_t.data() + g * D * Lp;
     for (int64_t j = 0; j < total; ++j) {
-      const float* step_v = nullptr;
+      const float* v;
       if (j < cached) {
         row_to_bf16(cached_row(a, k_pool, s, j, g), k + j * D, D);
-        const T* pool_v = cached_row(a, v_pool, s, j, g);
-        for (int64_t d = 0; d < D; ++d) value[d] = to_float(pool_v[d]);
+        if constexpr (std::is_same_v<T, float>) {
+          v = cached_row(a, v_pool, s, j, g);
+        } else {
+          half_to_float(cached_row(a, v_pool, s, j, g), value, D);
+          v = value;
+        }
       } else {
         const int64_t t = tokens[j - cached];
         row_to_bf16(a.k_rotated + (t * KVH + g) * D, k + j * D, D);
-        step_v = a.v + (t * KVH + g) * D;
+        v = a.v + (t * KVH + g) * D;
       }
-      const float* v = step_v != nullptr ? step_v : value;
       for (int64_t d = 0; d < D; ++d) v_t[d * Lp + j] = float_to_bf16(v[d]);
     }
   }
@@ -185,10 +189,11 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void attend_tile_amx(const 
   alignas(64) uint32_t q_t[kMaxHeadDim / 2][16];
   alignas(64) HeadState st;
   for (int64_t h = 0; h < H; ++h) {
-    for (int64_t dp = 0; dp < D / 2; ++dp) {  // Q^T, VNNI: lane i holds row i's dimensions 2 dp, 2 dp + 1
-      for (int64_t i = 0; i < 16; ++i) {
-        const float* q = a.q_rotated + tokens[r0 + std::min(i, rows - 1)] * H * D + h * D + 2 * dp;
-        q_t[dp][i] = i < rows ? float_to_bf16(q[0] * q_scale) | uint32_t(float_to_bf16(q[1] * q_scale)) << 16 : 0u;
+    std::memset(q_t, 0, sizeof(q_t));  // lanes past the tile's rows stay zero
+    for (int64_t i = 0; i < rows; ++i) {  // Q^T, VNNI: lane i holds row i's dimensions 2 dp, 2 dp + 1
+      const float* q = a.q_rotated + tokens[r0 + i] * H * D + h * D;
+      for (int64_t dp = 0; dp < D / 2; ++dp) {
+        q_t[dp][i] = float_to_bf16(q[2 * dp] * q_scale) | uint32_t(float_to_bf16(q[2 * dp + 1] * q_scale)) << 16;
       }
     }
     st.peak = _mm512_set1_ps(-3.0e38f);

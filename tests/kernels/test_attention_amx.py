@@ -5,7 +5,6 @@ scalar model of the tiles everywhere (emulated-amx); natively on a CPU without A
 changes nothing (float32 tiles)."""
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
@@ -13,7 +12,7 @@ from onnx import TensorProto, helper
 from llmc.compiler import onnx_paged_attention as pa
 from llmc.compiler.onnx_builder import GraphBuilder
 from llmc.kernels import fused_cpu
-from tests.helpers import kernel_options, ort_options
+from tests.helpers import kernel_options
 
 BLOCK, NUM_BLOCKS, POSITIONS = 6, 96, 512
 LOG2E = 1.0 / np.log(2.0)
@@ -119,7 +118,7 @@ def test_bf16_tiles_match_a_bf16_reference_and_float32_within_bf16_error(heads, 
     feeds = _step(heads, kv_heads, head_dim, kv_dtype, seed=head_dim)
     graph = _graph(heads, kv_heads, head_dim, kv_dtype, bf16_tiles=True)
     got = ort.InferenceSession(graph, kernel_options(kernels), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    body = ort.InferenceSession(graph, ort_options(False), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    body = ort.InferenceSession(graph, kernel_options("function-body"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     exact = _reference(feeds, heads, kv_heads, head_dim, round_bf16=False)
     assert np.abs(body - exact).max() < 1e-4  # the reference is the op's contract
     decode = slice(-SEQUENCES[-1][1], None)  # the decoding token: float32 chunks in every case
