@@ -177,26 +177,37 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void tile_products(
 }
 #undef LLMC_TILE_DOT
 
-// Rows [m0, m0 + 16 * kRowTiles) x columns [n0, n0 + 32) of y: the int8 products summed over all of Ki
-// in 2 x kRowTiles int32 tiles (each x tile used for 2 weight tiles, each weight tile for kRowTiles x
-// tiles), scaled once; then the outliers' bf16 products in the same tiles, as floats. Expects the tile
+// One 32 x 32 block's products, as the tiles leave them: int8 sums and the outliers' float sums.
+struct BlockSums {
+  alignas(64) int32_t sums[4][16][16];
+  alignas(64) float outliers[4][16][16];
+};
+
+// Rows [m0, m0 + 16 * kRowTiles) x columns [n0, n0 + 32) of y into out: the int8 products summed over all
+// of Ki in 2 x kRowTiles int32 tiles (each x tile used for 2 weight tiles, each weight tile for kRowTiles
+// x tiles), then the outliers' bf16 products in the same tiles, as floats. Expects the tile
 // configuration loaded.
 template <int kRowTiles>
-__attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f"))) void run_tiles(const Int8LinearArgs& a, int64_t m0,
-                                                                             int64_t n0) {
+__attribute__((target("amx-tile,amx-int8,amx-bf16"))) void block_products(const Int8LinearArgs& a, int64_t m0,
+                                                                          int64_t n0, BlockSums& out) {
   const PackedWeight& w = *a.w;
   const int64_t Ki = w.Ki, Ko = w.Ko, int8_tiles = Ki / 64, bf16_tiles = Ko / 32;
-  alignas(64) int32_t sums[2 * kRowTiles][16][16];
   tile_products<kRowTiles, false>(a.xq + m0 * Ki, Ki, w.data.data() + (n0 / 16) * int8_tiles * 1024, int8_tiles,
-                                  sums);
-  alignas(64) float outliers[2 * kRowTiles][16][16];
+                                  out.sums);
   if (bf16_tiles > 0) {
     tile_products<kRowTiles, true>(a.xo + m0 * Ko, Ko * 2, w.outlier.data() + (n0 / 16) * bf16_tiles * 512,
-                                   bf16_tiles, outliers);
+                                   bf16_tiles, out.outliers);
   }
-  for (int t = 0; t < 2 * kRowTiles; ++t) {  // y = sums * row scale * column scale + outliers
+}
+
+// y = sums * row scale * column scale + outliers for the block at (m0, n0).
+__attribute__((target("avx512f"))) void store_block(const Int8LinearArgs& a, int64_t m0, int64_t n0,
+                                                    const BlockSums& block) {
+  const PackedWeight& w = *a.w;
+  const bool outliers = w.Ko > 0;
+  for (int t = 0; t < 4; ++t) {
     const int64_t row0 = m0 + (t / 2) * 16, col0 = n0 + (t % 2) * 16;
-    if (col0 >= w.N) continue;  // a padding tile
+    if (col0 >= w.N || row0 >= a.M) continue;  // a padding tile
     int o = 0;  // the output holding these columns
     while (col0 >= a.y_begin[o + 1]) ++o;
     const int64_t width = a.y_begin[o + 1] - a.y_begin[o], cols = std::min<int64_t>(16, a.y_begin[o + 1] - col0);
@@ -206,8 +217,8 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f"))) void run_tiles(con
     const int64_t rows = std::min<int64_t>(16, a.M - row0);
     for (int64_t r = 0; r < rows; ++r) {
       const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(a.x_scale[row0 + r]), col_scales);
-      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[t][r])), scales);
-      if (bf16_tiles > 0) y = _mm512_add_ps(y, _mm512_load_ps(outliers[t][r]));
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(block.sums[t][r])), scales);
+      if (outliers) y = _mm512_add_ps(y, _mm512_load_ps(block.outliers[t][r]));
       _mm512_mask_storeu_ps(out + (row0 + r) * width, mask, y);
     }
   }
@@ -215,11 +226,49 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f"))) void run_tiles(con
 
 }  // namespace
 
-__attribute__((target("amx-tile,amx-int8,avx512f"))) void run_block(const Int8LinearArgs& a, int64_t mb, int64_t nb) {
+// Row block by row block, and within one, column block by column block (the item's weights stay in L2,
+// a row block's activations in L1, and y is written in runs of whole rows). Software-pipelined: a
+// block's products are issued before the previous block is scaled and stored, so the vector epilogue
+// runs while the tiles compute and reads sums the tiles stored one block earlier (a vector load right
+// after a tile store of the same lines stalls).
+__attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f"))) void run_item(const Int8LinearArgs& a,
+                                                                            const GemmItem& item) {
   _tile_loadconfig(&full_tiles());
-  const int64_t m0 = mb * kRowBlock, n0 = nb * kColBlock;
-  if (a.M - m0 > 16) return run_tiles<2>(a, m0, n0);
-  return run_tiles<1>(a, m0, n0);  // the second row tile would be padding only
+  thread_local BlockSums blocks[2];
+  int64_t pending_m0 = -1, pending_n0 = -1, count = 0;
+  for (int64_t mb = item.mb_begin; mb < item.mb_end; ++mb) {
+    const int64_t m0 = mb * kRowBlock;
+    for (int64_t nb = item.nb_begin; nb < item.nb_end; ++nb, ++count) {
+      const int64_t n0 = nb * kColBlock;
+      BlockSums& current = blocks[count % 2];
+      if (a.M - m0 > 16) {
+        block_products<2>(a, m0, n0, current);
+      } else {
+        block_products<1>(a, m0, n0, current);  // the second row tile would be padding only
+      }
+      if (pending_m0 >= 0) store_block(a, pending_m0, pending_n0, blocks[(count + 1) % 2]);
+      pending_m0 = m0;
+      pending_n0 = n0;
+    }
+  }
+  if (pending_m0 >= 0) store_block(a, pending_m0, pending_n0, blocks[(count + 1) % 2]);
+}
+
+std::vector<GemmItem> plan_items(const PackedWeight& w, int64_t M) {
+  const int64_t row_blocks = padded_rows(M) / kRowBlock, col_blocks = w.Np / kColBlock;
+  const int64_t row_bytes = w.Ki + 2 * w.Ko;  // of a weight column (int8 and bf16 outliers)
+  // column blocks per item: their weights within kItemWeightBytes, and ~kMinItems items in all (the
+  // threads take items as they free up)
+  const int64_t panels = (row_blocks + kItemRowBlocks - 1) / kItemRowBlocks;
+  const int64_t by_bytes = std::max<int64_t>(1, kItemWeightBytes / (kColBlock * row_bytes));
+  const int64_t group = std::max<int64_t>(1, std::min(by_bytes, col_blocks * panels / kMinItems));
+  std::vector<GemmItem> items;
+  for (int64_t mb = 0; mb < row_blocks; mb += kItemRowBlocks) {
+    for (int64_t nb = 0; nb < col_blocks; nb += group) {
+      items.push_back({mb, std::min(row_blocks, mb + kItemRowBlocks), nb, std::min(col_blocks, nb + group)});
+    }
+  }
+  return items;
 }
 
 }  // namespace llmc

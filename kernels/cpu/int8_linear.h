@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "aligned_vector.h"
 #include "amx_tiles.h"
 
 namespace llmc {
@@ -17,8 +18,8 @@ namespace llmc {
 // The weights in the tiles' layouts, padded with zeros to whole tiles; built once per weight.
 struct PackedWeight {
   int64_t N = 0, Ki = 0, Ko = 0, Np = 0;
-  std::vector<int8_t> data;       // [Np/16][Ki/64][16 rows of Ki/4][16 columns x 4 K]
-  std::vector<uint16_t> outlier;  // [Np/16][Ko/32][16 rows of Ko/2][16 columns x 2 K], bf16
+  AlignedVector<int8_t> data;       // [Np/16][Ki/64][16 rows of Ki/4][16 columns x 4 K]
+  AlignedVector<uint16_t> outlier;  // [Np/16][Ko/32][16 rows of Ko/2][16 columns x 2 K], bf16
   std::vector<float> scale;       // [Np]
   std::vector<int32_t> channels;  // [Ki + Ko]: the input channel of each packed position
   std::vector<uint16_t> inlier_masks;  // [ceil(K / 16)]: bit c of mask i: channel 16 i + c is an inlier
@@ -50,7 +51,14 @@ constexpr int64_t kOutlierAlign = 32;  // Ko: whole bf16 tiles of K
 
 int64_t padded_rows(int64_t M);
 void quantize_rows(const Int8LinearArgs& a, int64_t row_begin, int64_t row_end);
-// One work item: rows [32 * mb, +32) x columns [32 * nb, +32) of y.
-void run_block(const Int8LinearArgs& a, int64_t mb, int64_t nb);
+// A GEMM work item: row blocks [mb_begin, mb_end) x column blocks [nb_begin, nb_end) of y.
+struct GemmItem {
+  int64_t mb_begin, mb_end, nb_begin, nb_end;
+};
+constexpr int64_t kItemRowBlocks = 16;              // 512 rows
+constexpr int64_t kItemWeightBytes = 256 * 1024;    // an item's packed weights (L2)
+constexpr int64_t kMinItems = 32;
+std::vector<GemmItem> plan_items(const PackedWeight& w, int64_t M);
+void run_item(const Int8LinearArgs& a, const GemmItem& item);
 
 }  // namespace llmc

@@ -2,6 +2,7 @@
 // w_outlier float [N, Ko], channels int64 [K = Ki + Ko]; output y float [M, N]) over the AMX kernel of
 // int8_linear.h. Registered only where AMX runs; elsewhere
 // onnxruntime runs the op's ONNX function body.
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -29,7 +30,7 @@ OrtStatus* error(const ortabi::Api& api, const std::string& message) {
 
 struct Work {
   const llmc::Int8LinearArgs* args;
-  int64_t row_blocks, col_blocks;
+  std::vector<llmc::GemmItem> items;
 };
 
 void quantize_item(void* data, size_t item) {
@@ -40,7 +41,7 @@ void quantize_item(void* data, size_t item) {
 
 void gemm_item(void* data, size_t item) {
   const Work& work = *static_cast<Work*>(data);
-  llmc::run_block(*work.args, static_cast<int64_t>(item) / work.col_blocks, static_cast<int64_t>(item) % work.col_blocks);
+  llmc::run_item(*work.args, work.items[item]);
 }
 
 OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
@@ -95,8 +96,8 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   const int64_t Mp = llmc::padded_rows(M);
   // Scratch reused across calls on this thread: fresh buffers of a few MB were fresh pages each call
   // (malloc maps them), zeroed by the kernel: ~7% of a prefill step.
-  thread_local std::vector<int8_t> xq;
-  thread_local std::vector<uint16_t> xo;
+  thread_local llmc::AlignedVector<int8_t> xq;  // whole tile rows on cache lines
+  thread_local llmc::AlignedVector<uint16_t> xo;
   thread_local std::vector<float> x_scale;
   xq.resize(Mp * Ki);
   xo.resize(Mp * Ko);
@@ -105,10 +106,10 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   args.xo = xo.data();
   args.x_scale = x_scale.data();
   args.swiglu = kernel.variant == Variant::kSwiGLU;
-  Work work{&args, Mp / llmc::kRowBlock, kernel.packed.Np / llmc::kColBlock};
-  RETURN_IF_ERROR(api.KernelContextParallelFor(context, quantize_item, work.row_blocks, work.row_blocks, &work));
-  const size_t items = static_cast<size_t>(work.row_blocks * work.col_blocks);
-  return api.KernelContextParallelFor(context, gemm_item, items, std::min<size_t>(items, 64), &work);
+  Work work{&args, llmc::plan_items(kernel.packed, M)};
+  const size_t row_blocks = static_cast<size_t>(Mp / llmc::kRowBlock), items = work.items.size();
+  RETURN_IF_ERROR(api.KernelContextParallelFor(context, quantize_item, row_blocks, row_blocks, &work));
+  return api.KernelContextParallelFor(context, gemm_item, items, items, &work);
 }
 
 template <Variant kVariant>

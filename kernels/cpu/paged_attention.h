@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "aligned_vector.h"
+
 namespace llmc {
 
 struct PagedAttentionArgs {
@@ -48,8 +50,8 @@ constexpr int64_t kTile = 16;
 // A sequence's keys and values in bf16 for the AMX tiles, padded with zeros to whole chunks.
 struct Bf16Keys {
   int64_t padded = 0;         // Lp: the sequence's keys (cached and in the step), rounded up to kAmxKeys
-  std::vector<uint16_t> k;    // [KVH, Lp, D]
-  std::vector<uint16_t> v_t;  // [KVH, D, Lp]: transposed
+  AlignedVector<uint16_t> k;    // [KVH, Lp, D]
+  AlignedVector<uint16_t> v_t;  // [KVH, D, Lp]: transposed
 };
 constexpr int64_t kAmxKeys = 64;  // keys per chunk of an AMX tile
 

@@ -1,0 +1,107 @@
+"""llmc.PagedAttention alone at SmolLM2-135M's shapes (9 heads, 3 KV heads, head size 64, float16 pools of
+16-token blocks): a decode step of `--batch` sequences at `--context` tokens, layer after layer over
+`--layers` separate pools (as in an engine step, so the pools are not in cache), 2 threads. Reports ms
+per layer and the KV bytes read per second against this machine's two-core stream rate.
+
+    python benchmarks/attention_speed.py [--batch 64] [--context 400] [--layers 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from llmc.compiler import onnx_paged_attention as pa
+from llmc.compiler.onnx_builder import GraphBuilder
+from llmc.kernels import fused_cpu
+
+HEADS, KV_HEADS, HEAD_DIM, POSITIONS = 9, 3, 64, 4096
+BLOCK = int(__import__("os").environ.get("BLOCK", 16))
+
+
+def session(kv_dtype: str) -> ort.InferenceSession:
+    """One llmc.PagedAttention node with the engine graphs' step plan, on llmc's fused kernel."""
+    g = GraphBuilder("t_")
+    plan = pa.build_plan(g, KV_HEADS, HEAD_DIM, "k_pool")
+    g.nodes.append(helper.make_node(
+        pa.OP_TYPE, ["q", "k", "v", "k_pool", "v_pool", *plan.values(), "rope_cos", "rope_sin"], ["out", "k_rotated"],
+        domain=pa.DOMAIN, scale=float(HEAD_DIM ** -0.5), num_heads=HEADS, kv_num_heads=KV_HEADS))
+    f32, pool_type = TensorProto.FLOAT, {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[kv_dtype]
+    value = helper.make_tensor_value_info
+    inputs = [value("q", f32, ["T", HEADS * HEAD_DIM]), value("k", f32, ["T", KV_HEADS * HEAD_DIM]),
+              value("v", f32, ["T", KV_HEADS * HEAD_DIM]),
+              value("k_pool", pool_type, ["NB", BLOCK, KV_HEADS, HEAD_DIM]),
+              value("v_pool", pool_type, ["NB", BLOCK, KV_HEADS, HEAD_DIM]),
+              value("positions", TensorProto.INT64, ["T"]), value("block_tables", TensorProto.INT32, ["S", "M"]),
+              value("context_lens", TensorProto.INT32, ["S"]), value("query_start", TensorProto.INT32, ["S1"]),
+              value("rope_cos", f32, [POSITIONS, HEAD_DIM // 2]), value("rope_sin", f32, [POSITIONS, HEAD_DIM // 2])]
+    graph = helper.make_graph(g.nodes, "attention", inputs, [value("out", f32, ["T", HEADS * HEAD_DIM])],
+                              g.initializers)
+    model = helper.make_model(graph, functions=[pa.build_function(kv_dtype)],
+                              opset_imports=[helper.make_opsetid("", pa.OPSET), helper.make_opsetid(pa.DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    if not fused_cpu.register_fused_kernels(options):
+        raise SystemExit("llmc's fused CPU kernels do not build or load here")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def decode_feeds(batch: int, context: int, kv_dtype: str, rng) -> tuple[dict, int]:
+    """Inputs of a decode step: each sequence's `context - 1` cached tokens in shuffled blocks."""
+    per_seq = (context + BLOCK - 1) // BLOCK
+    num_blocks = batch * per_seq
+    tables = rng.permutation(num_blocks).astype(np.int32).reshape(batch, per_seq)
+    angles = np.arange(POSITIONS)[:, None] * 10000.0 ** (-np.arange(HEAD_DIM // 2) / (HEAD_DIM // 2))
+    feeds = {"q": rng.standard_normal((batch, HEADS * HEAD_DIM), dtype=np.float32),
+             "k": rng.standard_normal((batch, KV_HEADS * HEAD_DIM), dtype=np.float32),
+             "v": rng.standard_normal((batch, KV_HEADS * HEAD_DIM), dtype=np.float32),
+             "positions": np.full(batch, context - 1, np.int64), "block_tables": tables,
+             "context_lens": np.full(batch, context, np.int32), "query_start": np.arange(batch + 1, dtype=np.int32),
+             "rope_cos": np.cos(angles).astype(np.float32), "rope_sin": np.sin(angles).astype(np.float32)}
+    return feeds, num_blocks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=400)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    s = session(args.kv_dtype)
+    feeds, num_blocks = decode_feeds(args.batch, args.context, args.kv_dtype, rng)
+    shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
+    pools = [[rng.standard_normal(shape, dtype=np.float32).astype(args.kv_dtype) for _ in range(2)]
+             for _ in range(args.layers)]
+    bindings = []
+    out = np.empty((args.batch, HEADS * HEAD_DIM), np.float32)
+    for k_pool, v_pool in pools:
+        b = s.io_binding()
+        for name, x in feeds.items():
+            b.bind_cpu_input(name, x)
+        b.bind_cpu_input("k_pool", k_pool)
+        b.bind_cpu_input("v_pool", v_pool)
+        b.bind_output("out", "cpu", 0, np.float32, out.shape, out.ctypes.data)
+        bindings.append(b)
+    times = []
+    for _ in range(args.repeats + 1):
+        start = time.perf_counter()
+        for b in bindings:
+            s.run_with_iobinding(b)
+        times.append((time.perf_counter() - start) / args.layers)
+    per_layer = min(times[1:])
+    kv_bytes = 2 * args.batch * (args.context - 1) * KV_HEADS * HEAD_DIM * np.dtype(args.kv_dtype).itemsize
+    print(json.dumps({"batch": args.batch, "context": args.context, "kv_dtype": args.kv_dtype,
+                      "ms_per_layer": round(per_layer * 1e3, 3), "ms_per_step": round(per_layer * 1e3 * 30, 1),
+                      "kv_gb_s": round(kv_bytes / per_layer / 1e9, 2)}))
+
+
+if __name__ == "__main__":
+    main()
