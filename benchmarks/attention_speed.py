@@ -4,6 +4,7 @@
 per layer and the KV bytes read per second against this machine's two-core stream rate.
 
     python benchmarks/attention_speed.py [--batch 64] [--context 400] [--layers 30]
+    python benchmarks/attention_speed.py --prefill --batch 8 --context 256 [--bf16-tiles]   (GFLOP/s)
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ HEADS, KV_HEADS, HEAD_DIM, POSITIONS = 9, 3, 64, 4096
 BLOCK = int(__import__("os").environ.get("BLOCK", 16))
 
 
-def session(kv_dtype: str) -> ort.InferenceSession:
-    """One llmc.PagedAttention node with the engine graphs' step plan, on llmc's fused kernel."""
+def session(kv_dtype: str, bf16_tiles: bool = False) -> ort.InferenceSession:
+    """One llmc.PagedAttention node with the engine graphs' step plan, on llmc's fused kernel (prefill tiles
+    on AMX bf16 tiles with bf16_tiles, as in the int8 graph)."""
     g = GraphBuilder("t_")
     plan = pa.build_plan(g, KV_HEADS, HEAD_DIM, "k_pool")
     g.nodes.append(helper.make_node(
         pa.OP_TYPE, ["q", "k", "v", "k_pool", "v_pool", *plan.values(), "rope_cos", "rope_sin"], ["out", "k_rotated"],
-        domain=pa.DOMAIN, scale=float(HEAD_DIM ** -0.5), num_heads=HEADS, kv_num_heads=KV_HEADS))
+        domain=pa.DOMAIN, scale=float(HEAD_DIM ** -0.5), num_heads=HEADS, kv_num_heads=KV_HEADS,
+        **({"bf16_tiles": 1} if bf16_tiles else {})))
     f32, pool_type = TensorProto.FLOAT, {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[kv_dtype]
     value = helper.make_tensor_value_info
     inputs = [value("q", f32, ["T", HEADS * HEAD_DIM]), value("k", f32, ["T", KV_HEADS * HEAD_DIM]),
@@ -51,17 +54,20 @@ def session(kv_dtype: str) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def decode_feeds(batch: int, context: int, kv_dtype: str, rng) -> tuple[dict, int]:
-    """Inputs of a decode step: each sequence's `context - 1` cached tokens in shuffled blocks."""
+def step_feeds(batch: int, context: int, new: int, rng) -> tuple[dict, int]:
+    """Inputs of a step of `batch` sequences at `context` tokens, the last `new` of them in the step (1: a
+    decode step; `context`: a prefill of whole prompts), the cached ones in shuffled blocks."""
     per_seq = (context + BLOCK - 1) // BLOCK
     num_blocks = batch * per_seq
     tables = rng.permutation(num_blocks).astype(np.int32).reshape(batch, per_seq)
     angles = np.arange(POSITIONS)[:, None] * 10000.0 ** (-np.arange(HEAD_DIM // 2) / (HEAD_DIM // 2))
-    feeds = {"q": rng.standard_normal((batch, HEADS * HEAD_DIM), dtype=np.float32),
-             "k": rng.standard_normal((batch, KV_HEADS * HEAD_DIM), dtype=np.float32),
-             "v": rng.standard_normal((batch, KV_HEADS * HEAD_DIM), dtype=np.float32),
-             "positions": np.full(batch, context - 1, np.int64), "block_tables": tables,
-             "context_lens": np.full(batch, context, np.int32), "query_start": np.arange(batch + 1, dtype=np.int32),
+    T = batch * new
+    feeds = {"q": rng.standard_normal((T, HEADS * HEAD_DIM), dtype=np.float32),
+             "k": rng.standard_normal((T, KV_HEADS * HEAD_DIM), dtype=np.float32),
+             "v": rng.standard_normal((T, KV_HEADS * HEAD_DIM), dtype=np.float32),
+             "positions": np.tile(np.arange(context - new, context), batch), "block_tables": tables,
+             "context_lens": np.full(batch, context, np.int32),
+             "query_start": np.arange(0, T + 1, new, dtype=np.int32),
              "rope_cos": np.cos(angles).astype(np.float32), "rope_sin": np.sin(angles).astype(np.float32)}
     return feeds, num_blocks
 
@@ -73,15 +79,18 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prefill", action="store_true", help="whole prompts of --context tokens, not a decode")
+    parser.add_argument("--bf16-tiles", action="store_true", help="prefill tiles on AMX bf16 tiles (int8 graph)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    s = session(args.kv_dtype)
-    feeds, num_blocks = decode_feeds(args.batch, args.context, args.kv_dtype, rng)
+    s = session(args.kv_dtype, args.bf16_tiles)
+    new = args.context if args.prefill else 1
+    feeds, num_blocks = step_feeds(args.batch, args.context, new, rng)
     shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
     pools = [[rng.standard_normal(shape, dtype=np.float32).astype(args.kv_dtype) for _ in range(2)]
              for _ in range(args.layers)]
     bindings = []
-    out = np.empty((args.batch, HEADS * HEAD_DIM), np.float32)
+    out = np.empty((args.batch * new, HEADS * HEAD_DIM), np.float32)
     for k_pool, v_pool in pools:
         b = s.io_binding()
         for name, x in feeds.items():
@@ -97,10 +106,16 @@ def main() -> None:
             s.run_with_iobinding(b)
         times.append((time.perf_counter() - start) / args.layers)
     per_layer = min(times[1:])
-    kv_bytes = 2 * args.batch * (args.context - 1) * KV_HEADS * HEAD_DIM * np.dtype(args.kv_dtype).itemsize
-    print(json.dumps({"batch": args.batch, "context": args.context, "kv_dtype": args.kv_dtype,
-                      "ms_per_layer": round(per_layer * 1e3, 3), "ms_per_step": round(per_layer * 1e3 * 30, 1),
-                      "kv_gb_s": round(kv_bytes / per_layer / 1e9, 2)}))
+    result = {"batch": args.batch, "context": args.context, "kv_dtype": args.kv_dtype, "prefill": args.prefill,
+              "bf16_tiles": args.bf16_tiles, "ms_per_layer": round(per_layer * 1e3, 3),
+              "ms_per_step": round(per_layer * 1e3 * 30, 1)}
+    if args.prefill:  # causal: QK^T and PV over (context + 1) / 2 keys per query on average
+        flops = 4 * args.batch * args.context * (args.context + 1) / 2 * HEADS * HEAD_DIM
+        result["gflops"] = round(flops / per_layer / 1e9, 1)
+    else:
+        kv_bytes = 2 * args.batch * (args.context - 1) * KV_HEADS * HEAD_DIM * np.dtype(args.kv_dtype).itemsize
+        result["kv_gb_s"] = round(kv_bytes / per_layer / 1e9, 2)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
