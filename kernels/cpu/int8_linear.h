@@ -44,8 +44,8 @@ struct Int8LinearArgs {
 
 constexpr int64_t kOutputAlign = 16;  // output boundaries of a split Int8Linear: whole tiles of columns
 
-constexpr int64_t kRowBlock = 32;  // rows of y per work item (2 tiles)
-constexpr int64_t kColBlock = 32;  // columns of y per work item (2 tiles)
+constexpr int64_t kRowBlock = 32;  // rows of a block of y (2 tiles); a work item is a range of blocks
+constexpr int64_t kColBlock = 32;  // columns of a block of y (2 tiles)
 constexpr int64_t kInlierAlign = 64;   // Ki: whole int8 tiles of K
 constexpr int64_t kOutlierAlign = 32;  // Ko: whole bf16 tiles of K
 
