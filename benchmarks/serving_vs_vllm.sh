@@ -4,7 +4,7 @@
 # once, prompts 30-500 tokens, outputs 30-250 with EOS ignored, seed 0). Needs the peers of
 # ../shared/peers/setup.sh vllm and the bundles named below (llmc build examples/<name>.yaml).
 #
-#     [BUNDLES="a b"] bash benchmarks/serving_vs_vllm.sh [ROUNDS]   -> benchmarks/results/serving_vs_vllm/*.json
+#     [BUNDLES="a b"] [LLMC_ARGS="--max-num-batched-tokens 1024"] bash benchmarks/serving_vs_vllm.sh [ROUNDS]   -> benchmarks/results/serving_vs_vllm/*.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-1}
@@ -24,7 +24,7 @@ measure() {  # name port pid
 }
 for round in $(seq "$ROUNDS"); do
   for bundle in ${BUNDLES:-smollm2-135m-int8-prefill smollm2-135m-gptq smollm2-135m smollm2-135m-int4}; do
-    llmc serve "out/$bundle" --port 18801 >/dev/null 2>&1 &
+    llmc serve "out/$bundle" --port 18801 ${LLMC_ARGS:-} >/dev/null 2>&1 &
     measure "llmc-$bundle" 18801 $!
   done
   PORT=18802 DTYPE=bfloat16 "$PEERS/vllm-serve.sh" >/dev/null 2>&1 &

@@ -60,7 +60,7 @@ class LLM:
     """A bundle loaded for generation: engine, KV pool, block manager, scheduler, tokenizer."""
 
     def __init__(self, bundle: str | Path | Bundle, kv_cache_memory: str | int | None = "1GiB",
-                 kv_cache_fraction: float | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 kv_cache_fraction: float | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
                  enable_prefix_caching: bool = True, policy: str = "continuous", num_threads: int | None = None,
                  verify: bool = True, speculation: bool = True, num_spec_tokens: int | None = None,
                  adaptive_speculation: bool | None = None, profile_dir: str | Path | None = None):

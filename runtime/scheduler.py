@@ -61,7 +61,7 @@ class Scheduler:
     when the previous one has completely finished (the baseline continuous batching beats).
     """
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
                  policy: str = "continuous"):
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; use one of {POLICIES}")
