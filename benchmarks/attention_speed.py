@@ -1,5 +1,5 @@
-"""llmc.PagedAttention alone at SmolLM2-135M's shapes (9 heads, 3 KV heads, head size 64, float16 pools of
-16-token blocks): a decode step of `--batch` sequences at `--context` tokens, layer after layer over
+"""llmc.PagedAttention alone at SmolLM2-135M's shapes (9 heads, 3 KV heads, head size 64, float16 (or
+--kv-dtype) pools of 16-token blocks): a decode step of `--batch` sequences at `--context` tokens, layer after layer over
 `--layers` separate pools (as in an engine step, so the pools are not in cache), 2 threads. Reports ms
 per layer and the KV bytes read per second against this machine's two-core stream rate.
 
@@ -15,10 +15,8 @@ import time
 
 import numpy as np
 import onnxruntime as ort
-from onnx import TensorProto, helper
 
 from llmc.compiler import onnx_paged_attention as pa
-from llmc.compiler.onnx_builder import GraphBuilder
 from llmc.kernels import fused_cpu
 
 HEADS, KV_HEADS, HEAD_DIM, POSITIONS = 9, 3, 64, 4096
@@ -28,25 +26,8 @@ BLOCK = int(__import__("os").environ.get("BLOCK", 16))
 def session(kv_dtype: str, bf16_tiles: bool = False) -> ort.InferenceSession:
     """One llmc.PagedAttention node with the engine graphs' step plan, on llmc's fused kernel (prefill tiles
     on AMX bf16 tiles with bf16_tiles, as in the int8 graph)."""
-    g = GraphBuilder("t_")
-    plan = pa.build_plan(g, KV_HEADS, HEAD_DIM, "k_pool")
-    g.nodes.append(helper.make_node(
-        pa.OP_TYPE, ["q", "k", "v", "k_pool", "v_pool", *plan.values(), "rope_cos", "rope_sin"], ["out", "k_rotated"],
-        domain=pa.DOMAIN, scale=float(HEAD_DIM ** -0.5), num_heads=HEADS, kv_num_heads=KV_HEADS,
-        **({"bf16_tiles": 1} if bf16_tiles else {})))
-    f32, pool_type = TensorProto.FLOAT, {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[kv_dtype]
-    value = helper.make_tensor_value_info
-    inputs = [value("q", f32, ["T", HEADS * HEAD_DIM]), value("k", f32, ["T", KV_HEADS * HEAD_DIM]),
-              value("v", f32, ["T", KV_HEADS * HEAD_DIM]),
-              value("k_pool", pool_type, ["NB", BLOCK, KV_HEADS, HEAD_DIM]),
-              value("v_pool", pool_type, ["NB", BLOCK, KV_HEADS, HEAD_DIM]),
-              value("positions", TensorProto.INT64, ["T"]), value("block_tables", TensorProto.INT32, ["S", "M"]),
-              value("context_lens", TensorProto.INT32, ["S"]), value("query_start", TensorProto.INT32, ["S1"]),
-              value("rope_cos", f32, [POSITIONS, HEAD_DIM // 2]), value("rope_sin", f32, [POSITIONS, HEAD_DIM // 2])]
-    graph = helper.make_graph(g.nodes, "attention", inputs, [value("out", f32, ["T", HEADS * HEAD_DIM])],
-                              g.initializers)
-    model = helper.make_model(graph, functions=[pa.build_function(kv_dtype)],
-                              opset_imports=[helper.make_opsetid("", pa.OPSET), helper.make_opsetid(pa.DOMAIN, 1)])
+    model = pa.build_single_op_model(HEADS, KV_HEADS, HEAD_DIM, kv_dtype, ["NB", BLOCK, KV_HEADS, HEAD_DIM], POSITIONS,
+                                     bf16_tiles)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     if not fused_cpu.register_fused_kernels(options):
@@ -77,7 +58,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=400)
     parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--kv-dtype", default="float16", choices=["float16", "float32", "int8"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prefill", action="store_true", help="whole prompts of --context tokens, not a decode")
     parser.add_argument("--bf16-tiles", action="store_true", help="prefill tiles on AMX bf16 tiles (int8 graph)")
@@ -87,8 +68,12 @@ def main() -> None:
     new = args.context if args.prefill else 1
     feeds, num_blocks = step_feeds(args.batch, args.context, new, rng)
     shape = (num_blocks, BLOCK, KV_HEADS, HEAD_DIM)
-    pools = [[rng.standard_normal(shape, dtype=np.float32).astype(args.kv_dtype) for _ in range(2)]
-             for _ in range(args.layers)]
+    if args.kv_dtype == "int8":  # codes, and their channels' scales
+        pools = [[rng.integers(-127, 128, shape, dtype=np.int8) for _ in range(2)] for _ in range(args.layers)]
+        feeds.update({name: np.full(KV_HEADS * HEAD_DIM, 0.02, np.float32) for name in pa.SCALES})
+    else:
+        pools = [[rng.standard_normal(shape, dtype=np.float32).astype(args.kv_dtype) for _ in range(2)]
+                 for _ in range(args.layers)]
     bindings = []
     out = np.empty((args.batch * new, HEADS * HEAD_DIM), np.float32)
     for k_pool, v_pool in pools:

@@ -147,10 +147,18 @@ def _int8_mlp(g: GraphBuilder, h: str, p: str, layer, quant: dict) -> str | None
     return il.int8_linear(g, gate_up, names[2], weights[2], outliers[2], swiglu=True)
 
 
+def _int8_codes(g: GraphBuilder, x: str, scale: np.ndarray, name: str) -> str:
+    """int8 codes of x [T, C] on per-channel scales [C]: x * (1 / scale), then QuantizeLinear with one scale
+    of 1 (onnxruntime's per-axis QuantizeLinear is a scalar loop: 30% of an int8-KV step; per-tensor is
+    vectorized)."""
+    inverse = g.weight(f"{name}_inverse", (1.0 / scale).astype(np.float32))
+    return g.op("QuantizeLinear", g.op("Mul", x, inverse), g.const(1.0, np.float32), g.const(0, np.int8))
+
+
 def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level: int = 4,
                 weight_format: str = "matmulnbits", activation_block_size: int | None = None,
                 kv_dtype: str = "float32", int8_linears: bool = False,
-                outlier_channels: dict | None = None) -> onnx.ModelProto:
+                outlier_channels: dict | None = None, kv_scales: dict | None = None) -> onnx.ModelProto:
     """Translate llmc's torch model into the step graph (weights inline; saved as external data).
 
     Linears named in `quantized` become com.microsoft.MatMulNBits nodes over their codes, or with
@@ -158,6 +166,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     each run as one matmul over stacked weights. kv_dtype is the pools' (and the returned K/V's) dtype.
     int8_linears: every linear, the LM head included, becomes llmc.Int8Linear (int8 weights per output
     channel, int8 activations per token, the linear's outlier_channels in bf16: the int8 graph).
+    kv_dtype int8 takes kv_scales (passes/kv_scales): the graph returns K/V as int8 codes of those scales.
     """
     geo = model.geo
     quant = {**(quantized or {}), "accuracy_level": accuracy_level, "format": weight_format,
@@ -172,18 +181,25 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     x = g.op("Gather", embed, "input_ids", axis=0)  # [T, hidden]
     new_keys, new_values = [], []
     bf16_tiles = {"bf16_tiles": 1} if int8_linears else {}  # the int8 graph: prefill attention on AMX bf16 too
+    if kv_dtype == "int8" and len(kv_scales or {}) != geo.num_layers:
+        raise ValueError("int8 KV pools need kv_scales for every layer (passes/kv_scales)")
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
         h = _rms_norm(g, x, g.weight(f"{p}.attn_norm", _np(layer.attn_norm)), geo.rms_norm_eps)
         q, k, v = _fused_linear(g, h, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"],
                                 [layer.q_proj, layer.k_proj, layer.v_proj], quant)  # [T, heads * D]
+        scales = ([g.weight(f"{p}.{name}", kv_scales[i][j]) for j, name in enumerate(pa.SCALES)]
+                  if kv_dtype == "int8" else [])  # [KVH * D] each
         attn, k_rotated = g.op(pa.OP_TYPE, q, k, v, f"key_pool_{i}", f"value_pool_{i}", *plan.values(),
-                               rope["rope_cos"], rope["rope_sin"], domain=pa.DOMAIN, name=f"{p}.paged_attention",
-                               outputs=2, scale=float(geo.head_dim ** -0.5), num_heads=geo.num_heads,
-                               kv_num_heads=geo.num_kv_heads, **bf16_tiles)
+                               rope["rope_cos"], rope["rope_sin"], *scales, domain=pa.DOMAIN,
+                               name=f"{p}.paged_attention", outputs=2, scale=float(geo.head_dim ** -0.5),
+                               num_heads=geo.num_heads, kv_num_heads=geo.num_kv_heads, **bf16_tiles)
         x = g.op("Add", x, _linear(g, attn, f"{p}.o_proj", layer.o_proj, quant))
         h = _rms_norm(g, x, g.weight(f"{p}.mlp_norm", _np(layer.mlp_norm)), geo.rms_norm_eps)
         x = g.op("Add", x, _int8_mlp(g, h, p, layer, quant) or _mlp(g, h, p, layer, quant))
+        if scales:  # codes of the pools' static scales, per channel (saturating, round half to even)
+            k_rotated, v = (_int8_codes(g, x_, kv_scales[i][j], f"{p}.{name}")
+                            for j, (x_, name) in enumerate(zip((k_rotated, v), pa.SCALES)))
         new_keys.append(k_rotated)
         new_values.append(v)
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
@@ -201,9 +217,9 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
         head = embed if model.lm_head is None else g.weight("lm_head.weight", _np(model.lm_head.weight))
         g.op_to("Gemm", [h, head], "logits", transB=1)
     kv_shape = g.const([geo.num_layers, -1, geo.num_kv_heads, geo.head_dim])
-    kv_type = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[kv_dtype]
+    kv_type = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}[kv_dtype]
     for name, parts in (("new_keys", new_keys), ("new_values", new_values)):  # [layers, T, KVH, D]
-        if kv_type == TensorProto.FLOAT:
+        if kv_type in (TensorProto.FLOAT, TensorProto.INT8):
             g.op_to("Reshape", [g.op("Concat", *parts, axis=0), kv_shape], name)
         else:
             g.op_to("Cast", [g.op("Reshape", g.op("Concat", *parts, axis=0), kv_shape)], name, to=kv_type)
@@ -233,7 +249,8 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
 
 def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, accuracy_level: int = 4,
               weight_format: str = "matmulnbits", activation_block_size: int | None = None,
-              kv_dtype: str = "float32", int8_prefill: bool = False, outlier_channels: dict | None = None) -> dict:
+              kv_dtype: str = "float32", int8_prefill: bool = False, outlier_channels: dict | None = None,
+              kv_scales: dict | None = None) -> dict:
     """Write model.onnx + model.onnx.data into out_dir (and with int8_prefill the int8 prefill graph,
     prefill.onnx + prefill.onnx.data, its linears' outlier channels from passes/act_outliers); return the
     engine's manifest entry."""
@@ -244,7 +261,8 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
         log.warning("accuracy_level %d with 8-bit weights: onnxruntime's CPU MatMulNBits has no fp32 8-bit kernel "
                     "and dequantizes them at every step (a SmolLM2-135M decode step: 84 ms instead of 8); use "
                     "it to verify the engine, serve with accuracy_level 4", accuracy_level)
-    proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size, kv_dtype)
+    proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size, kv_dtype,
+                        kv_scales=kv_scales)
     log.info("writing %s with external weights", out_dir / GRAPH_FILE)
     onnx.save_model(proto, str(out_dir / GRAPH_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
@@ -254,7 +272,7 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
     if int8_prefill:
         log.info("building the int8 prefill graph (llmc.Int8Linear: int8 weights and activations)")
         proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size, kv_dtype,
-                            int8_linears=True, outlier_channels=outlier_channels)
+                            int8_linears=True, outlier_channels=outlier_channels, kv_scales=kv_scales)
         onnx.save_model(proto, str(out_dir / PREFILL_GRAPH_FILE), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=PREFILL_DATA_FILE, size_threshold=0)
         onnx.checker.check_model(str(out_dir / PREFILL_GRAPH_FILE))

@@ -49,6 +49,7 @@ class ModelIR:
     notes: list[str] = field(default_factory=list)
     quantized: dict = field(default_factory=dict)  # linear name -> kernels.quant.QuantizedWeight
     outlier_channels: dict = field(default_factory=dict)  # linear name -> int64 channels (passes/act_outliers)
+    kv_scales: dict = field(default_factory=dict)  # layer index -> (k_scale, v_scale) [KVH*D] (passes/kv_scales)
 
 
 def hf_name_to_llmc(name: str) -> str | None:

@@ -15,7 +15,7 @@ copies its cached K/V once (gather) and once more (concatenation with the step's
 
 Op contract (S sequences, T tokens, Qmax the longest chunk, L = cached blocks * block_size):
     q [T, H*D], k [T, KVH*D], v [T, KVH*D]          the step's projections, before RoPE
-    k_pool, v_pool [NB, B, KVH, D]                  the layer's pools, read only (float32 or float16)
+    k_pool, v_pool [NB, B, KVH, D]                  the layer's pools, read only (float32, float16 or int8)
     query_index int64 [S, Qmax]                     token of each padded query (plan)
     query_positions int64 [S, Qmax]                 its position (plan)
     cached_tables [S, Mc]                           blocks holding cached tokens (plan)
@@ -23,6 +23,7 @@ Op contract (S sequences, T tokens, Qmax the longest chunk, L = cached blocks * 
     lengths int64 [S, 2]                            (cached tokens, new tokens) of each sequence (plan)
     token_index int64 [T, 2]                        (sequence, row) of each token in the padded layout (plan)
     rope_cos, rope_sin [P, D/2]
+    k_scale, v_scale [KVH*D]                        int8 pools only: a pool value is code * its channel's scale
     -> out [T, H*D], k_rotated [T, KVH*D] (the keys to write into the pool)
     attributes: scale (float), num_heads, kv_num_heads (int), and optionally bf16_tiles (int): llmc's
     kernel may run prefill tiles on AMX bf16 tiles (bf16 Q, K, V and probabilities, float sums); the
@@ -45,6 +46,12 @@ OPSET = 23
 PLAN = ["query_index", "query_positions", "cached_tables", "cached_shape", "lengths", "token_index"]
 PLAN_FORMAT = "lengths"  # recorded in the manifest: bundles whose plan passed a mask must be rebuilt
 INPUTS = ["q", "k", "v", "k_pool", "v_pool", *PLAN, "rope_cos", "rope_sin"]
+SCALES = ["k_scale", "v_scale"]  # after INPUTS, with int8 pools
+
+
+def inputs(kv_dtype: str) -> list[str]:
+    """The op's inputs for pools of kv_dtype."""
+    return INPUTS + SCALES if kv_dtype == "int8" else INPUTS
 
 
 def build_plan(g: GraphBuilder, num_kv_heads: int, head_dim: int, pool: str) -> dict[str, str]:
@@ -106,7 +113,7 @@ def _mask(g: GraphBuilder) -> str:
 
 
 def build_function(kv_dtype: str = "float32") -> onnx.FunctionProto:
-    """The op's body; see the module docstring for the contract. float16 pools are read as float32."""
+    """The op's body; see the module docstring for the contract. float16 and int8 pools are read as float32."""
     g = GraphBuilder("pa_")
     integer, real = onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT
     q, k, v = (g.op("Gather", name, "query_index", axis=0) for name in ("q", "k", "v"))  # [S, Qmax, heads*D]
@@ -118,11 +125,45 @@ def build_function(kv_dtype: str = "float32") -> onnx.FunctionProto:
               for pool in ("k_pool", "v_pool")]  # [S, L, KVH*D] each
     if kv_dtype == "float16":
         cached = [g.op("Cast", c, to=onnx.TensorProto.FLOAT) for c in cached]
+    elif kv_dtype == "int8":
+        cached = [g.op("DequantizeLinear", c, scale, axis=2) for c, scale in zip(cached, SCALES)]
     k_all, v_all = (g.op("Concat", c, new, axis=1) for c, new in zip(cached, (k, v)))
     out = g.op("Attention", q, k_all, v_all, _mask(g), refs={
         "scale": ("scale", real), "q_num_heads": ("num_heads", integer), "kv_num_heads": ("kv_num_heads", integer)})
     g.nodes.append(helper.make_node("GatherND", [out, "token_index"], ["out"], name="pa_out"))  # [T, H*D]
     g.nodes.append(helper.make_node("GatherND", [k, "token_index"], ["k_rotated"], name="pa_k_rotated"))
     return helper.make_function(
-        DOMAIN, OP_TYPE, INPUTS, ["out", "k_rotated"], g.nodes,
+        DOMAIN, OP_TYPE, inputs(kv_dtype), ["out", "k_rotated"], g.nodes,
         opset_imports=[helper.make_opsetid("", OPSET)], attributes=["scale", "num_heads", "kv_num_heads", "bf16_tiles"])
+
+
+POOL_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "int8": onnx.TensorProto.INT8}
+
+
+def build_single_op_model(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, pool_dims: list,
+                          positions: int, bf16_tiles: bool = False) -> onnx.ModelProto:
+    """One llmc.PagedAttention node over graph inputs (the step contract's q, k, v, pools, positions,
+    block_tables, context_lens, query_start, RoPE tables, and with int8 pools k_scale / v_scale), with
+    the engine graphs' step plan: for kernel tests and benchmarks. pool_dims: [NB, B, KVH, D]."""
+    g = GraphBuilder("t_")
+    plan = build_plan(g, kv_heads, head_dim, "k_pool")
+    extra = {"bf16_tiles": 1} if bf16_tiles else {}
+    node_inputs = ["q", "k", "v", "k_pool", "v_pool", *plan.values(), "rope_cos", "rope_sin"]
+    if kv_dtype == "int8":
+        node_inputs += SCALES
+    g.nodes.append(helper.make_node(OP_TYPE, node_inputs, ["out", "k_rotated"], domain=DOMAIN,
+                                    scale=float(head_dim ** -0.5), num_heads=heads, kv_num_heads=kv_heads, **extra))
+    f32, i32, i64, pool_type = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64, POOL_TYPES[kv_dtype]
+    value = helper.make_tensor_value_info
+    inputs = [value("q", f32, ["T", heads * head_dim]), value("k", f32, ["T", kv_heads * head_dim]),
+              value("v", f32, ["T", kv_heads * head_dim]), value("k_pool", pool_type, pool_dims),
+              value("v_pool", pool_type, pool_dims), value("positions", i64, ["T"]),
+              value("block_tables", i32, ["S", "M"]), value("context_lens", i32, ["S"]),
+              value("query_start", i32, ["S1"]), value("rope_cos", f32, [positions, head_dim // 2]),
+              value("rope_sin", f32, [positions, head_dim // 2])]
+    if kv_dtype == "int8":
+        inputs += [value(name, f32, [kv_heads * head_dim]) for name in SCALES]
+    graph = helper.make_graph(g.nodes, "attention", inputs, [value("out", f32, ["T", heads * head_dim])],
+                              g.initializers)
+    return helper.make_model(graph, functions=[build_function(kv_dtype)],
+                             opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)])

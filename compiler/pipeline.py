@@ -24,6 +24,7 @@ from llmc.errors import ConfigError
 from llmc.kernels.quant import GridConfig
 from llmc.passes.act_outliers import ActivationOutliers
 from llmc.passes.base import run_passes
+from llmc.passes.kv_scales import KVScales
 from llmc.passes.quant_awq import QuantAWQ
 from llmc.passes.quant_gptq import QuantGPTQ
 from llmc.passes.quant_rtn import QuantRTN
@@ -67,6 +68,10 @@ def build_passes(spec: BuildSpec, ir) -> list:
         cal = spec.calibration
         windows = _windows(spec, ir, cal, cal.n_samples, cal.seed, "calibration")
         passes.append(ActivationOutliers(windows, spec.int8_outlier_channels))
+    # -- int8 KV pools' static scales (on the weights the engines run) --------------------------------
+    if spec.kv_cache.dtype == "int8":
+        cal = spec.calibration
+        passes.append(KVScales(_windows(spec, ir, cal, cal.n_samples, cal.seed, "calibration")))
     return passes
 
 
@@ -178,7 +183,7 @@ def build(spec: BuildSpec) -> Path:
                 else:
                     entry = emit_onnx(ir.model, engine_dir, ir.quantized, **_onnx_options(spec.quantization),
                                       kv_dtype=spec.kv_cache.dtype, int8_prefill=spec.int8_prefill,
-                                      outlier_channels=ir.outlier_channels)
+                                      outlier_channels=ir.outlier_channels, kv_scales=ir.kv_scales)
                 engines[target] = {"dir": f"engines/{target}", **entry}
             if draft is not None:
                 draft_ir, options = draft
@@ -199,7 +204,9 @@ def build(spec: BuildSpec) -> Path:
                 "kv_cache": {"block_size": spec.kv_cache.block_size, "dtype": spec.kv_cache.dtype,
                              "layout": KV_LAYOUT, "formula": KV_FORMULA,
                              "bytes_per_token": kv_bytes_per_token(geo.num_layers, geo.num_kv_heads,
-                                                                   geo.head_dim, spec.kv_cache.dtype)},
+                                                                   geo.head_dim, spec.kv_cache.dtype),
+                             **({"scales": "static, per layer and channel (kv_scales pass; in the engine graphs)"}
+                                if spec.kv_cache.dtype == "int8" else {})},
                 "engines": engines,
                 "tokenizer": tokenizer_manifest(ir.tokenizer_dir, "tokenizer"),
                 "passes": _pass_summaries(passes),

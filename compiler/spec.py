@@ -34,7 +34,9 @@ class KVCacheSpec(_Strict):
 
     block_size: Literal[1, 2, 4, 8, 16, 32, 64, 128] = 16
     # float16 halves the pools (twice the tokens in the same memory); attention still computes in fp32.
-    dtype: Literal["float32", "float16"] = "float32"
+    # int8 halves them again: codes times one static scale per layer and channel, found on the
+    # calibration text (passes/kv_scales.py); needs a calibration section.
+    dtype: Literal["float32", "float16", "int8"] = "float32"
 
 
 class AWQSpec(_Strict):
@@ -225,6 +227,18 @@ class BuildSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _int8_kv_targets(self):
+        if self.kv_cache.dtype != "int8":
+            return self
+        if "tensorrt" in self.targets:
+            raise ValueError("kv_cache.dtype: int8 pools run on onnxruntime only (llmc's CPU kernels); use float16 "
+                             "for the tensorrt target")
+        if self.speculative is not None and self.speculative.method == "draft":
+            raise ValueError("kv_cache.dtype: int8 pools are not built for a draft model (its pools share the "
+                             "target's dtype); use float16, or speculative.method: ngram")
+        return self
+
+    @model_validator(mode="after")
     def _calibration_when_needed(self):
         q = self.quantization
         if q is not None and q.method in ("awq", "gptq") and self.calibration is None:
@@ -233,9 +247,13 @@ class BuildSpec(_Strict):
         if self.int8_prefill and self.calibration is None:
             raise ValueError("int8_prefill: the int8 graph finds its activation outlier channels on real text: add a "
                              "calibration section, e.g. calibration: {texts: [/usr/share/common-licenses/GPL-3]}")
-        if self.calibration is not None and not self.int8_prefill and (q is None or q.method == "rtn"):
-            raise ValueError("calibration: only AWQ, GPTQ and int8_prefill use calibration text; remove it or set "
-                             "quantization.method to awq or gptq")
+        int8_kv = self.kv_cache.dtype == "int8"
+        if int8_kv and self.calibration is None:
+            raise ValueError("kv_cache.dtype: int8 pools take their scales from real text: add a calibration "
+                             "section, e.g. calibration: {texts: [/usr/share/common-licenses/GPL-3]}, or use float16")
+        if self.calibration is not None and not (self.int8_prefill or int8_kv) and (q is None or q.method == "rtn"):
+            raise ValueError("calibration: only AWQ, GPTQ, int8_prefill and int8 KV pools use calibration text; "
+                             "remove it or set quantization.method to awq or gptq")
         return self
 
     def resolve(self, path: str) -> Path:

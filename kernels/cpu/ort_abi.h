@@ -25,7 +25,7 @@ enum OrtErrorCode { ORT_OK = 0, ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
 enum ONNXTensorElementDataType {
   ELEMENT_UNDEFINED = 0, ELEMENT_FLOAT = 1, ELEMENT_INT8 = 3, ELEMENT_INT32 = 6, ELEMENT_INT64 = 7, ELEMENT_FLOAT16 = 10
 };
-enum OrtCustomOpInputOutputCharacteristic { INPUT_OUTPUT_REQUIRED = 0 };
+enum OrtCustomOpInputOutputCharacteristic { INPUT_OUTPUT_REQUIRED = 0, INPUT_OUTPUT_OPTIONAL = 1 };
 enum OrtMemType { OrtMemTypeDefault = 0 };
 
 struct OrtApiBase {

@@ -18,13 +18,16 @@ const char* kOpName = "PagedAttention";
 // Inputs, in the order of the op's contract (compiler/onnx_paged_attention.py: INPUTS).
 enum Input : size_t {
   kQ, kK, kV, kKeyPool, kValuePool, kQueryIndex, kQueryPositions, kCachedTables, kCachedShape, kLengths,
-  kTokenIndex, kRopeCos, kRopeSin, kNumInputs
+  kTokenIndex, kRopeCos, kRopeSin, kKeyScale, kValueScale, kNumInputs
 };
-// The pools' type is checked at run time (float or float16): UNDEFINED lets onnxruntime pass either.
+// k_scale and v_scale (int8 pools only) are optional: float pools' graphs end at rope_sin.
+constexpr size_t kRequiredInputs = kKeyScale;
+// The pools' type is checked at run time (float, float16 or int8): UNDEFINED lets onnxruntime pass any.
 const ONNXTensorElementDataType kInputTypes[kNumInputs] = {
     ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_FLOAT, ELEMENT_UNDEFINED, ELEMENT_UNDEFINED, ELEMENT_INT64,
-    ELEMENT_INT64, ELEMENT_INT32, ELEMENT_INT64, ELEMENT_INT64, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_FLOAT};
-const size_t kInputRanks[kNumInputs] = {2, 2, 2, 4, 4, 2, 2, 2, 1, 2, 2, 2, 2};
+    ELEMENT_INT64, ELEMENT_INT32, ELEMENT_INT64, ELEMENT_INT64, ELEMENT_INT64, ELEMENT_FLOAT, ELEMENT_FLOAT,
+    ELEMENT_FLOAT, ELEMENT_FLOAT};
+const size_t kInputRanks[kNumInputs] = {2, 2, 2, 4, 4, 2, 2, 2, 1, 2, 2, 2, 2, 1, 1};
 
 // Work below this many multiply-adds (per Q.K or P.V) stays on the calling thread.
 constexpr int64_t kParallelWork = int64_t(1) << 16;
@@ -71,8 +74,13 @@ void pack_keys(void* data, size_t item) {
 OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   const Kernel& kernel = *static_cast<Kernel*>(kernel_ptr);
   const ortabi::Api& api = kernel.api;
+  size_t count = 0;
+  RETURN_IF_ERROR(api.KernelContextGetInputCount(context, &count));
+  const bool scaled = count > kKeyScale;
   Tensor in[kNumInputs];
-  for (size_t i = 0; i < kNumInputs; ++i) RETURN_IF_ERROR(read_checked_input(api, context, i, &in[i]));
+  for (size_t i = 0; i < (scaled ? kNumInputs : kRequiredInputs); ++i) {
+    RETURN_IF_ERROR(read_checked_input(api, context, i, &in[i]));
+  }
 
   llmc::PagedAttentionArgs a{};
   a.T = in[kQ].dims[0];
@@ -95,10 +103,21 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
       in[kRopeCos].dims[1] == a.D / 2 && in[kRopeSin].dims == in[kRopeCos].dims && a.B > 0;
   if (!shapes_agree) return error(api, "input shapes disagree with each other or with num_heads/kv_num_heads");
   const ONNXTensorElementDataType pool_type = in[kKeyPool].type;
-  if (in[kValuePool].type != pool_type || (pool_type != ELEMENT_FLOAT && pool_type != ELEMENT_FLOAT16)) {
-    return error(api, "the K and V pools must both be float32 or both float16");
+  if (in[kValuePool].type != pool_type ||
+      (pool_type != ELEMENT_FLOAT && pool_type != ELEMENT_FLOAT16 && pool_type != ELEMENT_INT8)) {
+    return error(api, "the K and V pools must both be float32, both float16 or both int8");
   }
   a.half_pools = pool_type == ELEMENT_FLOAT16;
+  a.int8_pools = pool_type == ELEMENT_INT8;
+  if (a.int8_pools != scaled) return error(api, "k_scale and v_scale come with int8 pools, and only with them");
+  if (scaled) {
+    const std::vector<int64_t> channels{a.KVH * a.D};
+    if (in[kKeyScale].dims != channels || in[kValueScale].dims != channels) {
+      return error(api, "k_scale and v_scale must have kv_num_heads * head_dim values");
+    }
+    a.k_scale = static_cast<const float*>(in[kKeyScale].data);
+    a.v_scale = static_cast<const float*>(in[kValueScale].data);
+  }
 
   a.q = static_cast<const float*>(in[kQ].data);
   a.k = static_cast<const float*>(in[kK].data);
@@ -118,6 +137,11 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   thread_local std::vector<float> q_rotated;  // scratch reused across calls (see int8_linear_op.cc)
   q_rotated.resize(a.T * a.H * a.D);
   a.q_rotated = q_rotated.data();
+  thread_local std::vector<float> q_scaled;
+  if (a.int8_pools) {
+    q_scaled.resize(a.T * a.H * a.D);
+    a.q_scaled = q_scaled.data();
+  }
   llmc::rotate_all(a);
   llmc::StepPlan plan = llmc::plan_step(a);
   Work work{&a, &plan};
@@ -157,6 +181,9 @@ OrtCustomOp make_op() {
   op.GetName = [](const OrtCustomOp*) { return kOpName; };
   op.GetInputType = [](const OrtCustomOp*, size_t i) { return i < kNumInputs ? kInputTypes[i] : ELEMENT_UNDEFINED; };
   op.GetInputTypeCount = [](const OrtCustomOp*) { return size_t(kNumInputs); };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+    return i < kRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  };
   op.GetOutputTypeCount = [](const OrtCustomOp*) { return size_t(2); };
   op.KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
   op.CreateKernelV2 = create_kernel;

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace llmc {
@@ -205,6 +206,17 @@ void rotate_all(const PagedAttentionArgs& a) {
     rope(a.q + t * a.H * a.D, cos, sin, a.H, a.D, a.q_rotated + t * a.H * a.D);
     rope(a.k + t * a.KVH * a.D, cos, sin, a.KVH, a.D, a.k_rotated + t * a.KVH * a.D);
   }
+  if (!a.int8_pools) return;
+  // q . (code * k_scale) = (q * k_scale) . code: the cached int8 keys need no dequantization.
+  const int64_t group = a.H / a.KVH;
+  for (int64_t t = 0; t < a.T; ++t) {
+    for (int64_t h = 0; h < a.H; ++h) {
+      const float* q = a.q_rotated + (t * a.H + h) * a.D;
+      const float* scale = a.k_scale + (h / group) * a.D;
+      float* out = a.q_scaled + (t * a.H + h) * a.D;
+      for (int64_t d = 0; d < a.D; ++d) out[d] = q[d] * scale[d];
+    }
+  }
 }
 
 StepPlan plan_step(const PagedAttentionArgs& a) {
@@ -245,6 +257,8 @@ void attend_chunk_d(const PagedAttentionArgs& a, int64_t t, int64_t c, float* pa
   const int64_t total = cached + r + 1;                   // keys: cached tokens, then the step's rows 0..r
   const int64_t begin = c * kChunk, end = std::min(total, begin + kChunk), n = end - begin;
   const float* q = a.q_rotated + t * H * D;          // [H, D]
+  // [H, D]: the queries the cached keys meet (int8 pools: scaled by the keys' channel scales)
+  const float* q_cached = std::is_same_v<T, int8_t> ? a.q_scaled + t * H * D : q;
   const int64_t* rows = a.query_index + s * a.Qmax;  // step token of each row
   // partial: [H, D + 2]
   if (n <= 0) {  // past this token's keys: contributes nothing
@@ -260,7 +274,7 @@ void attend_chunk_d(const PagedAttentionArgs& a, int64_t t, int64_t c, float* pa
     if constexpr (kD > 0 && kG > 0) {
       for (int64_t g = 0; g < a.KVH; ++g) {
         for (int64_t i = 0; i < m; i += 16) {
-          group_scores<kD, kG, T>(q + g * kG * kD, keys + i * row + g * kD, row, std::min<int64_t>(16, m - i), a.scale,
+          group_scores<kD, kG, T>(q_cached + g * kG * kD, keys + i * row + g * kD, row, std::min<int64_t>(16, m - i), a.scale,
                                   scores + g * kG * kChunk + (first - begin) + i, kChunk);
         }
       }
@@ -269,7 +283,7 @@ void attend_chunk_d(const PagedAttentionArgs& a, int64_t t, int64_t c, float* pa
     for (int64_t h = 0; h < H; ++h) {
       const T* key = keys + (h / group) * D;
       float* out = scores + h * kChunk + (first - begin);
-      for (int64_t i = 0; i < m; ++i) out[i] = dot<kD, T>(q + h * D, key + i * row, D) * a.scale;
+      for (int64_t i = 0; i < m; ++i) out[i] = dot<kD, T>(q_cached + h * D, key + i * row, D) * a.scale;
     }
   }, v_pool);
   for (int64_t j = std::max(begin, cached); j < end; ++j) {
@@ -300,6 +314,12 @@ void attend_chunk_d(const PagedAttentionArgs& a, int64_t t, int64_t c, float* pa
                           partial + h * (D + 2));
     }
   });
+  if (std::is_same_v<T, int8_t> && cached_end > begin) {  // sum_i w_i code_i * v_scale = v_scale * sum_i w_i code_i
+    for (int64_t h = 0; h < H; ++h) {
+      const float* scale = a.v_scale + (h / group) * D;
+      for (int64_t d = 0; d < D; ++d) partial[h * (D + 2) + d] *= scale[d];
+    }
+  }
   for (int64_t j = std::max(begin, cached); j < end; ++j) {
     const float* value = a.v + rows[j - cached] * row;
     for (int64_t h = 0; h < H; ++h) {
@@ -337,7 +357,7 @@ void run_item(const PagedAttentionArgs& a, StepPlan& plan, int64_t item) {
   }
   const int64_t t = plan.chunked_tokens[item / plan.chunks], c = item % plan.chunks;
   float* partial = plan.partials.data() + item * a.H * (a.D + 2);
-  return a.half_pools ? attend_chunk_t<uint16_t>(a, t, c, partial) : attend_chunk_t<float>(a, t, c, partial);
+  return by_pool_type(a, [&](auto element) { attend_chunk_t<decltype(element)>(a, t, c, partial); });
 }
 
 void merge_chunks(const PagedAttentionArgs& a, const StepPlan& plan) {

@@ -18,10 +18,15 @@ struct PagedAttentionArgs {
   const float* q;  // [T, H*D]
   const float* k;  // [T, KVH*D]
   const float* v;  // [T, KVH*D]
-  // The layer's pools, token-major: float, or IEEE half (uint16_t) with half_pools.
+  // The layer's pools, token-major: float, IEEE half (uint16_t) with half_pools, or int8 codes with
+  // int8_pools: value = code * scale of its channel (k_scale, v_scale [KVH*D], static, from the build's
+  // calibration). The step's own k and v stay float.
   const void* k_pool;  // [NB, B, KVH, D]
   const void* v_pool;  // [NB, B, KVH, D]
   bool half_pools;
+  bool int8_pools = false;
+  const float* k_scale = nullptr;  // [KVH*D] with int8_pools
+  const float* v_scale = nullptr;  // [KVH*D] with int8_pools
   // The step plan (compiler/onnx_paged_attention.py: build_plan).
   const int64_t* query_index;      // [S, Qmax] token of each padded query row
   const int64_t* query_positions;  // [S, Qmax] its position; row 0 = the sequence's cached length
@@ -37,7 +42,15 @@ struct PagedAttentionArgs {
   float* out;        // [T, H*D]
   float* k_rotated;  // [T, KVH*D]
   float* q_rotated;  // [T, H*D] scratch
+  float* q_scaled = nullptr;  // [T, H*D] scratch with int8_pools: q_rotated times its KV head's k_scale
 };
+
+// f<float>, f<uint16_t> or f<int8_t> by the pools' element type.
+template <typename Fn>
+inline auto by_pool_type(const PagedAttentionArgs& a, Fn fn) {
+  if (a.int8_pools) return fn(int8_t{});
+  return a.half_pools ? fn(uint16_t{}) : fn(float{});
+}
 
 // Keys are read kChunk at a time. A sequence with fewer than kTile rows in the step (decodes, verify
 // steps) is attended token by token, each token's keys split into chunks that are separate work
@@ -72,7 +85,7 @@ StepPlan plan_step(const PagedAttentionArgs& a);
 // Checks indices against the shapes; returns nullptr or a message naming what is out of range.
 const char* validate(const PagedAttentionArgs& a);
 
-// RoPE of every token's queries and keys (into q_rotated and k_rotated).
+// RoPE of every token's queries and keys (into q_rotated and k_rotated; with int8 pools q_scaled too).
 void rotate_all(const PagedAttentionArgs& a);
 
 // Work item `item` in [0, plan.num_items()) (after rotate_all): a chunk of a chunked token's keys into

@@ -76,18 +76,25 @@ __attribute__((target("avx512f"))) void pack_keys_t(const PagedAttentionArgs& a,
   const int64_t* tokens = a.query_index + s * a.Qmax;
   const T* k_pool = static_cast<const T*>(a.k_pool);
   const T* v_pool = static_cast<const T*>(a.v_pool);
-  alignas(64) float value[kMaxHeadDim];  // a half pool's value row, as floats
+  alignas(64) float key[kMaxHeadDim], value[kMaxHeadDim];  // an int8 pool's key row, a half or int8 value row, as floats
   for (int64_t g = 0; g < KVH; ++g) {
     uint16_t* k = out.k.data() + g * Lp * D;
     uint16_t* v_t = out.v_t.data() + g * D * Lp;
+    const float* k_scale = a.k_scale ? a.k_scale + g * D : nullptr;
+    const float* v_scale = a.v_scale ? a.v_scale + g * D : nullptr;
     for (int64_t j = 0; j < total; ++j) {
       const float* v;
       if (j < cached) {
-        row_to_bf16(cached_row(a, k_pool, s, j, g), k + j * D, D);
+        if constexpr (std::is_same_v<T, int8_t>) {
+          row_to_float(cached_row(a, k_pool, s, j, g), k_scale, key, D);
+          row_to_bf16(key, k + j * D, D);
+        } else {
+          row_to_bf16(cached_row(a, k_pool, s, j, g), k + j * D, D);
+        }
         if constexpr (std::is_same_v<T, float>) {
           v = cached_row(a, v_pool, s, j, g);
         } else {
-          half_to_float(cached_row(a, v_pool, s, j, g), value, D);
+          row_to_float(cached_row(a, v_pool, s, j, g), v_scale, value, D);
           v = value;
         }
       } else {
@@ -174,7 +181,7 @@ void pack_keys(const PagedAttentionArgs& a, StepPlan& plan, int64_t i) {
   out.padded = (total + kAmxKeys - 1) / kAmxKeys * kAmxKeys;
   out.k.assign(a.KVH * out.padded * a.D, 0);
   out.v_t.assign(a.KVH * a.D * out.padded, 0);
-  return a.half_pools ? pack_keys_t<uint16_t>(a, s, total, out) : pack_keys_t<float>(a, s, total, out);
+  return by_pool_type(a, [&](auto element) { pack_keys_t<decltype(element)>(a, s, total, out); });
 }
 
 __attribute__((target("amx-tile,amx-bf16,avx512f"))) void attend_tile_amx(const PagedAttentionArgs& a,

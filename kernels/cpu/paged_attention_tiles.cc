@@ -107,7 +107,7 @@ void attend_tile_t(const PagedAttentionArgs& a, int64_t s, int64_t r0, int64_t r
   const int32_t* table = a.cached_tables + s * a.Mc;
   const float* keys[kChunk];
   const float* values[kChunk];
-  std::vector<float> converted(std::is_same_v<T, float> ? 0 : 2 * kChunk * row);  // half rows as floats
+  std::vector<float> converted(std::is_same_v<T, float> ? 0 : 2 * kChunk * row);  // half or int8 rows as floats
   for (int64_t first = 0; first < cached; first += kChunk) {  // cached keys, from the pools
     const int64_t n = std::min(kChunk, cached - first);
     for (int64_t j = 0; j < n; ++j) {
@@ -118,8 +118,8 @@ void attend_tile_t(const PagedAttentionArgs& a, int64_t s, int64_t r0, int64_t r
       } else {
         float* k = converted.data() + j * row;
         float* v = converted.data() + (kChunk + j) * row;
-        half_to_float(k_pool + slot * row, k, row);
-        half_to_float(v_pool + slot * row, v, row);
+        row_to_float(k_pool + slot * row, a.k_scale, k, row);
+        row_to_float(v_pool + slot * row, a.v_scale, v, row);
         keys[j] = k;
         values[j] = v;
       }
@@ -147,7 +147,7 @@ void attend_tile_t(const PagedAttentionArgs& a, int64_t s, int64_t r0, int64_t r
 }  // namespace
 
 void attend_tile(const PagedAttentionArgs& a, int64_t s, int64_t r0, int64_t rows) {
-  return a.half_pools ? attend_tile_t<uint16_t>(a, s, r0, rows) : attend_tile_t<float>(a, s, r0, rows);
+  return by_pool_type(a, [&](auto element) { attend_tile_t<decltype(element)>(a, s, r0, rows); });
 }
 
 }  // namespace llmc

