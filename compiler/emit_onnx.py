@@ -217,7 +217,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
         head = embed if model.lm_head is None else g.weight("lm_head.weight", _np(model.lm_head.weight))
         g.op_to("Gemm", [h, head], "logits", transB=1)
     kv_shape = g.const([geo.num_layers, -1, geo.num_kv_heads, geo.head_dim])
-    kv_type = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}[kv_dtype]
+    kv_type = pa.POOL_TYPES[kv_dtype]
     for name, parts in (("new_keys", new_keys), ("new_values", new_values)):  # [layers, T, KVH, D]
         if kv_type in (TensorProto.FLOAT, TensorProto.INT8):
             g.op_to("Reshape", [g.op("Concat", *parts, axis=0), kv_shape], name)

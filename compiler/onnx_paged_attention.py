@@ -47,6 +47,7 @@ PLAN = ["query_index", "query_positions", "cached_tables", "cached_shape", "leng
 PLAN_FORMAT = "lengths"  # recorded in the manifest: bundles whose plan passed a mask must be rebuilt
 INPUTS = ["q", "k", "v", "k_pool", "v_pool", *PLAN, "rope_cos", "rope_sin"]
 SCALES = ["k_scale", "v_scale"]  # after INPUTS, with int8 pools
+POOL_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "int8": onnx.TensorProto.INT8}
 
 
 def inputs(kv_dtype: str) -> list[str]:
@@ -137,9 +138,6 @@ def build_function(kv_dtype: str = "float32") -> onnx.FunctionProto:
         opset_imports=[helper.make_opsetid("", OPSET)], attributes=["scale", "num_heads", "kv_num_heads", "bf16_tiles"])
 
 
-POOL_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16, "int8": onnx.TensorProto.INT8}
-
-
 def build_single_op_model(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, pool_dims: list,
                           positions: int, bf16_tiles: bool = False) -> onnx.ModelProto:
     """One llmc.PagedAttention node over graph inputs (the step contract's q, k, v, pools, positions,
@@ -148,22 +146,20 @@ def build_single_op_model(heads: int, kv_heads: int, head_dim: int, kv_dtype: st
     g = GraphBuilder("t_")
     plan = build_plan(g, kv_heads, head_dim, "k_pool")
     extra = {"bf16_tiles": 1} if bf16_tiles else {}
-    node_inputs = ["q", "k", "v", "k_pool", "v_pool", *plan.values(), "rope_cos", "rope_sin"]
-    if kv_dtype == "int8":
-        node_inputs += SCALES
+    node_inputs = [plan.get(name, name) for name in inputs(kv_dtype)]  # the plan's tensors, else graph inputs
     g.nodes.append(helper.make_node(OP_TYPE, node_inputs, ["out", "k_rotated"], domain=DOMAIN,
                                     scale=float(head_dim ** -0.5), num_heads=heads, kv_num_heads=kv_heads, **extra))
     f32, i32, i64, pool_type = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64, POOL_TYPES[kv_dtype]
     value = helper.make_tensor_value_info
-    inputs = [value("q", f32, ["T", heads * head_dim]), value("k", f32, ["T", kv_heads * head_dim]),
-              value("v", f32, ["T", kv_heads * head_dim]), value("k_pool", pool_type, pool_dims),
-              value("v_pool", pool_type, pool_dims), value("positions", i64, ["T"]),
-              value("block_tables", i32, ["S", "M"]), value("context_lens", i32, ["S"]),
-              value("query_start", i32, ["S1"]), value("rope_cos", f32, [positions, head_dim // 2]),
-              value("rope_sin", f32, [positions, head_dim // 2])]
+    graph_inputs = [value("q", f32, ["T", heads * head_dim]), value("k", f32, ["T", kv_heads * head_dim]),
+                    value("v", f32, ["T", kv_heads * head_dim]), value("k_pool", pool_type, pool_dims),
+                    value("v_pool", pool_type, pool_dims), value("positions", i64, ["T"]),
+                    value("block_tables", i32, ["S", "M"]), value("context_lens", i32, ["S"]),
+                    value("query_start", i32, ["S1"]), value("rope_cos", f32, [positions, head_dim // 2]),
+                    value("rope_sin", f32, [positions, head_dim // 2])]
     if kv_dtype == "int8":
-        inputs += [value(name, f32, [kv_heads * head_dim]) for name in SCALES]
-    graph = helper.make_graph(g.nodes, "attention", inputs, [value("out", f32, ["T", heads * head_dim])],
+        graph_inputs += [value(name, f32, [kv_heads * head_dim]) for name in SCALES]
+    graph = helper.make_graph(g.nodes, "attention", graph_inputs, [value("out", f32, ["T", heads * head_dim])],
                               g.initializers)
     return helper.make_model(graph, functions=[build_function(kv_dtype)],
                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import shutil
@@ -45,6 +46,12 @@ def _windows(spec: BuildSpec, ir, section, count, seed, what: str):
 def build_passes(spec: BuildSpec, ir) -> list:
     """The ordered pass list for a spec (one flat list, phase by phase)."""
     passes = []
+
+    @functools.cache
+    def calibration_windows():  # tokenized once, shared by every pass that calibrates
+        cal = spec.calibration
+        return _windows(spec, ir, cal, cal.n_samples, cal.seed, "calibration")
+
     # -- quantization ---------------------------------------------------------------------------
     q = spec.quantization
     if q is not None:
@@ -55,8 +62,7 @@ def build_passes(spec: BuildSpec, ir) -> list:
         if q.method == "rtn":
             passes.append(QuantRTN(cfg, head))
         else:
-            cal = spec.calibration
-            windows = _windows(spec, ir, cal, cal.n_samples, cal.seed, "calibration")
+            windows = calibration_windows()
             if q.method == "awq":
                 a = q.awq or AWQSpec()
                 passes.append(QuantAWQ(cfg, head, windows, a.grid, a.duo_scaling, a.clip, a.loss_tokens))
@@ -65,13 +71,10 @@ def build_passes(spec: BuildSpec, ir) -> list:
                 passes.append(QuantGPTQ(cfg, head, windows, g.damp, g.block_size, g.act_order, g.mse))
     # -- the int8 graph's activation outliers (after quantization: found on the weights it runs) -------
     if spec.int8_prefill:
-        cal = spec.calibration
-        windows = _windows(spec, ir, cal, cal.n_samples, cal.seed, "calibration")
-        passes.append(ActivationOutliers(windows, spec.int8_outlier_channels))
+        passes.append(ActivationOutliers(calibration_windows(), spec.int8_outlier_channels))
     # -- int8 KV pools' static scales (on the weights the engines run) --------------------------------
     if spec.kv_cache.dtype == "int8":
-        cal = spec.calibration
-        passes.append(KVScales(_windows(spec, ir, cal, cal.n_samples, cal.seed, "calibration")))
+        passes.append(KVScales(calibration_windows()))
     return passes
 
 

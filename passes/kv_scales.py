@@ -72,7 +72,7 @@ class KVScales:
         geo = ir.geometry
         runner = LayerwiseRunner(ir.model, self.windows)
         x = runner.embed()
-        cos, sin, _ = runner.step_rope()  # [N, D] each: the calibration tokens' positions
+        cos, sin = runner.rope()  # [N, D] each: the calibration tokens' positions
         layers = ir.model.layers
         for index, layer in enumerate(layers):
             with capture_inputs(layer, ("k_proj", "v_proj")) as captured:

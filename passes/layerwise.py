@@ -36,9 +36,10 @@ class LayerwiseRunner:
                 "query_start": torch.arange(0, (num_seqs + 1) * t, t, dtype=i32)}
         return self.model.rope_cos[positions], self.model.rope_sin[positions], step
 
-    def step_rope(self) -> tuple:
-        """(cos, sin, step) of a forward over all the windows: cos/sin [S*T, D] at each token's position."""
-        return self._step(self.num_seqs)
+    def rope(self) -> tuple:
+        """(cos, sin) [S*T, D] of a forward over all the windows, at each token's position."""
+        cos, sin, _ = self._step(self.num_seqs)
+        return cos, sin
 
     def _pools(self, num_seqs: int):
         geo = self.model.geo
