@@ -131,9 +131,11 @@ def _mlp(g: GraphBuilder, h: str, p: str, layer, quant: dict) -> str:
 
 
 def _int8_mlp(g: GraphBuilder, h: str, p: str, layer, quant: dict) -> str | None:
-    """The int8 graph's MLP as two nodes: gate | up as one Int8Linear [T, 2I] (they share h and its
-    outlier channels), then down_proj as Int8LinearSwiGLU, which applies silu(gate) * up as it quantizes
-    (no separate activation pass over [T, I]); None where the int8 path does not apply."""
+    """The int8 graph's MLP as two nodes: gate | up as one Int8LinearGLU (they share h and its outlier
+    channels), which applies silu(gate) * up as its tiles are stored and returns [T, I] (half the bytes of
+    gate | up, and no activation pass), then down_proj as Int8Linear (where I is not a multiple of 16: gate
+    | up as Int8Linear, then down_proj as Int8LinearSwiGLU, which applies silu(gate) * up as it quantizes);
+    None where the int8 path does not apply."""
     if not quant.get("int8_linears"):
         return None
     names = [f"{p}.gate_proj", f"{p}.up_proj", f"{p}.down_proj"]
@@ -143,6 +145,9 @@ def _int8_mlp(g: GraphBuilder, h: str, p: str, layer, quant: dict) -> str | None
             or any(lin.bias is not None for lin in linears) or not np.array_equal(outliers[0], outliers[1]):
         return None
     weights = [quant[n].dequantize() if n in quant else _np(lin.weight) for n, lin in zip(names, linears)]
+    if layer.gate_proj.out_features % il.GLU_ALIGN == 0:
+        mlp = il.int8_linear(g, h, f"{p}.gate_up_proj", np.concatenate(weights[:2]), outliers[0], glu=True)  # [T, I]
+        return il.int8_linear(g, mlp, names[2], weights[2], outliers[2])
     gate_up = il.int8_linear(g, h, f"{p}.gate_up_proj", np.concatenate(weights[:2]), outliers[0])  # [T, 2I]
     return il.int8_linear(g, gate_up, names[2], weights[2], outliers[2], swiglu=True)
 

@@ -25,7 +25,10 @@ from llmc.compiler.onnx_builder import GraphBuilder
 
 DOMAIN = "llmc"
 OP_TYPE = "Int8Linear"
-SWIGLU_OP_TYPE = "Int8LinearSwiGLU"  # the same over silu(gate) * up of an input [M, 2K] = gate | up
+# the same over silu(gate) * up of an input [M, 2K] = gate | up (MLPs whose I is not a multiple of GLU_ALIGN)
+SWIGLU_OP_TYPE = "Int8LinearSwiGLU"
+GLU_OP_TYPE = "Int8LinearGLU"  # silu(gate) * up of the op's output [M, 2I] = gate | up: y [M, I]
+GLU_ALIGN = 16  # Int8LinearGLU's I: whole tiles of gate and of up columns
 SPLIT3_OP_TYPE = "Int8LinearSplit3"  # the same with y as 3 outputs side by side (input `splits`: widths)
 OUTPUT_ALIGN = 16  # Int8LinearSplit3's widths: whole tiles of columns
 OPSET = 23
@@ -110,12 +113,15 @@ def build_function(op_type: str = OP_TYPE) -> onnx.FunctionProto:
         inputs, outputs = inputs + ["splits"], ["y0", "y1", "y2"]
         g.nodes.append(helper.make_node("Split", [g.op("Add", scaled, outlier_sums), "splits"], outputs, axis=1,
                                         name="i8_split"))
+    elif op_type == GLU_OP_TYPE:
+        gate, up = g.op("Split", g.op("Add", scaled, outlier_sums), num_outputs=2, axis=1, outputs=2)
+        g.nodes.append(helper.make_node("Mul", [g.op("Mul", gate, g.op("Sigmoid", gate)), up], ["y"], name="i8_y"))
     else:
         g.nodes.append(helper.make_node("Add", [scaled, outlier_sums], ["y"], name="i8_y"))
     return helper.make_function(DOMAIN, op_type, inputs, outputs, g.nodes, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
-FUNCTIONS = (OP_TYPE, SWIGLU_OP_TYPE, SPLIT3_OP_TYPE)  # what an int8 graph may use: build_function of each
+FUNCTIONS = (OP_TYPE, SWIGLU_OP_TYPE, SPLIT3_OP_TYPE, GLU_OP_TYPE)  # what an int8 graph may use: build_function of each
 
 
 def supports(in_features: int, num_outliers: int) -> bool:
@@ -125,11 +131,12 @@ def supports(in_features: int, num_outliers: int) -> bool:
 
 
 def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers, swiglu: bool = False,
-                splits: list[int] | None = None):
+                splits: list[int] | None = None, glu: bool = False):
     """Add an llmc.Int8Linear node over a float weight [N, K] (a quantized weight dequantized first) with
     the given outlier input channels (see passes/act_outliers.py). swiglu: an Int8LinearSwiGLU node,
     whose x [M, 2K] is gate | up. splits (3 widths, multiples of 16): an Int8LinearSplit3 node over
-    stacked weights, returning its 3 outputs (one quantization of x for the 3 linears).
+    stacked weights, returning its 3 outputs (one quantization of x for the 3 linears). glu: an
+    Int8LinearGLU node over a weight [2I, K] = gate | up (I a multiple of 16), returning silu(gate) * up [M, I].
     """
     if not supports(weight.shape[1], len(outliers)):
         raise ValueError(f"{name}: Int8Linear takes {len(outliers)} outlier channels (a multiple of {OUTLIER_ALIGN}) of "
@@ -141,5 +148,6 @@ def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers
     if splits is not None:
         return g.op(SPLIT3_OP_TYPE, x, w, w_scale, w_o, order, g.const(splits), domain=DOMAIN, outputs=3,
                     name=f"{name}.int8_linear")
-    return g.op(SWIGLU_OP_TYPE if swiglu else OP_TYPE, x, w, w_scale, w_o, order, domain=DOMAIN,
+    op_type = GLU_OP_TYPE if glu else SWIGLU_OP_TYPE if swiglu else OP_TYPE
+    return g.op(op_type, x, w, w_scale, w_o, order, domain=DOMAIN,
                 name=f"{name}.int8_linear")

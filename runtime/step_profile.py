@@ -14,7 +14,8 @@ from pathlib import Path
 # onnxruntime op types by where their time goes (kernels of the step graphs, and what onnxruntime
 # fuses them into).
 GEMM_OPS = frozenset({"Gemm", "MatMul", "FusedMatMul", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat",
-                      "DynamicQuantizeMatMul", "Int8Linear", "Int8LinearSwiGLU"})
+                      "DynamicQuantizeMatMul", "Int8Linear", "Int8LinearSwiGLU", "Int8LinearSplit3",
+                      "Int8LinearGLU"})
 ATTENTION_OPS = frozenset({"PagedAttention"})
 
 

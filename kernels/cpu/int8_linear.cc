@@ -49,8 +49,18 @@ bool amx_usable() {
   return usable;
 }
 
+std::vector<int64_t> glu_column_order(int64_t N) {
+  std::vector<int64_t> order(N);
+  const int64_t half = N / 2;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t block = n / 32, lane = n % 16;
+    order[n] = (n % 32 < 16 ? 0 : half) + block * 16 + lane;
+  }
+  return order;
+}
+
 PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_outlier, const int64_t* channels,
-                         int64_t N, int64_t Ki, int64_t Ko) {
+                         int64_t N, int64_t Ki, int64_t Ko, const int64_t* column_order) {
   PackedWeight p;
   p.N = N;
   p.Ki = Ki;
@@ -64,15 +74,15 @@ PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_o
   for (int64_t k = 0; k < Ki; ++k) p.inlier_masks[channels[k] / 16] |= static_cast<uint16_t>(1u << (channels[k] % 16));
   const int64_t int8_tiles = Ki / 64, bf16_tiles = Ko / 32;
   for (int64_t n = 0; n < N; ++n) {
-    const int64_t nt = n / 16, col = n % 16;
-    p.scale[n] = w_scale[n];
+    const int64_t nt = n / 16, col = n % 16, source = column_order ? column_order[n] : n;
+    p.scale[n] = w_scale[source];
     for (int64_t k = 0; k < Ki; ++k) {  // tile rows hold 4 consecutive K of each column
       const int64_t kt = k / 64, row = (k % 64) / 4, lane = k % 4;
-      p.data[((nt * int8_tiles + kt) * 16 + row) * 64 + col * 4 + lane] = w[n * Ki + k];
+      p.data[((nt * int8_tiles + kt) * 16 + row) * 64 + col * 4 + lane] = w[source * Ki + k];
     }
     for (int64_t k = 0; k < Ko; ++k) {  // tile rows hold 2 consecutive K of each column
       const int64_t kt = k / 32, row = (k % 32) / 2, lane = k % 2;
-      p.outlier[((nt * bf16_tiles + kt) * 16 + row) * 32 + col * 2 + lane] = float_to_bf16(w_outlier[n * Ko + k]);
+      p.outlier[((nt * bf16_tiles + kt) * 16 + row) * 32 + col * 2 + lane] = float_to_bf16(w_outlier[source * Ko + k]);
     }
   }
   return p;
@@ -200,11 +210,48 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) void block_products(const 
   }
 }
 
+// 16 floats of y at dst, past the caches when streaming (dst on a cache line) or masked to `mask`.
+__attribute__((target("avx512f"))) inline void store16(float* dst, __mmask16 mask, __m512 y, bool stream) {
+  if (stream && mask == 0xffff && (reinterpret_cast<uintptr_t>(dst) & 63) == 0) {
+    _mm512_stream_ps(dst, y);
+  } else {
+    _mm512_mask_storeu_ps(dst, mask, y);
+  }
+}
+
+// Row r of tile t of a block, scaled: sums * row scale * column scales + outliers.
+__attribute__((target("avx512f"))) inline __m512 scaled_row(const Int8LinearArgs& a, const BlockSums& block, int t,
+                                                            int64_t r, int64_t row0, __m512 col_scales) {
+  const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(a.x_scale[row0 + r]), col_scales);
+  __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(block.sums[t][r])), scales);
+  return a.w->Ko > 0 ? _mm512_add_ps(y, _mm512_load_ps(block.outliers[t][r])) : y;
+}
+
+// Int8LinearGLU's block at (m0, n0): tiles 0 / 2 gate and 1 / 3 up of the same 16 outputs, from n0 / 2.
+__attribute__((target("avx512f"))) void store_glu_block(const Int8LinearArgs& a, int64_t m0, int64_t n0,
+                                                        const BlockSums& block) {
+  const int64_t width = a.y_begin[1] / 2;
+  const __m512 gate_scales = _mm512_loadu_ps(a.w->scale.data() + n0), up_scales = _mm512_loadu_ps(a.w->scale.data() + n0 + 16);
+  for (int t = 0; t < 4; t += 2) {
+    const int64_t row0 = m0 + (t / 2) * 16;
+    if (row0 >= a.M) continue;  // a padding tile
+    const int64_t rows = std::min<int64_t>(16, a.M - row0);
+    float* out = a.y[0] + n0 / 2;
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 y = swiglu16(scaled_row(a, block, t, r, row0, gate_scales), scaled_row(a, block, t + 1, r, row0, up_scales));
+      store16(out + (row0 + r) * width, 0xffff, y, a.stream);
+    }
+  }
+}
+
 // y = sums * row scale * column scale + outliers for the block at (m0, n0).
 __attribute__((target("avx512f"))) void store_block(const Int8LinearArgs& a, int64_t m0, int64_t n0,
                                                     const BlockSums& block) {
+  if (a.glu) {
+    store_glu_block(a, m0, n0, block);
+    return;
+  }
   const PackedWeight& w = *a.w;
-  const bool outliers = w.Ko > 0;
   for (int t = 0; t < 4; ++t) {
     const int64_t row0 = m0 + (t / 2) * 16, col0 = n0 + (t % 2) * 16;
     if (col0 >= w.N || row0 >= a.M) continue;  // a padding tile
@@ -216,10 +263,7 @@ __attribute__((target("avx512f"))) void store_block(const Int8LinearArgs& a, int
     const __m512 col_scales = _mm512_loadu_ps(w.scale.data() + col0);
     const int64_t rows = std::min<int64_t>(16, a.M - row0);
     for (int64_t r = 0; r < rows; ++r) {
-      const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(a.x_scale[row0 + r]), col_scales);
-      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(block.sums[t][r])), scales);
-      if (outliers) y = _mm512_add_ps(y, _mm512_load_ps(block.outliers[t][r]));
-      _mm512_mask_storeu_ps(out + (row0 + r) * width, mask, y);
+      store16(out + (row0 + r) * width, mask, scaled_row(a, block, t, r, row0, col_scales), a.stream);
     }
   }
 }
@@ -252,6 +296,7 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f"))) void run_item(cons
     }
   }
   if (count > 0) store_block(a, pending_m0, pending_n0, blocks[(count + 1) % 2]);
+  if (a.stream) _mm_sfence();  // the non-temporal stores ordered before the threads' join
 }
 
 std::vector<GemmItem> plan_items(const PackedWeight& w, int64_t M) {

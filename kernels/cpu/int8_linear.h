@@ -24,9 +24,14 @@ struct PackedWeight {
   std::vector<int32_t> channels;  // [Ki + Ko]: the input channel of each packed position
   std::vector<uint16_t> inlier_masks;  // [ceil(K / 16)]: bit c of mask i: channel 16 i + c is an inlier
 };
-// w [N, Ki] int8, w_scale [N], w_outlier [N, Ko] float (bf16 values), channels [Ki + Ko].
+// w [N, Ki] int8, w_scale [N], w_outlier [N, Ko] float (bf16 values), channels [Ki + Ko]; packed column n
+// is weight row column_order[n] (all rows in order without one).
 PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_outlier, const int64_t* channels,
-                         int64_t N, int64_t Ki, int64_t Ko);
+                         int64_t N, int64_t Ki, int64_t Ko, const int64_t* column_order = nullptr);
+// The packed column order of an Int8LinearGLU weight [N = 2 I, K] = gate | up (I a multiple of 16): each
+// block of 32 columns is 16 gate columns and the 16 up columns of the same outputs.
+std::vector<int64_t> glu_column_order(int64_t N);
+constexpr int64_t kStreamBytes = 2 << 20;  // outputs of at least this many bytes are written past the caches
 
 struct Int8LinearArgs {
   const float* x;          // [M, K], or with swiglu [M, 2K]: gate | up, x being silu(gate) * up
@@ -40,6 +45,10 @@ struct Int8LinearArgs {
   uint16_t* xo;            // [Mp, Ko] scratch: the outliers in bf16
   float* x_scale;          // [Mp]
   bool swiglu = false;
+  // glu: the packed columns alternate 16 gate and 16 up columns (glu_column_order) and y[0] is [M, N / 2]
+  // = silu(gate) * up, applied as the tiles are stored
+  bool glu = false;
+  bool stream = false;     // write y with non-temporal stores (outputs far larger than the caches)
 };
 
 constexpr int64_t kOutputAlign = 16;  // output boundaries of a split Int8Linear: whole tiles of columns

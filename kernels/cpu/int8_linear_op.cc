@@ -14,11 +14,13 @@
 
 namespace {
 
-enum class Variant { kPlain, kSwiGLU, kSplit3 };
+enum class Variant { kPlain, kSwiGLU, kSplit3, kGLU };
 
 struct Kernel {
   ortabi::Api api;
-  Variant variant;  // kSwiGLU: x is [M, 2K], gate | up; kSplit3: y as 3 outputs (input 5: their widths)
+  // kSwiGLU: x is [M, 2K], gate | up; kSplit3: y as 3 outputs (input 5: their widths); kGLU: y [M, N / 2] =
+  // silu(gate) * up of the linear's output gate | up
+  Variant variant;
   std::mutex mutex;
   const int8_t* packed_from = nullptr;  // the weight buffer the packed copy was made from
   llmc::PackedWeight packed;
@@ -61,6 +63,8 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
                       "and channels [K = Ki + Ko], Ki a multiple of 64 and Ko of 32");
   }
   const int64_t M = x.dims[0], N = w.dims[0], Ki = w.dims[1], Ko = outlier.dims[1];
+  const bool glu = kernel.variant == Variant::kGLU;
+  if (glu && N % 32 != 0) return error(api, "Int8LinearGLU: w's rows (gate | up) must be a multiple of 32");
   const int64_t* order = static_cast<const int64_t*>(channels.data);
   const int8_t* weight = static_cast<const int8_t*>(w.data);
   {
@@ -69,8 +73,10 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
       for (int64_t k = 0; k < Ki + Ko; ++k) {  // checked with the weights they come with, once
         if (order[k] < 0 || order[k] >= Ki + Ko) return error(api, "a channel index is out of range");
       }
+      const std::vector<int64_t> columns = glu ? llmc::glu_column_order(N) : std::vector<int64_t>();
       kernel.packed = llmc::pack_weight(weight, static_cast<const float*>(scale.data),
-                                        static_cast<const float*>(outlier.data), order, N, Ki, Ko);
+                                        static_cast<const float*>(outlier.data), order, N, Ki, Ko,
+                                        glu ? columns.data() : nullptr);
       kernel.packed_from = weight;
     }
   }
@@ -90,7 +96,8 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
     }
   }
   for (int o = 0; o < (kernel.variant == Variant::kSplit3 ? 3 : 1); ++o) {
-    RETURN_IF_ERROR(llmc_ops::make_output(api, context, o, M, args.y_begin[o + 1] - args.y_begin[o], &args.y[o]));
+    const int64_t width = args.y_begin[o + 1] - args.y_begin[o];
+    RETURN_IF_ERROR(llmc_ops::make_output(api, context, o, M, glu ? width / 2 : width, &args.y[o]));
   }
   if (M == 0) return nullptr;
   const int64_t Mp = llmc::padded_rows(M);
@@ -106,6 +113,8 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   args.xo = xo.data();
   args.x_scale = x_scale.data();
   args.swiglu = kernel.variant == Variant::kSwiGLU;
+  args.glu = glu;
+  args.stream = M * N * static_cast<int64_t>(sizeof(float)) / (glu ? 2 : 1) >= llmc::kStreamBytes;
   Work work{&args, llmc::plan_items(kernel.packed, M)};
   const size_t row_blocks = static_cast<size_t>(Mp / llmc::kRowBlock), items = work.items.size();
   RETURN_IF_ERROR(api.KernelContextParallelFor(context, quantize_item, row_blocks, row_blocks, &work));
@@ -133,6 +142,9 @@ OrtCustomOp make_int8_linear_op(const char* name) {
   if (kind == "Int8LinearSwiGLU") {
     op.GetName = [](const OrtCustomOp*) { return "Int8LinearSwiGLU"; };
     op.CreateKernelV2 = create_kernel<Variant::kSwiGLU>;
+  } else if (kind == "Int8LinearGLU") {
+    op.GetName = [](const OrtCustomOp*) { return "Int8LinearGLU"; };
+    op.CreateKernelV2 = create_kernel<Variant::kGLU>;
   } else if (kind == "Int8LinearSplit3") {
     op.GetName = [](const OrtCustomOp*) { return "Int8LinearSplit3"; };
     op.CreateKernelV2 = create_kernel<Variant::kSplit3>;

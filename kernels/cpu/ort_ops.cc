@@ -195,6 +195,7 @@ const OrtCustomOp kPagedAttention = make_op();
 const OrtCustomOp kInt8Linear = llmc_ops::make_int8_linear_op("Int8Linear");
 const OrtCustomOp kInt8LinearSwiGLU = llmc_ops::make_int8_linear_op("Int8LinearSwiGLU");
 const OrtCustomOp kInt8LinearSplit3 = llmc_ops::make_int8_linear_op("Int8LinearSplit3");
+const OrtCustomOp kInt8LinearGLU = llmc_ops::make_int8_linear_op("Int8LinearGLU");
 
 }  // namespace
 
@@ -260,6 +261,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8Linear));
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearSwiGLU));
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearSplit3));
+    RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearGLU));
   }
   return api.AddCustomOpDomain(options, domain);
 }

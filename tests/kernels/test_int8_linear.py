@@ -51,6 +51,21 @@ def test_int8_linear_matches_numpy(kernels, n, k, num_outliers):
         assert np.abs(y - exact).max() <= 0.03 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("kernels", [pytest.param("native", marks=needs_amx), "emulated-amx"])
+@pytest.mark.parametrize("glu", [False, True])
+def test_outputs_past_the_streaming_size_match_numpy(kernels, glu):
+    """Outputs of >= 2 MiB are written with non-temporal stores (kStreamBytes): the same values."""
+    rng = np.random.default_rng(5)
+    weight = (rng.standard_normal((1024, 64)) * 0.1).astype(np.float32)
+    g = GraphBuilder()
+    session = _graph_session(g, 64, [il.int8_linear(g, "x", "lin", weight, [], glu=glu)], kernels)
+    codes, scale, w_outlier = il.quantize_weight(weight, np.arange(64), 0)
+    x = rng.standard_normal((1100, 64)).astype(np.float32)  # [1100, 1024] float: 4.3 MiB (GLU's half: 2.1)
+    ref = il.reference(x, codes, scale, w_outlier, np.arange(64))
+    ref = il.swiglu(ref) if glu else ref
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
+
+
 def test_outlier_channels_keep_the_other_channels_precise():
     """With the large channels out of the int8 range, the error is that of the small ones."""
     rng = np.random.default_rng(1)
@@ -95,6 +110,25 @@ def test_swiglu_variant_is_the_op_over_silu_gate_times_up(kernels, k, num_outlie
         gate_up = (3 * rng.standard_normal((m, 2 * k))).astype(np.float32)  # gates on both sides of 0, past |3|
         y = session.run(None, {"x": gate_up})[0]
         ref = il.reference(il.swiglu(gate_up), codes, scale, w_outlier, channels)
+        np.testing.assert_allclose(y, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
+
+
+@KERNELS
+@pytest.mark.parametrize("i,k,num_outliers", [(48, 128, 0), (64, 160, 32), (16, 224, 96)])
+def test_glu_variant_is_silu_gate_times_up_of_the_op(kernels, i, k, num_outliers):
+    """Int8LinearGLU over gate | up weights [2I, K] = silu(gate) * up of Int8Linear's [M, 2I] output."""
+    rng = np.random.default_rng(i + k)
+    weight = (rng.standard_normal((2 * i, k)) * 0.3).astype(np.float32)  # gates on both sides of 0, past |3|
+    outliers = rng.choice(k, num_outliers, replace=False)
+    channels = il.channel_order(k, outliers)
+    codes, scale, w_outlier = il.quantize_weight(weight, channels, num_outliers)
+    g = GraphBuilder()
+    session = _graph_session(g, k, [il.int8_linear(g, "x", "gate_up", weight, outliers, glu=True)], kernels)
+    for m in (1, 17, 40):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        y = session.run(None, {"x": x})[0]
+        ref = il.swiglu(il.reference(x, codes, scale, w_outlier, channels))
+        assert y.shape == (m, i)
         np.testing.assert_allclose(y, ref, rtol=1e-4, atol=2e-5 * np.abs(ref).max())
 
 

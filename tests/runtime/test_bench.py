@@ -71,8 +71,11 @@ def test_an_unprofiled_run_has_no_step_time(tiny_bundle, workload):
 def test_profile_categories_and_skipped_runs(tmp_path):
     from llmc.runtime.step_profile import category, summarize_profile
 
+    from llmc.compiler import onnx_int8_linear as il
+
     assert [category(op) for op in ("Int8Linear", "MatMulNBits", "PagedAttention", "Add")] == \
         ["gemm", "gemm", "attention", "other"]
+    assert {category(op) for op in il.FUNCTIONS} == {"gemm"}  # every int8 linear variant the graphs use
     node = lambda ts, op, dur: {"cat": "Node", "name": f"n_{ts}_kernel_time", "ts": ts, "dur": dur,  # noqa: E731
                                 "args": {"op_name": op}}
     events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 100}, node(10, "Gemm", 50),
