@@ -5,6 +5,7 @@
 # ../shared/peers/setup.sh vllm and the bundles named below (llmc build examples/<name>.yaml).
 #
 #     [BUNDLES="a b"] [LLMC_ARGS="--max-num-batched-tokens 1024"] bash benchmarks/serving_vs_vllm.sh [ROUNDS]   -> benchmarks/results/serving_vs_vllm/*.json
+#     LLMC_VARIANTS="|--policy prefill-first" bash benchmarks/serving_vs_vllm.sh   # each bundle once per variant (extra args)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-1}
@@ -24,8 +25,13 @@ measure() {  # name port pid
 }
 for round in $(seq "$ROUNDS"); do
   for bundle in ${BUNDLES:-smollm2-135m-int8-prefill smollm2-135m-gptq smollm2-135m smollm2-135m-int4}; do
-    llmc serve "out/$bundle" --port 18801 ${LLMC_ARGS:-} >/dev/null 2>&1 &
-    measure "llmc-$bundle" 18801 $!
+    IFS='|' read -ra variants <<< "${LLMC_VARIANTS:-}"
+    for variant in "${variants[@]:-}"; do
+      tag=$(echo "$variant" | tr -cd 'a-z0-9-' | sed 's/^--*//')
+      # shellcheck disable=SC2086  # the args split into words on purpose
+      llmc serve "out/$bundle" --port 18801 ${LLMC_ARGS:-} $variant >/dev/null 2>&1 &
+      measure "llmc-$bundle${tag:+-$tag}" 18801 $!
+    done
   done
   PORT=18802 DTYPE=bfloat16 "$PEERS/vllm-serve.sh" >/dev/null 2>&1 &
   measure vllm-bf16 18802 $!

@@ -18,6 +18,7 @@ import click
 from llmc import __version__
 from llmc.artifacts.geometry import human_bytes
 from llmc.errors import LlmcError
+from llmc.runtime.scheduler import POLICIES
 
 
 def _setup_logging(verbose: int) -> None:
@@ -206,7 +207,8 @@ def eval_command(bundle: Path, texts: tuple[Path, ...], reference: Path | None, 
 @click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences per step.")
 @click.option("--max-num-batched-tokens", default=1024, show_default=True, type=int, help="Tokens per step.")
 @click.option("--max-waiting", default=256, show_default=True, type=int, help="Queued requests before 429s.")
-@click.option("--policy", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True)
+@click.option("--policy", type=click.Choice(POLICIES), default="continuous", show_default=True,
+              help="prefill-first: prompts' chunks before decodes in each step (earlier first tokens in a burst).")
 @click.option("--no-prefix-caching", is_flag=True, help="Disable KV block sharing between prompts.")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=float,
               help="Seconds SIGTERM lets in-flight requests finish (new ones get 503).")
@@ -295,7 +297,8 @@ def _range(text: str) -> tuple[int, int]:
 @click.option("--max-num-seqs", default=64, show_default=True, type=int)
 @click.option("--max-num-batched-tokens", default=1024, show_default=True, type=int)
 @click.option("--kv-cache-memory", default="2GiB", show_default=True)
-@click.option("--policy", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True)
+@click.option("--policy", type=click.Choice(POLICIES), default="continuous", show_default=True,
+              help="prefill-first: prompts' chunks before decodes in each step (earlier first tokens in a burst).")
 @click.option("--no-prefix-caching", is_flag=True)
 @click.option("--sweep", default=None, help="Offline sweep, e.g. max_num_seqs=1,2,4,8,16 (writes JSON + PNG).")
 @click.option("--seed", default=0, show_default=True, type=int)

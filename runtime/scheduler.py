@@ -1,7 +1,8 @@
 """Iteration-level scheduling: every step re-picks which sequences run and how many tokens each.
 
 No prefill phase and no decode phase: each running sequence's computed tokens catch up with
-its tokens, decodes first and prefill chunks after, within a token budget and a sequence cap.
+its tokens, decodes first and prefill chunks after (policy "prefill-first": the other way round),
+within a token budget and a sequence cap.
 When the pool runs dry, the most recently admitted sequence is preempted (recompute).
 """
 
@@ -51,14 +52,18 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step
 
 
-POLICIES = ("continuous", "static")
+POLICIES = ("continuous", "static", "prefill-first")
 
 
 class Scheduler:
     """FCFS admission, decode-first steps, chunked prefill, preemption by recompute.
 
     policy "continuous" admits new sequences at every step (Orca); "static" admits a batch only
-    when the previous one has completely finished (the baseline continuous batching beats).
+    when the previous one has completely finished (the baseline continuous batching beats);
+    "prefill-first" admits as "continuous" does but gives a step's budget to prefill chunks before
+    decodes: a burst of prompts larger than the budget pauses decoding until its prefills are done
+    (earlier first tokens, later next tokens for the sequences already decoding); otherwise the
+    decodes take what the prefills leave.
     """
 
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
@@ -129,8 +134,8 @@ class Scheduler:
             slots -= 1
         return max(slots, 0)
 
-    def _admit(self, budget: int, out: SchedulerOutput) -> None:
-        """Continuous policy: FCFS from the waiting queue while sequences, budget and blocks allow."""
+    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+        """FCFS from the waiting queue while sequences, budget and blocks allow; the budget left."""
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
@@ -140,7 +145,7 @@ class Scheduler:
             if copies is None:
                 bm.deallocate(seq)
                 seq.num_computed_tokens = 0
-                return
+                return budget
             bm.stats.queried_tokens += seq.num_tokens
             bm.stats.hit_tokens += hit
             out.block_copies.extend(copies)
@@ -148,6 +153,21 @@ class Scheduler:
             self.add_running(seq)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want))
             budget -= want
+        return budget
+
+    def _continue(self, seqs: list[Sequence], budget: int, out: SchedulerOutput) -> int:
+        """Schedule running seqs in order within budget; the budget left."""
+        for seq in seqs:
+            if seq not in self.running or budget == 0:
+                continue  # preempted by an earlier sequence of this step, or no budget left
+            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self._grow(seq, seq.num_computed_tokens + want, out):
+                out.out_of_memory.append(seq)  # alone and still does not fit: the caller ends it
+                continue
+            slots = self._spec_slots(seq, want, budget)
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want, slots))
+            budget -= want + slots
+        return budget
 
     def schedule(self) -> SchedulerOutput:
         """Pick this step's work."""
@@ -158,16 +178,11 @@ class Scheduler:
                 self.add_running(self.waiting.popleft())  # blocks come as each one is scheduled
         decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
-        for seq in decoding + prefilling:
-            if seq not in self.running or budget == 0:
-                continue  # preempted by an earlier sequence of this step, or no budget left
-            want = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._grow(seq, seq.num_computed_tokens + want, out):
-                out.out_of_memory.append(seq)  # alone and still does not fit: the caller ends it
-                continue
-            slots = self._spec_slots(seq, want, budget)
-            out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want, slots))
-            budget -= want + slots
-        if self.policy == "continuous":
-            self._admit(budget, out)
+        if self.policy == "prefill-first":
+            budget = self._admit(self._continue(prefilling, budget, out), out)
+            self._continue(decoding, budget, out)
+        else:
+            budget = self._continue(decoding + prefilling, budget, out)
+            if self.policy == "continuous":
+                self._admit(budget, out)
         return out

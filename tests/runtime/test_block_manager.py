@@ -102,11 +102,30 @@ def _check_invariants(sched: Scheduler, bm: BlockManager) -> None:
         assert bm.block_hash[block] == h
 
 
+def test_prefill_first_gives_the_budget_to_prompts_before_decodes():
+    """A burst larger than the budget pauses decoding; once it is in, decodes take what is left."""
+    for policy, decodes_in_burst in (("continuous", 1), ("prefill-first", 0)):
+        sched = Scheduler(BlockManager(64, block_size=4), max_num_seqs=8, max_num_batched_tokens=16, policy=policy)
+        first = _seq("a", [1] * 4)
+        sched.add(first)
+        _fake_step(sched)  # first is decoding now
+        for i in range(3):
+            sched.add(_seq(f"b{i}", [i + 2] * 10, arrival=i + 1))  # 30 prompt tokens: two budgets
+        plan = sched.schedule()
+        assert sum(item.seq is first for item in plan.scheduled) == decodes_in_burst
+        assert sum(item.num_new_tokens for item in plan.scheduled) == 16
+    for item in plan.scheduled:  # prefill-first: the burst's second step has room for the decode
+        item.seq.num_computed_tokens += item.num_new_tokens
+    plan = sched.schedule()
+    assert [item.seq.request_id for item in plan.scheduled] == ["b1", "b2", "a"]
+    assert [item.num_new_tokens for item in plan.scheduled] == [4, 10, 1]
+
+
 @settings(max_examples=80, deadline=None)
 @example(ops=[("add", 1, 2), ("add", 1, 2)], num_blocks=4, prefix_caching=True, policy="continuous")  # found in CI
 @given(st.lists(st.tuples(st.sampled_from(["add", "add", "step", "step", "abort"]), st.integers(1, 30),
                           st.integers(0, 3)), min_size=1, max_size=80),
-       st.integers(4, 24), st.booleans(), st.sampled_from(["continuous", "static"]))
+       st.integers(4, 24), st.booleans(), st.sampled_from(["continuous", "static", "prefill-first"]))
 def test_scheduler_never_leaks_or_double_owns(ops, num_blocks, prefix_caching, policy):
     bm = BlockManager(num_blocks, block_size=4, enable_prefix_caching=prefix_caching)
     sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=16, policy=policy)
