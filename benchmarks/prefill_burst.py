@@ -1,4 +1,4 @@
-"""Prefill tokens/s of bundles on a burst of prompts (the serving workload's prompts, one token out),
+"""Prefill tokens/s of bundles on a burst of prompts (`llmc bench`'s default workload's prompts, one token out),
 the bundles alternating in one process so that the machine's phases fall on all of them.
 
     python benchmarks/prefill_burst.py out/a out/b [--rounds 7]
@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 
 def main() -> None:
+    from llmc.runtime.bench import make_workload
     from llmc.runtime.llm import LLM
     from llmc.runtime.sequence import SamplingParams
 
@@ -21,16 +20,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--num-prompts", type=int, default=64)
     args = parser.parse_args()
-    llms = [LLM(b, kv_cache_memory="1GiB") for b in args.bundles]
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(100, 40000, rng.integers(30, 501)).tolist() for _ in range(args.num_prompts)]
+    # no prefix caching: every round computes every prompt token again
+    llms = [LLM(b, kv_cache_memory="1GiB", enable_prefix_caching=False) for b in args.bundles]
+    workload = make_workload(args.num_prompts, (30, 500), (1, 1), llms[0].geometry.vocab_size)  # llmc bench's, seed 0
+    prompts = [request.prompt_ids for request in workload]
     total = sum(map(len, prompts))
     seconds: dict[str, list[float]] = {b: [] for b in args.bundles}
-    for r in range(args.rounds):
-        shifted = [[(t + r) % 40000 for t in p] for p in prompts]  # new tokens each round: no prefix-cache hits
+    for _ in range(args.rounds):
         for bundle, llm in zip(args.bundles, llms):
             start = time.perf_counter()
-            llm.generate(shifted, SamplingParams(max_tokens=1))
+            llm.generate(prompts, SamplingParams(max_tokens=1))
             seconds[bundle].append(time.perf_counter() - start)
     for bundle in args.bundles:
         warm = seconds[bundle][1:]  # the first round pays page faults

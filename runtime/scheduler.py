@@ -56,7 +56,7 @@ POLICIES = ("continuous", "static", "prefill-first")
 
 
 class Scheduler:
-    """FCFS admission, decode-first steps, chunked prefill, preemption by recompute.
+    """FCFS admission, decode-first (or prefill-first) steps, chunked prefill, preemption by recompute.
 
     policy "continuous" admits new sequences at every step (Orca); "static" admits a batch only
     when the previous one has completely finished (the baseline continuous batching beats);

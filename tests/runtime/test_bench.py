@@ -69,9 +69,8 @@ def test_an_unprofiled_run_has_no_step_time(tiny_bundle, workload):
 
 
 def test_profile_categories_and_skipped_runs(tmp_path):
-    from llmc.runtime.step_profile import category, summarize_profile
-
     from llmc.compiler import onnx_int8_linear as il
+    from llmc.runtime.step_profile import category, summarize_profile
 
     assert [category(op) for op in ("Int8Linear", "MatMulNBits", "PagedAttention", "Add")] == \
         ["gemm", "gemm", "attention", "other"]
