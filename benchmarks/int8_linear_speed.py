@@ -1,4 +1,4 @@
-"""llmc.Int8Linear alone (llmc's AMX kernel inside onnxruntime, 2 threads, output bound once so no page
+"""llmc.Int8Linear alone (llmc's kernel, AMX or AVX-512 VNNI, inside onnxruntime, 2 threads, output bound once so no page
 faults are timed) at SmolLM2-135M's shapes: ms per call and TOPS (2 M K N / time).
 
     python benchmarks/int8_linear_speed.py [--outliers 128]
@@ -30,7 +30,7 @@ def session(n: int, k: int, outliers: int) -> ort.InferenceSession:
                               opset_imports=[helper.make_opsetid("", il.OPSET), helper.make_opsetid(il.DOMAIN, 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
-    if not fused_cpu.register_fused_kernels(options) or not fused_cpu.amx_int8_available():
+    if not fused_cpu.register_fused_kernels(options) or not fused_cpu.int8_backend():
         raise SystemExit("llmc's AMX kernel does not run here")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
 SOURCES = ("ort_ops.cc", "paged_attention.cc", "paged_attention_tiles.cc", "paged_attention_amx.cc", "int8_linear.cc",
-           "int8_linear_op.cc")
+           "int8_linear_vnni.cc", "int8_linear_op.cc")
 HEADERS = ("ort_abi.h", "ort_ops.h", "paged_attention.h", "amx_tiles.h", "amx_emulation.h", "int8_linear.h", "vec16.h")
 LIBRARY = "libllmc_ort_ops.so"
 ENV_SWITCH = "LLMC_FUSED_KERNELS"
@@ -129,15 +129,25 @@ def register_fused_kernels(options) -> bool:
     return True
 
 
-@functools.cache
-def amx_int8_available() -> bool:
-    """Whether the library's llmc.Int8Linear kernel runs here (it registers only where AMX int8 tiles
-    work: CPUID, the OS's tile state, and Linux's per-process permission, asked for by this call)."""
+INT8_BACKENDS = {1: "AMX", 2: "AVX-512 VNNI"}  # llmc::Int8Backend (kernels/cpu/int8_linear.h); 0: none
+INT8_BACKEND_ENV = "LLMC_INT8_BACKEND"  # avx512-vnni or none: a lesser backend than the CPU's best
+
+
+def int8_backend() -> str | None:
+    """What the library's llmc.Int8Linear kernel runs on here ("AMX" or "AVX-512 VNNI"), or None where it
+    is not registered (no AMX, no AVX-512 VNNI + BF16, or LLMC_INT8_BACKEND=none). Asking for AMX also asks
+    Linux for the per-process tile permission. Read on each call, as the kernel reads the variable."""
     library = fused_kernels_library()
     if library is None:
-        return False
+        return None
     try:
-        return bool(ctypes.CDLL(str(library)).llmc_amx_int8_usable())
+        return INT8_BACKENDS.get(ctypes.CDLL(str(library)).llmc_int8_backend())
     except (OSError, AttributeError) as exc:
-        log.warning("could not ask llmc's kernel library about AMX (%s): the int8 prefill graph is not used", exc)
-        return False
+        log.warning("could not ask llmc's kernel library about its int8 GEMM (%s): the int8 graph is not used", exc)
+        return None
+
+
+def avx512_vnni_available() -> bool:
+    """Whether the VNNI backend runs here (LLMC_INT8_BACKEND=avx512-vnni asks for it on AMX CPUs)."""
+    library = fused_kernels_library()
+    return library is not None and bool(ctypes.CDLL(str(library)).llmc_avx512_vnni_usable())

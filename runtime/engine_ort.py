@@ -13,7 +13,7 @@ import onnxruntime as ort
 from llmc.artifacts.bundle import Bundle
 from llmc.artifacts.geometry import KV_LAYOUT, ModelGeometry
 from llmc.errors import BundleError
-from llmc.kernels.fused_cpu import amx_int8_available, register_fused_kernels
+from llmc.kernels.fused_cpu import int8_backend, register_fused_kernels
 from llmc.runtime.kv_pool import KVPool
 from llmc.runtime.step_inputs import Chunk, StepInputs, layout_step
 
@@ -90,15 +90,17 @@ class OrtEngine:
                               "block of 64 channels; this runtime's Int8Linear takes one scale per token and the "
                               "calibrated outlier channels: rebuild it with this llmc (`llmc build` of its "
                               "model.yaml, which needs a calibration section for int8_prefill)")
-        if prefill and amx_int8_available():
+        self.int8_backend = int8_backend() if prefill else None  # what llmc.Int8Linear runs on: AMX, AVX-512 VNNI
+        if self.int8_backend:
             self.int8_session, _ = _session(bundle.path / entry["dir"] / prefill["graph"],
                                             profile_dir and Path(profile_dir) / "int8")
         elif prefill:
-            log.info("this CPU has no AMX int8 tiles (or llmc's kernels are off): every step runs the main graph")
+            log.info("this CPU has neither AMX int8 tiles nor AVX-512 VNNI + BF16 (or llmc's kernels are off): every "
+                     "step runs the main graph")
         self.int8_min_tokens = PREFILL_MIN_TOKENS  # steps of this many tokens or more run the int8 graph
-        self.path_counts = {"main": [0, 0], "int8_amx": [0, 0]}  # [engine calls, tokens] per path
-        self.path_seconds = {"main": 0.0, "int8_amx": 0.0}  # wall time of those calls
-        self.calibration_runs = {"main": 0, "int8_amx": 0}  # runs of each graph outside step() (not steps)
+        self.path_counts = {"main": [0, 0], "int8": [0, 0]}  # [engine calls, tokens] per path
+        self.path_seconds = {"main": 0.0, "int8": 0.0}  # wall time of those calls
+        self.calibration_runs = {"main": 0, "int8": 0}  # runs of each graph outside step() (not steps)
         self.geometry = geometry
         self.num_layers = geometry.num_layers
         self._bindings: dict[int, tuple[KVPool, ort.IOBinding]] = {}
@@ -109,7 +111,7 @@ class OrtEngine:
         """Run one step; returns logits [N, vocab] and updates the pools in place."""
         num_tokens = len(inputs.input_ids)
         use_int8 = self.int8_session is not None and num_tokens >= self.int8_min_tokens
-        session, path = (self.int8_session, "int8_amx") if use_int8 else (self.session, "main")
+        session, path = (self.int8_session, "int8") if use_int8 else (self.session, "main")
         self.path_counts[path][0] += 1
         self.path_counts[path][1] += num_tokens
         start = time.perf_counter()
@@ -118,10 +120,10 @@ class OrtEngine:
         return logits
 
     def end_profiling(self) -> dict[str, str]:
-        """Stop profiling; the trace file of each graph that has one ("main", "int8_amx")."""
+        """Stop profiling; the trace file of each graph that has one ("main", "int8")."""
         traces = {"main": self.session.end_profiling()}
         if self.int8_session is not None:
-            traces["int8_amx"] = self.int8_session.end_profiling()
+            traces["int8"] = self.int8_session.end_profiling()
         return {name: path for name, path in traces.items() if path}
 
     @property
@@ -129,9 +131,10 @@ class OrtEngine:
         """Which graph's GEMMs run which steps, in words."""
         if self.int8_session is None:
             return "main graph (fp32 / MatMulNBits)"
+        int8 = f"int8 {self.int8_backend} (llmc.Int8Linear)"
         if self.int8_min_tokens <= 1:
-            return "int8 AMX (llmc.Int8Linear) for every step"
-        return f"int8 AMX (llmc.Int8Linear) for steps of >= {self.int8_min_tokens} tokens, else the main graph"
+            return f"{int8} for every step"
+        return f"{int8} for steps of >= {self.int8_min_tokens} tokens, else the main graph"
 
     def calibrate_int8(self, pool: KVPool) -> None:
         """Set int8_min_tokens from timed decode steps on both graphs: the smallest batch from which the
@@ -144,13 +147,13 @@ class OrtEngine:
         for batch in CALIBRATION_BATCHES:
             inputs = layout_step([Chunk([0], context - 1, blocks, 1)] * batch, pool.block_size)
             seconds = {}
-            for name, session in (("main", self.session), ("int8_amx", self.int8_session)):
+            for name, session in (("main", self.session), ("int8", self.int8_session)):
                 self.run_session(session, inputs, pool)  # warm
                 seconds[name] = min(_timed(self.run_session, session, inputs, pool) for _ in range(CALIBRATION_REPEATS))
                 self.calibration_runs[name] += 1 + CALIBRATION_REPEATS
-            faster[batch] = seconds["int8_amx"] < seconds["main"]
+            faster[batch] = seconds["int8"] < seconds["main"]
             log.debug("decode batch %d: main graph %.1f ms, int8 graph %.1f ms", batch, 1e3 * seconds["main"],
-                      1e3 * seconds["int8_amx"])
+                      1e3 * seconds["int8"])
         self.int8_min_tokens = PREFILL_MIN_TOKENS
         for batch in reversed(CALIBRATION_BATCHES):
             if not faster[batch]:

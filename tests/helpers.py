@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -141,11 +143,32 @@ def emulated_amx_library() -> Path:
     return target
 
 
+@contextlib.contextmanager
+def int8_backend_env(kernels: str):
+    """For kernels="native-vnni", LLMC_INT8_BACKEND=avx512-vnni while the block runs (the kernels read it
+    when a session creates them): the VNNI GEMM even where the CPU has AMX."""
+    if kernels != "native-vnni":
+        yield
+        return
+    from llmc.kernels.fused_cpu import INT8_BACKEND_ENV
+
+    saved = os.environ.get(INT8_BACKEND_ENV)
+    os.environ[INT8_BACKEND_ENV] = "avx512-vnni"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[INT8_BACKEND_ENV]
+        else:
+            os.environ[INT8_BACKEND_ENV] = saved
+
+
 def kernel_options(kernels: str):
-    """Session options for `kernels`: "native" (the library engines load: AMX where the CPU has it),
-    "emulated-amx" (emulated_amx_library: the AMX kernels on any CPU) or "function-body"."""
+    """Session options for `kernels`: "native" (the library engines load: AMX or AVX-512 VNNI, the CPU's
+    best), "native-vnni" (the same library; create the session inside int8_backend_env), "emulated-amx"
+    (emulated_amx_library: the AMX kernels on any CPU) or "function-body"."""
     if kernels != "emulated-amx":
-        return ort_options(kernels == "native")
+        return ort_options(kernels in ("native", "native-vnni"))
     import onnxruntime as ort
 
     options = ort.SessionOptions()

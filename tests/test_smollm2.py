@@ -221,7 +221,7 @@ def test_int8_graph_over_int4_codes_within_half_a_percent_of_the_int4_graph(tmp_
                        "output": str(tmp_path_factory.mktemp("smol-int4-int8"))}, Path(__file__).resolve().parents[1])
     bundle = build(spec)
     int8 = eval_bundle(bundle, held_out, None, 512, 16)
-    monkeypatch.setattr(engine_ort, "amx_int8_available", lambda: False)  # every step on the int4 graph
+    monkeypatch.setattr(engine_ort, "int8_backend", lambda: None)  # every step on the int4 graph
     int4 = eval_bundle(bundle, held_out, None, 512, 16)
     assert int8["windows"] == int4["windows"] == 16
     assert int8["perplexity"] == pytest.approx(int4["perplexity"], rel=0.005)

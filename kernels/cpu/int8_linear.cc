@@ -1,4 +1,4 @@
-// AMX int8 GEMM for llmc.Int8Linear (int8_linear.h).
+// The int8 GEMM of llmc.Int8Linear (int8_linear.h): AMX tiles, or AVX-512 VNNI (int8_linear_vnni.cc).
 #include "int8_linear.h"
 #include "vec16.h"
 
@@ -9,7 +9,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cpuid.h>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 namespace llmc {
 namespace {
@@ -49,6 +51,32 @@ bool amx_usable() {
   return usable;
 }
 
+bool avx512_vnni_usable() {
+  static const bool usable = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool f = ebx & (1u << 16), bw = ebx & (1u << 30), vl = ebx & (1u << 31), vnni = ecx & (1u << 11);
+    if (!f || !bw || !vl || !vnni) return false;
+    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax & (1u << 5))) return false;  // AVX512_BF16
+    if (!__get_cpuid_count(1, 0, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (lo & 0xe6u) == 0xe6u;  // the OS saves the SSE, AVX and AVX-512 (opmask, zmm) state
+  }();
+  return usable;
+}
+
+Int8Backend int8_backend() {
+  const char* env = std::getenv("LLMC_INT8_BACKEND");
+  const std::string asked = env ? env : "";
+  if (asked == "none") return Int8Backend::kNone;
+  if (asked != "avx512-vnni" && amx_usable()) return Int8Backend::kAmx;
+#ifdef LLMC_AMX_EMULATION
+  return Int8Backend::kAmx;  // the emulation library tests the AMX code path only
+#endif
+  return avx512_vnni_usable() ? Int8Backend::kAvx512Vnni : Int8Backend::kNone;
+}
+
 std::vector<int64_t> glu_column_order(int64_t N) {
   std::vector<int64_t> order(N);
   const int64_t half = N / 2;
@@ -60,13 +88,14 @@ std::vector<int64_t> glu_column_order(int64_t N) {
 }
 
 PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_outlier, const int64_t* channels,
-                         int64_t N, int64_t Ki, int64_t Ko, const int64_t* column_order) {
+                         int64_t N, int64_t Ki, int64_t Ko, const int64_t* column_order, bool biased) {
   PackedWeight p;
+  p.biased = biased;
   p.N = N;
   p.Ki = Ki;
   p.Ko = Ko;
   p.Np = round_up(N, kColBlock);
-  p.data.assign(p.Np * Ki, 0);  // Ki a multiple of 64, Ko of 32 (the op requires it)
+  p.data.assign(p.Np * Ki, biased ? -128 : 0);  // padding columns: code 0 either way  // Ki a multiple of 64, Ko of 32 (the op requires it)
   p.outlier.assign(p.Np * Ko, 0);
   p.scale.assign(p.Np, 0.0f);
   p.channels.assign(channels, channels + Ki + Ko);
@@ -78,7 +107,9 @@ PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_o
     p.scale[n] = w_scale[source];
     for (int64_t k = 0; k < Ki; ++k) {  // tile rows hold 4 consecutive K of each column
       const int64_t kt = k / 64, row = (k % 64) / 4, lane = k % 4;
-      p.data[((nt * int8_tiles + kt) * 16 + row) * 64 + col * 4 + lane] = w[source * Ki + k];
+      const int8_t code = w[source * Ki + k];
+      p.data[((nt * int8_tiles + kt) * 16 + row) * 64 + col * 4 + lane] =
+          biased ? static_cast<int8_t>(static_cast<uint8_t>(code) ^ 0x80u) : code;  // code + 128 as a byte
     }
     for (int64_t k = 0; k < Ko; ++k) {  // tile rows hold 2 consecutive K of each column
       const int64_t kt = k / 32, row = (k % 32) / 2, lane = k % 2;
@@ -104,6 +135,7 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_rows(const Int8LinearA
       std::memset(q, 0, Ki);
       std::memset(o, 0, Ko * sizeof(uint16_t));
       a.x_scale[m] = 0.0f;
+      a.x_sum[m] = 0;
       continue;
     }
     const float* x = a.x + m * K * (a.swiglu ? 2 : 1);
@@ -123,11 +155,16 @@ __attribute__((target("avx512f,avx512bw"))) void quantize_rows(const Int8LinearA
     const float peak = _mm512_reduce_max_ps(amax);
     const float scale = peak > 0.0f ? peak / 127.0f : 1.0f;  // one scale per row
     const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+    const __m512i lowest = _mm512_set1_epi32(-128), highest = _mm512_set1_epi32(127);
+    __m512i sum = _mm512_setzero_si512();
     for (int64_t k = 0; k < Ki; k += 16) {  // Ki is a multiple of 64; round to nearest even, as the body's Round
-      const __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(inliers.data() + k), inverse));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(codes));
+      __m512i codes = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(inliers.data() + k), inverse));
+      codes = _mm512_min_epi32(_mm512_max_epi32(codes, lowest), highest);
+      sum = _mm512_add_epi32(sum, codes);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(codes));
     }
     a.x_scale[m] = scale;
+    a.x_sum[m] = _mm512_reduce_add_epi32(sum);
     for (int64_t k = 0; k < Ko; ++k) {
       const int64_t c = outlier_channels[k];
       o[k] = float_to_bf16(a.swiglu ? swiglu1(x[c], x[K + c]) : x[c]);
@@ -186,12 +223,6 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void tile_products(
   }
 }
 #undef LLMC_TILE_DOT
-
-// One 32 x 32 block's products, as the tiles leave them: int8 sums and the outliers' float sums.
-struct BlockSums {
-  alignas(64) int32_t sums[4][16][16];
-  alignas(64) float outliers[4][16][16];
-};
 
 // Rows [m0, m0 + 16 * kRowTiles) x columns [n0, n0 + 32) of y into out: the int8 products summed over all
 // of Ki in 2 x kRowTiles int32 tiles (each x tile used for 2 weight tiles, each weight tile for kRowTiles
@@ -277,7 +308,8 @@ __attribute__((target("avx512f"))) void store_block(const Int8LinearArgs& a, int
 // the blocking and alignment are what measured faster).
 __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f"))) void run_item(const Int8LinearArgs& a,
                                                                             const GemmItem& item) {
-  _tile_loadconfig(&full_tiles());
+  const bool amx = !a.w->biased;
+  if (amx) _tile_loadconfig(&full_tiles());
   thread_local BlockSums blocks[2];
   int64_t pending_m0 = 0, pending_n0 = 0, count = 0;  // the block stored next; blocks run so far
   for (int64_t mb = item.mb_begin; mb < item.mb_end; ++mb) {
@@ -285,7 +317,9 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16,avx512f"))) void run_item(cons
     for (int64_t nb = item.nb_begin; nb < item.nb_end; ++nb, ++count) {
       const int64_t n0 = nb * kColBlock;
       BlockSums& current = blocks[count % 2];
-      if (a.M - m0 > 16) {
+      if (!amx) {
+        block_products_vnni(a, m0, n0, current);
+      } else if (a.M - m0 > 16) {
         block_products<2>(a, m0, n0, current);
       } else {
         block_products<1>(a, m0, n0, current);  // the second row tile would be padding only

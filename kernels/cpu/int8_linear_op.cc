@@ -1,7 +1,7 @@
 // The onnxruntime custom op llmc.Int8Linear (inputs x float [M, K], w int8 [N, Ki], w_scale float [N],
 // w_outlier float [N, Ko], channels int64 [K = Ki + Ko]; output y float [M, N]) over the AMX kernel of
-// int8_linear.h. Registered only where AMX runs; elsewhere
-// onnxruntime runs the op's ONNX function body.
+// int8_linear.h. Registered only where AMX or AVX-512 VNNI runs; elsewhere onnxruntime runs the op's ONNX
+// function body.
 #include <algorithm>
 #include <memory>
 #include <mutex>
@@ -21,6 +21,7 @@ struct Kernel {
   // kSwiGLU: x is [M, 2K], gate | up; kSplit3: y as 3 outputs (input 5: their widths); kGLU: y [M, N / 2] =
   // silu(gate) * up of the linear's output gate | up
   Variant variant;
+  llmc::Int8Backend backend;  // chosen when the session creates the kernel
   std::mutex mutex;
   const int8_t* packed_from = nullptr;  // the weight buffer the packed copy was made from
   llmc::PackedWeight packed;
@@ -76,7 +77,8 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
       const std::vector<int64_t> columns = glu ? llmc::glu_column_order(N) : std::vector<int64_t>();
       kernel.packed = llmc::pack_weight(weight, static_cast<const float*>(scale.data),
                                         static_cast<const float*>(outlier.data), order, N, Ki, Ko,
-                                        glu ? columns.data() : nullptr);
+                                        glu ? columns.data() : nullptr,
+                                        kernel.backend == llmc::Int8Backend::kAvx512Vnni);
       kernel.packed_from = weight;
     }
   }
@@ -106,12 +108,15 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
   thread_local llmc::AlignedVector<int8_t> xq;  // whole tile rows on cache lines
   thread_local llmc::AlignedVector<uint16_t> xo;
   thread_local std::vector<float> x_scale;
+  thread_local std::vector<int32_t> x_sum;
   xq.resize(Mp * Ki);
   xo.resize(Mp * Ko);
   x_scale.resize(Mp);
+  x_sum.resize(Mp);
   args.xq = xq.data();
   args.xo = xo.data();
   args.x_scale = x_scale.data();
+  args.x_sum = x_sum.data();
   args.swiglu = kernel.variant == Variant::kSwiGLU;
   args.glu = glu;
   args.stream = M * N * static_cast<int64_t>(sizeof(float)) / (glu ? 2 : 1) >= llmc::kStreamBytes;
@@ -123,7 +128,7 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
 
 template <Variant kVariant>
 OrtStatus* create_kernel(const OrtCustomOp*, const OrtApi* table, const OrtKernelInfo*, void** out) {
-  *out = new Kernel{ortabi::Api(table), kVariant};
+  *out = new Kernel{ortabi::Api(table), kVariant, llmc::int8_backend()};
   return nullptr;
 }
 

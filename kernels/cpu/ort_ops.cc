@@ -244,8 +244,13 @@ OrtCustomOp base_op() {
 
 }  // namespace llmc_ops
 
-// Whether llmc.Int8Linear runs on AMX here (it is registered only then): for the runtime's reports.
-extern "C" __attribute__((visibility("default"))) int llmc_amx_int8_usable() { return llmc::amx_usable(); }
+// What llmc.Int8Linear runs on here (llmc::Int8Backend: 0 none, and then it is not registered; 1 AMX; 2
+// AVX-512 VNNI): for the runtime's choice of graph and its reports.
+extern "C" __attribute__((visibility("default"))) int llmc_int8_backend() {
+  return static_cast<int>(llmc::int8_backend());
+}
+// Whether LLMC_INT8_BACKEND=avx512-vnni would run here (AMX CPUs have VNNI too): for the tests.
+extern "C" __attribute__((visibility("default"))) int llmc_avx512_vnni_usable() { return llmc::avx512_vnni_usable(); }
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                  const OrtApiBase* base) {
@@ -257,7 +262,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
   OrtCustomOpDomain* domain = nullptr;  // kept for the life of the process, as onnxruntime requires
   RETURN_IF_ERROR(api.CreateCustomOpDomain(kDomain, &domain));
   RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kPagedAttention));
-  if (llmc::amx_usable()) {
+  if (llmc::int8_backend() != llmc::Int8Backend::kNone) {
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8Linear));
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearSwiGLU));
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearSplit3));

@@ -1,5 +1,6 @@
 """llmc.Int8Linear: the AMX kernel (natively where the CPU has AMX, on a scalar model of the tiles
-everywhere) and the ONNX function body against numpy."""
+everywhere), the AVX-512 VNNI kernel (where the CPU has VNNI + BF16, AMX or not) and the ONNX function
+body against numpy."""
 
 import numpy as np
 import onnxruntime as ort
@@ -9,10 +10,12 @@ from onnx import TensorProto, helper
 from llmc.compiler import onnx_int8_linear as il
 from llmc.compiler.onnx_builder import GraphBuilder
 from llmc.kernels import fused_cpu
-from tests.helpers import kernel_options
+from tests.helpers import int8_backend_env, kernel_options
 
-needs_amx = pytest.mark.skipif(not fused_cpu.amx_int8_available(), reason="this CPU has no AMX int8 tiles")
-KERNELS = pytest.mark.parametrize("kernels", [pytest.param("native", marks=needs_amx), "emulated-amx", "function-body"])
+needs_int8 = pytest.mark.skipif(not fused_cpu.int8_backend(), reason="this CPU has neither AMX nor AVX-512 VNNI + BF16")
+needs_vnni = pytest.mark.skipif(not fused_cpu.avx512_vnni_available(), reason="this CPU has no AVX-512 VNNI + BF16")
+NATIVE = [pytest.param("native", marks=needs_int8), pytest.param("native-vnni", marks=needs_vnni)]
+KERNELS = pytest.mark.parametrize("kernels", [*NATIVE, "emulated-amx", "function-body"])
 
 
 def _graph_session(g: GraphBuilder, in_features: int, outputs: list[str], kernels: str) -> ort.InferenceSession:
@@ -22,7 +25,9 @@ def _graph_session(g: GraphBuilder, in_features: int, outputs: list[str], kernel
                               g.initializers)
     model = helper.make_model(graph, functions=[il.build_function(op) for op in il.FUNCTIONS],
                               opset_imports=[helper.make_opsetid("", il.OPSET), helper.make_opsetid(il.DOMAIN, 1)])
-    return ort.InferenceSession(model.SerializeToString(), kernel_options(kernels), providers=["CPUExecutionProvider"])
+    with int8_backend_env(kernels):
+        return ort.InferenceSession(model.SerializeToString(), kernel_options(kernels),
+                                    providers=["CPUExecutionProvider"])
 
 
 def _session(weight: np.ndarray, outliers, kernels: str, swiglu: bool = False) -> ort.InferenceSession:
@@ -51,7 +56,7 @@ def test_int8_linear_matches_numpy(kernels, n, k, num_outliers):
         assert np.abs(y - exact).max() <= 0.03 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("kernels", [pytest.param("native", marks=needs_amx), "emulated-amx"])
+@pytest.mark.parametrize("kernels", [*NATIVE, "emulated-amx"])
 @pytest.mark.parametrize("glu", [False, True])
 def test_outputs_past_the_streaming_size_match_numpy(kernels, glu):
     """Outputs of >= 2 MiB are written with non-temporal stores (kStreamBytes): the same values."""
@@ -78,10 +83,11 @@ def test_outlier_channels_keep_the_other_channels_precise():
     assert errors[1] < errors[0] / 5  # what is left: bf16 rounding of the large channels
 
 
-def test_a_tokens_result_does_not_depend_on_the_other_tokens():
+@pytest.mark.parametrize("kernels", [*NATIVE, "emulated-amx"])
+def test_a_tokens_result_does_not_depend_on_the_other_tokens(kernels):
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((64, 96)) * 0.05).astype(np.float32)
-    session = _session(weight, np.arange(32), "native" if fused_cpu.amx_int8_available() else "emulated-amx")
+    session = _session(weight, np.arange(32), kernels)
     x = rng.standard_normal((20, 96)).astype(np.float32)
     crowded = np.concatenate([x, 100 * rng.standard_normal((20, 96)).astype(np.float32)])  # outlier tokens
     np.testing.assert_array_equal(session.run(None, {"x": crowded})[0][:20], session.run(None, {"x": x})[0])

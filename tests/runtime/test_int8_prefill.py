@@ -9,7 +9,7 @@ from llmc.runtime.llm import LLM
 from llmc.runtime.sequence import SamplingParams
 from tests.helpers import TEXT, write_yaml
 
-needs_amx = pytest.mark.skipif(not fused_cpu.amx_int8_available(), reason="this CPU has no AMX int8 tiles")
+needs_amx = pytest.mark.skipif(not fused_cpu.int8_backend(), reason="this CPU has no AMX int8 tiles")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_long_steps_run_the_int8_graph_and_agree_with_fp32(int8_bundle, tiny_bun
     llm = LLM(int8_bundle, max_num_batched_tokens=256)
     llm.engine.int8_min_tokens = engine_ort.PREFILL_MIN_TOKENS  # decodes on the main graph, whatever was measured
     out = llm.generate([prompt], params)[0]
-    assert llm.engine.path_counts["int8_amx"] == [1, 80] and llm.engine.path_counts["main"][0] == 7
+    assert llm.engine.path_counts["int8"] == [1, 80] and llm.engine.path_counts["main"][0] == 7
     assert "int8 AMX" in llm.engine.gemm_path
     ref = LLM(tiny_bundle, max_num_batched_tokens=256).generate([prompt], params)[0]
     first, ref_first = dict(out.logprobs[0]), dict(ref.logprobs[0])  # the prefill step's distribution
@@ -41,10 +41,10 @@ def test_long_steps_run_the_int8_graph_and_agree_with_fp32(int8_bundle, tiny_bun
 
 
 def test_without_amx_the_bundle_runs_the_main_graph(int8_bundle, tiny_bundle, monkeypatch):
-    monkeypatch.setattr(engine_ort, "amx_int8_available", lambda: False)
+    monkeypatch.setattr(engine_ort, "int8_backend", lambda: None)
     llm = LLM(int8_bundle)
     out = llm.generate([list(range(3, 83))], SamplingParams(max_tokens=6, ignore_eos=True))[0]
-    assert llm.engine.path_counts["int8_amx"] == [0, 0] and "main graph" in llm.engine.gemm_path
+    assert llm.engine.path_counts["int8"] == [0, 0] and "main graph" in llm.engine.gemm_path
     ref = LLM(tiny_bundle).generate([list(range(3, 83))], SamplingParams(max_tokens=6, ignore_eos=True))[0]
     assert out.token_ids == ref.token_ids  # the same fp32 graph as the bundle without the int8 one
 
@@ -74,7 +74,7 @@ def test_with_int8_from_one_token_every_step_runs_the_int8_graph(int8_bundle, ti
     llm.engine.int8_min_tokens = 1
     prompts = [list(range(3, 40)), list(range(50, 60))]
     out = llm.generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
-    assert llm.engine.path_counts["main"] == [0, 0] and llm.engine.path_counts["int8_amx"][0] > 0
+    assert llm.engine.path_counts["main"] == [0, 0] and llm.engine.path_counts["int8"][0] > 0
     ref = LLM(tiny_bundle).generate(prompts, SamplingParams(max_tokens=6, ignore_eos=True))
     assert [o.token_ids[0] for o in out] == [o.token_ids[0] for o in ref]
 
