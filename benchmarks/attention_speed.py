@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--kv-dtype", default="float16", choices=["float16", "float32", "int8"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prefill", action="store_true", help="whole prompts of --context tokens, not a decode")
-    parser.add_argument("--bf16-tiles", action="store_true", help="prefill tiles on AMX bf16 tiles (int8 graph)")
+    parser.add_argument("--bf16-tiles", action="store_true", help="prefill tiles in bf16 (int8 graph): AMX, or AVX-512 BF16 without it")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     s = session(args.kv_dtype, args.bf16_tiles)

@@ -151,3 +151,15 @@ def avx512_vnni_available() -> bool:
     """Whether the VNNI backend runs here (LLMC_INT8_BACKEND=avx512-vnni asks for it on AMX CPUs)."""
     library = fused_kernels_library()
     return library is not None and bool(ctypes.CDLL(str(library)).llmc_avx512_vnni_usable())
+
+
+def amx_available() -> bool:
+    """Whether the library's AMX kernels run here (the int8 GEMM's and attention's bf16 tiles)."""
+    library = fused_kernels_library()
+    return library is not None and bool(ctypes.CDLL(str(library)).llmc_amx_usable())
+
+
+def bf16_attention_available() -> bool:
+    """Whether attention's bf16 prefill tiles run here: on AMX, or without it on AVX-512 BF16."""
+    library = fused_kernels_library()
+    return library is not None and bool(ctypes.CDLL(str(library)).llmc_bf16_attention_usable())

@@ -15,6 +15,8 @@ namespace llmc {
 
 // Whether this CPU and OS run AMX int8 and bf16 tiles (CPUID, XCR0, and Linux's per-process permission).
 bool amx_usable();
+// Whether they run AVX-512 (F, BW, VL) with BF16 (VDPBF16PS): the kernels' path where AMX is missing.
+bool avx512_bf16_usable();
 
 // The LDTILECFG operand.
 struct alignas(64) TileConfig {

@@ -51,12 +51,12 @@ bool amx_usable() {
   return usable;
 }
 
-bool avx512_vnni_usable() {
+bool avx512_bf16_usable() {
   static const bool usable = [] {
     unsigned eax, ebx, ecx, edx;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool f = ebx & (1u << 16), bw = ebx & (1u << 30), vl = ebx & (1u << 31), vnni = ecx & (1u << 11);
-    if (!f || !bw || !vl || !vnni) return false;
+    const bool f = ebx & (1u << 16), bw = ebx & (1u << 30), vl = ebx & (1u << 31);
+    if (!f || !bw || !vl) return false;
     if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax & (1u << 5))) return false;  // AVX512_BF16
     if (!__get_cpuid_count(1, 0, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
     unsigned lo, hi;
@@ -64,6 +64,11 @@ bool avx512_vnni_usable() {
     return (lo & 0xe6u) == 0xe6u;  // the OS saves the SSE, AVX and AVX-512 (opmask, zmm) state
   }();
   return usable;
+}
+
+bool avx512_vnni_usable() {
+  unsigned eax, ebx, ecx, edx;
+  return avx512_bf16_usable() && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 11));
 }
 
 Int8Backend int8_backend() {

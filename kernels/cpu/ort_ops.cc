@@ -249,8 +249,14 @@ OrtCustomOp base_op() {
 extern "C" __attribute__((visibility("default"))) int llmc_int8_backend() {
   return static_cast<int>(llmc::int8_backend());
 }
-// Whether LLMC_INT8_BACKEND=avx512-vnni would run here (AMX CPUs have VNNI too): for the tests.
+// Whether LLMC_INT8_BACKEND=avx512-vnni would run here (AMX CPUs have VNNI too), and whether the AMX
+// kernels run: for the tests.
 extern "C" __attribute__((visibility("default"))) int llmc_avx512_vnni_usable() { return llmc::avx512_vnni_usable(); }
+extern "C" __attribute__((visibility("default"))) int llmc_amx_usable() { return llmc::amx_usable(); }
+// Whether attention's bf16 tiles run here (on AMX, or on AVX-512 BF16 without it): for the tests.
+extern "C" __attribute__((visibility("default"))) int llmc_bf16_attention_usable() {
+  return llmc::amx_usable() || llmc::avx512_bf16_usable();
+}
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(OrtSessionOptions* options,
                                                                                  const OrtApiBase* base) {

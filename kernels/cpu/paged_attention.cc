@@ -235,11 +235,13 @@ StepPlan plan_step(const PagedAttentionArgs& a) {
       plan.tiles.insert(plan.tiles.end(), {s, r0, std::min(kTile, rows[s] - r0)});
     }
   }
-  plan.amx = a.bf16_tiles && !plan.tiles.empty() && a.D % 32 == 0 && amx_usable();
-  for (int64_t s = 0; plan.amx && s < a.S; ++s) {
+  const bool bf16 = a.bf16_tiles && !plan.tiles.empty() && a.D % 32 == 0;
+  plan.bf16_vectors = bf16 && !amx_usable() && avx512_bf16_usable();
+  plan.bf16_tiles = bf16 && (amx_usable() || plan.bf16_vectors);
+  for (int64_t s = 0; plan.bf16_tiles && s < a.S; ++s) {
     if (rows[s] >= kTile) plan.packed_sequences.push_back(s);
   }
-  if (plan.amx) plan.bf16_keys.resize(a.S);
+  if (plan.bf16_tiles) plan.bf16_keys.resize(a.S);
   plan.step_rows = std::move(rows);
   plan.chunks = (longest + kChunk - 1) / kChunk;
   plan.partials.resize(plan.chunked_tokens.size() * plan.chunks * a.H * (a.D + 2));
@@ -352,7 +354,7 @@ void run_item(const PagedAttentionArgs& a, StepPlan& plan, int64_t item) {
   const int64_t chunk_items = int64_t(plan.chunked_tokens.size()) * plan.chunks;
   if (item >= chunk_items) {
     const int64_t* tile = plan.tiles.data() + 3 * (item - chunk_items);
-    if (plan.amx) return attend_tile_amx(a, plan, tile[0], tile[1], tile[2]);
+    if (plan.bf16_tiles) return attend_tile_bf16(a, plan, tile[0], tile[1], tile[2]);
     return attend_tile(a, tile[0], tile[1], tile[2]);
   }
   const int64_t t = plan.chunked_tokens[item / plan.chunks], c = item % plan.chunks;

@@ -37,7 +37,7 @@ struct PagedAttentionArgs {
   int64_t T, S, Qmax, Mc, NB, B, P;
   int64_t H, KVH, D;
   float scale;
-  bool bf16_tiles = false;  // prefill tiles on AMX bf16 tiles (paged_attention_amx.cc) where the CPU has them
+  bool bf16_tiles = false;  // prefill tiles in bf16 (paged_attention_amx.cc) where the CPU has AMX or AVX-512 BF16
   // Outputs.
   float* out;        // [T, H*D]
   float* k_rotated;  // [T, KVH*D]
@@ -74,9 +74,12 @@ struct StepPlan {
   std::vector<int64_t> tiles;           // (sequence, first row, rows) per tile
   std::vector<float> partials;          // [chunked tokens, chunks, H, D + 2]: unnormalized output, max, sum
   std::vector<int64_t> step_rows;       // [S]: each sequence's rows in the step
-  bool amx = false;                     // tiles run on AMX (a.bf16_tiles, AMX usable, D a multiple of 32)
-  std::vector<int64_t> packed_sequences;  // with amx: the sequences that have tiles
-  std::vector<Bf16Keys> bf16_keys;        // with amx: [S], filled for packed_sequences by pack_keys
+  // tiles run in bf16 (a.bf16_tiles, D a multiple of 32): on AMX, or where it has none on AVX-512 BF16
+  // (bf16_vectors)
+  bool bf16_tiles = false;
+  bool bf16_vectors = false;
+  std::vector<int64_t> packed_sequences;  // with bf16_tiles: the sequences that have tiles
+  std::vector<Bf16Keys> bf16_keys;        // with bf16_tiles: [S], filled for packed_sequences by pack_keys
   int64_t num_items() const { return int64_t(chunked_tokens.size()) * chunks + int64_t(tiles.size()) / 3; }
 };
 
@@ -95,12 +98,12 @@ void run_item(const PagedAttentionArgs& a, StepPlan& plan, int64_t item);
 // Combines each chunked token's partials into out (softmax over all its keys).
 void merge_chunks(const PagedAttentionArgs& a, const StepPlan& plan);
 
-// With plan.amx: sequence packed_sequences[i]'s keys and values into plan.bf16_keys (after rotate_all,
+// With plan.bf16_tiles: sequence packed_sequences[i]'s keys and values into plan.bf16_keys (after rotate_all,
 // before the tiles run).
 void pack_keys(const PagedAttentionArgs& a, StepPlan& plan, int64_t i);
 
-// Rows [r0, r0 + rows) of sequence s, on AMX bf16 tiles (from plan.bf16_keys).
-void attend_tile_amx(const PagedAttentionArgs& a, const StepPlan& plan, int64_t s, int64_t r0, int64_t rows);
+// Rows [r0, r0 + rows) of sequence s in bf16, on AMX tiles or AVX-512 BF16 (from plan.bf16_keys).
+void attend_tile_bf16(const PagedAttentionArgs& a, const StepPlan& plan, int64_t s, int64_t r0, int64_t rows);
 
 // Rows [r0, r0 + rows) of sequence s (rows <= kTile), all their keys, into out.
 void attend_tile(const PagedAttentionArgs& a, int64_t s, int64_t r0, int64_t rows);

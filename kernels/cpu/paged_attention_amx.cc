@@ -10,6 +10,8 @@
 // A sequence's keys and values (cached ones from the pools, then the step's own) are converted once per
 // step into bf16 K [KVH, Lp, D] and V^T [KVH, D, Lp] (pack_keys), which all its tiles read. The queries
 // are scaled by scale * log2(e) before rounding, so the scores are base-2 logits and softmax is 2^x.
+// Without AMX (AVX-512 BF16: AMD Zen 4 and 5) the same chains of tile products run as VDPBF16PS, 16
+// accumulator registers for the 16 rows of a product tile (plan.bf16_vectors).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -107,6 +109,58 @@ __attribute__((target("avx512f"))) void pack_keys_t(const PagedAttentionArgs& a,
   }
 }
 
+// c[16][16] = sum over t < tiles of A_t . B_t, as AMX computes it: A_t 16 rows x 32 bf16 at a + 32 t
+// (row stride a_stride elements), B_t 16 VNNI rows of 16 bf16 pairs at b + 256 t. Expects the tile
+// configuration.
+__attribute__((target("amx-tile,amx-bf16"))) inline void chain_amx(const uint16_t* a, int64_t a_stride, const uint32_t* b,
+                                                                  int64_t tiles, float (*c)[16]) {
+  _tile_zero(0);
+  for (int64_t t = 0; t < tiles; ++t) {
+    _tile_loadd(1, a + 32 * t, a_stride * 2);
+    _tile_loadd(2, b + 256 * t, 64);
+    _tile_dpbf16ps(0, 1, 2);
+  }
+  _tile_stored(0, c, 64);
+}
+
+// acc += b . the bf16 pair at x in every lane (VDPBF16PS, its broadcast a memory operand; inline assembly,
+// as in int8_linear_vnni.cc: GCC 12 copies an intrinsic's accumulator through another register).
+__attribute__((target("avx512f,avx512bf16"))) inline void dpbf16(__m512& acc, __m512i b, const void* x) {
+  __asm__("vdpbf16ps %[x]%{1to16%}, %[b], %[acc]" : [acc] "+v"(acc) : [b] "v"(b), [x] "m"(*static_cast<const uint32_t*>(x)));
+}
+
+// The same chain on AVX-512 BF16: row r of c is one accumulator, B's rows are loaded once per 16 rows.
+__attribute__((target("avx512f,avx512bf16"))) inline void chain_vectors(const uint16_t* a, int64_t a_stride,
+                                                                       const uint32_t* b, int64_t tiles,
+                                                                       float (*c)[16]) {
+#define LLMC_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15)
+#define LLMC_ZERO(r) __m512 acc##r = _mm512_setzero_ps();
+  LLMC_ROWS(LLMC_ZERO)
+  for (int64_t t = 0; t < tiles; ++t) {
+    for (int64_t k = 0; k < 16; ++k) {  // B_t's row k: pair k of every row of A_t
+      const __m512i bk = _mm512_load_si512(b + 256 * t + 16 * k);
+      const uint16_t* column = a + 32 * t + 2 * k;
+#define LLMC_DOT(r) dpbf16(acc##r, bk, column + (r) * a_stride);
+      LLMC_ROWS(LLMC_DOT)
+    }
+  }
+#define LLMC_STORE(r) _mm512_store_ps(c[r], acc##r);
+  LLMC_ROWS(LLMC_STORE)
+#undef LLMC_STORE
+#undef LLMC_DOT
+#undef LLMC_ZERO
+#undef LLMC_ROWS
+}
+
+template <bool kAmx>
+inline void chain(const uint16_t* a, int64_t a_stride, const uint32_t* b, int64_t tiles, float (*c)[16]) {
+  if constexpr (kAmx) {
+    chain_amx(a, a_stride, b, tiles, c);
+  } else {
+    chain_vectors(a, a_stride, b, tiles, c);
+  }
+}
+
 // The tile's state for one head: 16 lanes (rows) of running maximum and sum, and the outputs transposed.
 struct HeadState {
   __m512 peak, sum;
@@ -114,8 +168,10 @@ struct HeadState {
 };
 
 // One chunk of n <= kAmxKeys keys from key c0, for head h of the tile whose row 0 sees keys up to
-// last_key_of_row0. q_t: the head's scaled queries, VNNI [D/2, 16 lanes]. Expects the tile configuration.
-__attribute__((target("amx-tile,amx-bf16,avx512f"))) void attend_chunk_amx(
+// last_key_of_row0. q_t: the head's scaled queries, VNNI [D/2, 16 lanes]. With AMX, expects the tile
+// configuration.
+template <bool kAmx>
+__attribute__((target("avx512f"))) void attend_chunk(
     const Bf16Keys& keys, int64_t g, int64_t D, const uint32_t* q_t, int64_t c0, int64_t n, int64_t last_key_of_row0,
     HeadState& st) {
   const int64_t Lp = keys.padded;
@@ -123,14 +179,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void attend_chunk_amx(
   const uint16_t* v_t = keys.v_t.data() + g * D * Lp + c0;    // [D, Lp]
   alignas(64) float scores[kAmxKeys][16];                     // S^T
   const int64_t key_tiles = (n + 15) / 16;
-  for (int64_t kb = 0; kb < key_tiles; ++kb) {
-    _tile_zero(0);
-    for (int64_t dt = 0; dt < D / 32; ++dt) {
-      _tile_loadd(1, k + kb * 16 * D + dt * 32, D * 2);  // 16 keys x 32 d
-      _tile_loadd(2, q_t + dt * 256, 64);                 // 16 d-pairs x 16 rows
-      _tile_dpbf16ps(0, 1, 2);
-    }
-    _tile_stored(0, scores[kb * 16], 64);
+  for (int64_t kb = 0; kb < key_tiles; ++kb) {  // 16 keys x 32 d . 16 d-pairs x 16 rows, D / 32 times
+    chain<kAmx>(k + kb * 16 * D, D, q_t, D / 32, &scores[kb * 16]);
   }
   // Row i (lane i) sees keys <= last_key_of_row0 + i: masks only where this chunk passes row 0's last key.
   const bool masked = c0 + n - 1 > last_key_of_row0;
@@ -158,14 +208,8 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void attend_chunk_amx(
   }
   st.sum = sum;
   alignas(64) float o_t[16][16];
-  for (int64_t dt = 0; dt < D / 16; ++dt) {
-    _tile_zero(0);
-    for (int64_t kt = 0; kt < pairs / 16; ++kt) {
-      _tile_loadd(1, v_t + dt * 16 * Lp + kt * 32, Lp * 2);  // 16 d x 32 keys
-      _tile_loadd(2, p_t[kt * 16], 64);                       // 16 key-pairs x 16 rows
-      _tile_dpbf16ps(0, 1, 2);
-    }
-    _tile_stored(0, o_t, 64);
+  for (int64_t dt = 0; dt < D / 16; ++dt) {  // 16 d x 32 keys . 16 key-pairs x 16 rows, per 32 keys
+    chain<kAmx>(v_t + dt * 16 * Lp, Lp, p_t[0], pairs / 16, o_t);
     for (int64_t d = 0; d < 16; ++d) {
       st.acc[dt * 16 + d] = _mm512_fmadd_ps(st.acc[dt * 16 + d], rescale, _mm512_load_ps(o_t[d]));
     }
@@ -184,10 +228,12 @@ void pack_keys(const PagedAttentionArgs& a, StepPlan& plan, int64_t i) {
   return by_pool_type(a, [&](auto element) { pack_keys_t<decltype(element)>(a, s, total, out); });
 }
 
-__attribute__((target("amx-tile,amx-bf16,avx512f"))) void attend_tile_amx(const PagedAttentionArgs& a,
-                                                                         const StepPlan& plan, int64_t s, int64_t r0,
-                                                                         int64_t rows) {
-  _tile_loadconfig(&full_tiles());
+namespace {
+
+template <bool kAmx>
+__attribute__((target("amx-tile,avx512f"))) void tile_in_bf16(const PagedAttentionArgs& a, const StepPlan& plan,
+                                                            int64_t s, int64_t r0, int64_t rows) {
+  if constexpr (kAmx) _tile_loadconfig(&full_tiles());
   const int64_t H = a.H, D = a.D, group = a.H / a.KVH;
   const int64_t* tokens = a.query_index + s * a.Qmax;  // step token of each row
   const int64_t last_key_of_row0 = a.query_positions[s * a.Qmax] + r0, total = last_key_of_row0 + rows;
@@ -207,7 +253,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void attend_tile_amx(const 
     st.sum = _mm512_setzero_ps();
     std::fill(st.acc, st.acc + D, _mm512_setzero_ps());
     for (int64_t c0 = 0; c0 < total; c0 += kAmxKeys) {
-      attend_chunk_amx(keys, h / group, D, q_t[0], c0, std::min(kAmxKeys, total - c0), last_key_of_row0, st);
+      attend_chunk<kAmx>(keys, h / group, D, q_t[0], c0, std::min(kAmxKeys, total - c0), last_key_of_row0, st);
     }
     alignas(64) float inv[16];
     _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), st.sum));
@@ -217,6 +263,13 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void attend_tile_amx(const 
       for (int64_t i = 0; i < rows; ++i) a.out[tokens[r0 + i] * H * D + h * D + d] = lanes[i] * inv[i];
     }
   }
+}
+
+}  // namespace
+
+void attend_tile_bf16(const PagedAttentionArgs& a, const StepPlan& plan, int64_t s, int64_t r0, int64_t rows) {
+  if (plan.bf16_vectors) return tile_in_bf16<false>(a, plan, s, r0, rows);
+  tile_in_bf16<true>(a, plan, s, r0, rows);
 }
 
 }  // namespace llmc

@@ -1,8 +1,8 @@
-"""llmc.PagedAttention with bf16_tiles: prefill tiles on AMX bf16 tiles, held to a numpy reference of the
-same rounding (bf16 queries, keys and values, exact softmax), and to float32 within bf16's error;
-decodes in the same step stay float32. The AMX kernel runs natively where the CPU has AMX and on a
-scalar model of the tiles everywhere (emulated-amx); natively on a CPU without AMX the attribute
-changes nothing (float32 tiles)."""
+"""llmc.PagedAttention with bf16_tiles: prefill tiles in bf16, held to a numpy reference of the same
+rounding (bf16 queries, keys and values, exact softmax), and to float32 within bf16's error; decodes in
+the same step stay float32. Natively the tiles run on AMX where the CPU has it, else on AVX-512 BF16
+(VDPBF16PS), and on a scalar model of the AMX tiles everywhere (emulated-amx); on a CPU with neither
+the attribute changes nothing (float32 tiles)."""
 
 import numpy as np
 import onnxruntime as ort
@@ -115,8 +115,8 @@ def test_bf16_tiles_match_a_bf16_reference_and_float32_within_bf16_error(heads, 
     decode = slice(-SEQUENCES[-1][1], None)  # the decoding token: float32 chunks in every case
     assert np.abs(got[decode] - exact[decode]).max() < 1e-4
     prefill = slice(0, -SEQUENCES[-1][1])
-    amx = kernels == "emulated-amx" or fused_cpu.amx_int8_available()
-    if not (amx and head_dim % 32 == 0):  # float32 tiles: the attribute is ignored
+    bf16 = kernels == "emulated-amx" or fused_cpu.bf16_attention_available()  # AMX or AVX-512 BF16
+    if not (bf16 and head_dim % 32 == 0):  # float32 tiles: the attribute is ignored
         assert np.abs(got - exact).max() < 1e-4
         return
     rounded = _reference(feeds, heads, kv_heads, head_dim, round_bf16=True)

@@ -1,5 +1,5 @@
-"""The int8 prefill graph of a bundle: steps of many tokens run it where AMX runs, the main graph
-elsewhere (runtime/engine_ort.py)."""
+"""The int8 prefill graph of a bundle: steps of many tokens run it where AMX or AVX-512 VNNI runs, the
+main graph elsewhere (runtime/engine_ort.py)."""
 
 import pytest
 
@@ -9,7 +9,7 @@ from llmc.runtime.llm import LLM
 from llmc.runtime.sequence import SamplingParams
 from tests.helpers import TEXT, write_yaml
 
-needs_amx = pytest.mark.skipif(not fused_cpu.int8_backend(), reason="this CPU has no AMX int8 tiles")
+needs_int8 = pytest.mark.skipif(not fused_cpu.int8_backend(), reason="this CPU has neither AMX nor AVX-512 VNNI + BF16")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def int8_bundle(tmp_path_factory, tiny_checkpoint):
                                       calibration={"texts": ["calibration.txt"], "n_samples": 4, "seq_len": 64})))
 
 
-@needs_amx
+@needs_int8
 def test_long_steps_run_the_int8_graph_and_agree_with_fp32(int8_bundle, tiny_bundle):
     prompt = list(range(3, 83))  # 80 tokens: one prefill step of the int8 graph
     params = SamplingParams(max_tokens=8, ignore_eos=True, logprobs=5)
@@ -32,12 +32,31 @@ def test_long_steps_run_the_int8_graph_and_agree_with_fp32(int8_bundle, tiny_bun
     llm.engine.int8_min_tokens = engine_ort.PREFILL_MIN_TOKENS  # decodes on the main graph, whatever was measured
     out = llm.generate([prompt], params)[0]
     assert llm.engine.path_counts["int8"] == [1, 80] and llm.engine.path_counts["main"][0] == 7
-    assert "int8 AMX" in llm.engine.gemm_path
+    assert f"int8 {fused_cpu.int8_backend()} (llmc.Int8Linear)" in llm.engine.gemm_path
     ref = LLM(tiny_bundle, max_num_batched_tokens=256).generate([prompt], params)[0]
     first, ref_first = dict(out.logprobs[0]), dict(ref.logprobs[0])  # the prefill step's distribution
     assert out.token_ids[0] == ref.token_ids[0]
     shared = set(first) & set(ref_first)
     assert len(shared) >= 4 and max(abs(first[t] - ref_first[t]) for t in shared) < 0.05
+
+
+@pytest.mark.skipif(not fused_cpu.avx512_vnni_available(), reason="this CPU has no AVX-512 VNNI + BF16")
+def test_the_vnni_backend_runs_the_int8_graph_where_asked_for(int8_bundle, tiny_bundle, monkeypatch):
+    """LLMC_INT8_BACKEND=avx512-vnni: the VNNI kernel even on an AMX CPU; the same first token as fp32."""
+    monkeypatch.setenv(fused_cpu.INT8_BACKEND_ENV, "avx512-vnni")
+    llm = LLM(int8_bundle, max_num_batched_tokens=256)
+    assert llm.engine.int8_backend == "AVX-512 VNNI" and "int8 AVX-512 VNNI" in llm.engine.gemm_path
+    prompt = list(range(3, 83))
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert llm.engine.path_counts["int8"][0] >= 1
+    ref = LLM(tiny_bundle).generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert out.token_ids[0] == ref.token_ids[0]
+
+
+def test_asked_for_no_int8_backend_the_bundle_runs_the_main_graph(int8_bundle, monkeypatch):
+    monkeypatch.setenv(fused_cpu.INT8_BACKEND_ENV, "none")
+    llm = LLM(int8_bundle)
+    assert llm.engine.int8_session is None and "main graph" in llm.engine.gemm_path
 
 
 def test_without_amx_the_bundle_runs_the_main_graph(int8_bundle, tiny_bundle, monkeypatch):
@@ -49,7 +68,7 @@ def test_without_amx_the_bundle_runs_the_main_graph(int8_bundle, tiny_bundle, mo
     assert out.token_ids == ref.token_ids  # the same fp32 graph as the bundle without the int8 one
 
 
-@needs_amx
+@needs_int8
 @pytest.mark.parametrize("int8_from,expected", [(None, 1), (4, 4), (8, 8), (100, engine_ort.PREFILL_MIN_TOKENS)])
 def test_the_crossover_is_the_smallest_batch_from_which_int8_stays_faster(int8_bundle, monkeypatch, int8_from,
                                                                           expected):
@@ -68,7 +87,7 @@ def test_the_crossover_is_the_smallest_batch_from_which_int8_stays_faster(int8_b
     assert ("every step" in engine.gemm_path) == (expected == 1)
 
 
-@needs_amx
+@needs_int8
 def test_with_int8_from_one_token_every_step_runs_the_int8_graph(int8_bundle, tiny_bundle):
     llm = LLM(int8_bundle)
     llm.engine.int8_min_tokens = 1
