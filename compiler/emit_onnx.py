@@ -43,6 +43,21 @@ def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
     return g.op("Mul", g.op("Div", x, denom), weight)
 
 
+def _add_rms_norm(g: GraphBuilder, x: str, residual: str | None, weight: str, eps: float, fused: bool) -> tuple[str, str]:
+    """(rms_norm(x + residual), x + residual), or of x alone without a residual. fused: one
+    com.microsoft.SkipSimplifiedLayerNormalization node (onnxruntime graphs; at batch 1 a step's ~60
+    residual Adds and norms were ~10% of its node time, most of it per-node overhead)."""
+    if residual is None:
+        return _rms_norm(g, x, weight, eps), x
+    if not fused:
+        x = g.op("Add", x, residual)
+        return _rms_norm(g, x, weight, eps), x
+    normed, _, _, total = g.op("SkipSimplifiedLayerNormalization", x, residual, weight, domain="com.microsoft",
+                               outputs=4, epsilon=eps)
+    g.nodes[-1].output[1] = g.nodes[-1].output[2] = ""  # no mean or inverse deviation (optional outputs)
+    return normed, total
+
+
 def _linear(g: GraphBuilder, x: str, name: str, linear: torch.nn.Linear, quant: dict) -> str:
     return _fused_linear(g, x, [name], [linear], quant)[0]
 
@@ -188,9 +203,12 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     bf16_tiles = {"bf16_tiles": 1} if int8_linears else {}  # the int8 graph: prefill attention on AMX bf16 too
     if kv_dtype == "int8" and len(kv_scales or {}) != geo.num_layers:
         raise ValueError("int8 KV pools need kv_scales for every layer (passes/kv_scales)")
+    fused_norms = weight_format != "qdq"  # the TensorRT target's graph keeps standard ops
+    mlp_out = None  # the previous layer's MLP output, added to x by the next norm
     for i, layer in enumerate(model.layers):
         p = f"layers.{i}"
-        h = _rms_norm(g, x, g.weight(f"{p}.attn_norm", _np(layer.attn_norm)), geo.rms_norm_eps)
+        h, x = _add_rms_norm(g, x, mlp_out, g.weight(f"{p}.attn_norm", _np(layer.attn_norm)), geo.rms_norm_eps,
+                             fused_norms)
         q, k, v = _fused_linear(g, h, [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"],
                                 [layer.q_proj, layer.k_proj, layer.v_proj], quant)  # [T, heads * D]
         scales = ([g.weight(f"{p}.{name}", kv_scales[i][j]) for j, name in enumerate(pa.SCALES)]
@@ -199,14 +217,15 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
                                rope["rope_cos"], rope["rope_sin"], *scales, domain=pa.DOMAIN,
                                name=f"{p}.paged_attention", outputs=2, scale=float(geo.head_dim ** -0.5),
                                num_heads=geo.num_heads, kv_num_heads=geo.num_kv_heads, **bf16_tiles)
-        x = g.op("Add", x, _linear(g, attn, f"{p}.o_proj", layer.o_proj, quant))
-        h = _rms_norm(g, x, g.weight(f"{p}.mlp_norm", _np(layer.mlp_norm)), geo.rms_norm_eps)
-        x = g.op("Add", x, _int8_mlp(g, h, p, layer, quant) or _mlp(g, h, p, layer, quant))
+        h, x = _add_rms_norm(g, x, _linear(g, attn, f"{p}.o_proj", layer.o_proj, quant),
+                             g.weight(f"{p}.mlp_norm", _np(layer.mlp_norm)), geo.rms_norm_eps, fused_norms)
+        mlp_out = _int8_mlp(g, h, p, layer, quant) or _mlp(g, h, p, layer, quant)
         if scales:  # codes of the pools' static scales, per channel (saturating, round half to even)
             k_rotated, v = (_int8_codes(g, x_, kv_scales[i][j], f"{p}.{name}")
                             for j, (x_, name) in enumerate(zip((k_rotated, v), pa.SCALES)))
         new_keys.append(k_rotated)
         new_values.append(v)
+    x = g.op("Add", x, mlp_out)
     h = _rms_norm(g, g.op("Gather", x, "logits_index", axis=0), g.weight("norm", _np(model.norm)), geo.rms_norm_eps)
     head_outliers = quant["outliers"].get("lm_head", [])
     # the int8 graph: the LM head too, with its outlier channels (a second level of activation codes, the
