@@ -47,8 +47,8 @@ def main() -> None:
         subprocess.run([os.environ.get("CXX", "c++"), "-O2", "-o", str(binary), str(source)], check=True)
         runs = [subprocess.Popen(["taskset", "-c", str(core), str(binary)], stdout=subprocess.PIPE, text=True)
                 for core in cores]  # every core at once
-        rates = [dict((name, float(rate)) for name, rate in (line.split() for line in run.communicate()[0].splitlines()))
-                 for run in runs]
+        outputs = [run.communicate()[0] for run in runs]
+    rates = [{name: float(rate) for name, rate in (line.split() for line in out.splitlines())} for out in outputs]
     report = {}
     for name, ops in OPS_PER_INSTRUCTION.items():
         per_core = [r[name] for r in rates]

@@ -43,7 +43,8 @@ def _rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
     return g.op("Mul", g.op("Div", x, denom), weight)
 
 
-def _add_rms_norm(g: GraphBuilder, x: str, residual: str | None, weight: str, eps: float, fused: bool) -> tuple[str, str]:
+def _add_rms_norm(g: GraphBuilder, x: str, residual: str | None, weight: str, eps: float,
+                  fused: bool) -> tuple[str, str]:
     """(rms_norm(x + residual), x + residual), or of x alone without a residual. fused: one
     com.microsoft.SkipSimplifiedLayerNormalization node (onnxruntime graphs; at batch 1 a step's ~60
     residual Adds and norms were ~10% of its node time, most of it per-node overhead)."""
@@ -200,7 +201,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     plan = pa.build_plan(g, geo.num_kv_heads, geo.head_dim, "key_pool_0")
     x = g.op("Gather", embed, "input_ids", axis=0)  # [T, hidden]
     new_keys, new_values = [], []
-    bf16_tiles = {"bf16_tiles": 1} if int8_linears else {}  # the int8 graph: prefill attention on AMX bf16 too
+    bf16_tiles = {"bf16_tiles": 1} if int8_linears else {}  # the int8 graph: prefill attention in bf16 too
     if kv_dtype == "int8" and len(kv_scales or {}) != geo.num_layers:
         raise ValueError("int8 KV pools need kv_scales for every layer (passes/kv_scales)")
     fused_norms = weight_format != "qdq"  # the TensorRT target's graph keeps standard ops

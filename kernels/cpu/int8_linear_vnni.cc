@@ -70,9 +70,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void int8_chunk(const int
 }
 
 // The same for the bf16 outliers: x [kChunkRows, Ko] bf16, b0 / b1 [Ko / 2][32] bf16, float sums.
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_chunk(const uint16_t* x, int64_t Ko, const uint16_t* b0,
-                                                                       const uint16_t* b1, float (*out0)[16],
-                                                                       float (*out1)[16]) {
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void bf16_chunk(const uint16_t* x, int64_t Ko,
+                                                                       const uint16_t* b0, const uint16_t* b1,
+                                                                       float (*out0)[16], float (*out1)[16]) {
 #define LLMC_ZERO(r) __m512 acc0_##r = _mm512_setzero_ps(), acc1_##r = _mm512_setzero_ps();
   LLMC_ROWS(LLMC_ZERO)
 #undef LLMC_ZERO

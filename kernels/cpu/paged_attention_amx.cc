@@ -112,8 +112,8 @@ __attribute__((target("avx512f"))) void pack_keys_t(const PagedAttentionArgs& a,
 // c[16][16] = sum over t < tiles of A_t . B_t, as AMX computes it: A_t 16 rows x 32 bf16 at a + 32 t
 // (row stride a_stride elements), B_t 16 VNNI rows of 16 bf16 pairs at b + 256 t. Expects the tile
 // configuration.
-__attribute__((target("amx-tile,amx-bf16"))) inline void chain_amx(const uint16_t* a, int64_t a_stride, const uint32_t* b,
-                                                                  int64_t tiles, float (*c)[16]) {
+__attribute__((target("amx-tile,amx-bf16"))) inline void chain_amx(const uint16_t* a, int64_t a_stride,
+                                                                  const uint32_t* b, int64_t tiles, float (*c)[16]) {
   _tile_zero(0);
   for (int64_t t = 0; t < tiles; ++t) {
     _tile_loadd(1, a + 32 * t, a_stride * 2);
@@ -126,7 +126,9 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void chain_amx(const uint16_
 // acc += b . the bf16 pair at x in every lane (VDPBF16PS, its broadcast a memory operand; inline assembly,
 // as in int8_linear_vnni.cc: GCC 12 copies an intrinsic's accumulator through another register).
 __attribute__((target("avx512f,avx512bf16"))) inline void dpbf16(__m512& acc, __m512i b, const void* x) {
-  __asm__("vdpbf16ps %[x]%{1to16%}, %[b], %[acc]" : [acc] "+v"(acc) : [b] "v"(b), [x] "m"(*static_cast<const uint32_t*>(x)));
+  __asm__("vdpbf16ps %[x]%{1to16%}, %[b], %[acc]"
+          : [acc] "+v"(acc)
+          : [b] "v"(b), [x] "m"(*static_cast<const uint32_t*>(x)));
 }
 
 // The same chain on AVX-512 BF16: row r of c is one accumulator, B's rows are loaded once per 16 rows.
