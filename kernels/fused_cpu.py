@@ -133,15 +133,18 @@ INT8_BACKENDS = {1: "AMX", 2: "AVX-512 VNNI"}  # llmc::Int8Backend (kernels/cpu/
 INT8_BACKEND_ENV = "LLMC_INT8_BACKEND"  # avx512-vnni or none: a lesser backend than the CPU's best
 
 
+def _ask_library(symbol: str) -> int | None:
+    """The int the library's `symbol()` returns (what it runs here), or None when there is no library."""
+    library = fused_kernels_library()
+    return None if library is None else int(getattr(ctypes.CDLL(str(library)), symbol)())
+
+
 def int8_backend() -> str | None:
     """What the library's llmc.Int8Linear kernel runs on here ("AMX" or "AVX-512 VNNI"), or None where it
     is not registered (no AMX, no AVX-512 VNNI + BF16, or LLMC_INT8_BACKEND=none). Asking for AMX also asks
     Linux for the per-process tile permission. Read on each call, as the kernel reads the variable."""
-    library = fused_kernels_library()
-    if library is None:
-        return None
     try:
-        return INT8_BACKENDS.get(ctypes.CDLL(str(library)).llmc_int8_backend())
+        return INT8_BACKENDS.get(_ask_library("llmc_int8_backend"))
     except (OSError, AttributeError) as exc:
         log.warning("could not ask llmc's kernel library about its int8 GEMM (%s): the int8 graph is not used", exc)
         return None
@@ -149,17 +152,14 @@ def int8_backend() -> str | None:
 
 def avx512_vnni_available() -> bool:
     """Whether the VNNI backend runs here (LLMC_INT8_BACKEND=avx512-vnni asks for it on AMX CPUs)."""
-    library = fused_kernels_library()
-    return library is not None and bool(ctypes.CDLL(str(library)).llmc_avx512_vnni_usable())
+    return bool(_ask_library("llmc_avx512_vnni_usable"))
 
 
 def amx_available() -> bool:
     """Whether the library's AMX kernels run here (the int8 GEMM's and attention's bf16 tiles)."""
-    library = fused_kernels_library()
-    return library is not None and bool(ctypes.CDLL(str(library)).llmc_amx_usable())
+    return bool(_ask_library("llmc_amx_usable"))
 
 
 def bf16_attention_available() -> bool:
     """Whether attention's bf16 prefill tiles run here: on AMX, or without it on AVX-512 BF16."""
-    library = fused_kernels_library()
-    return library is not None and bool(ctypes.CDLL(str(library)).llmc_bf16_attention_usable())
+    return bool(_ask_library("llmc_bf16_attention_usable"))

@@ -143,24 +143,16 @@ def emulated_amx_library() -> Path:
     return target
 
 
-@contextlib.contextmanager
 def int8_backend_env(kernels: str):
     """For kernels="native-vnni", LLMC_INT8_BACKEND=avx512-vnni while the block runs (the kernels read it
     when a session creates them): the VNNI GEMM even where the CPU has AMX."""
-    if kernels != "native-vnni":
-        yield
-        return
+    from unittest import mock
+
     from llmc.kernels.fused_cpu import INT8_BACKEND_ENV
 
-    saved = os.environ.get(INT8_BACKEND_ENV)
-    os.environ[INT8_BACKEND_ENV] = "avx512-vnni"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[INT8_BACKEND_ENV]
-        else:
-            os.environ[INT8_BACKEND_ENV] = saved
+    if kernels != "native-vnni":
+        return contextlib.nullcontext()
+    return mock.patch.dict(os.environ, {INT8_BACKEND_ENV: "avx512-vnni"})
 
 
 def kernel_options(kernels: str):

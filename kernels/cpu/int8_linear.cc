@@ -30,6 +30,15 @@ inline __m512 swiglu16(__m512 gate, __m512 up) {
 
 float swiglu1(float gate, float up) { return gate / (1.0f + std::exp(-gate)) * up; }
 
+// Whether the OS saves all the register state in `mask` (XCR0 bits) across context switches.
+bool os_saves_state(unsigned mask) {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(1, 0, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & mask) == mask;
+}
+
 }  // namespace
 
 bool amx_usable() {
@@ -41,10 +50,7 @@ bool amx_usable() {
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
     const bool bf16 = edx & (1u << 22), tile = edx & (1u << 24), int8 = edx & (1u << 25);
     if (!tile || !int8 || !bf16) return false;
-    if (!__get_cpuid_count(1, 0, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
-    unsigned lo, hi;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    if ((lo & (3u << 17)) != (3u << 17)) return false;  // the OS saves the tile state
+    if (!os_saves_state(3u << 17)) return false;  // the tile configuration and data
     // Linux hands out the tile data state per process, on request (else the first tile op is SIGILL).
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
@@ -58,17 +64,17 @@ bool avx512_bf16_usable() {
     const bool f = ebx & (1u << 16), bw = ebx & (1u << 30), vl = ebx & (1u << 31);
     if (!f || !bw || !vl) return false;
     if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax & (1u << 5))) return false;  // AVX512_BF16
-    if (!__get_cpuid_count(1, 0, &eax, &ebx, &ecx, &edx) || !(ecx & (1u << 27))) return false;  // OSXSAVE
-    unsigned lo, hi;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    return (lo & 0xe6u) == 0xe6u;  // the OS saves the SSE, AVX and AVX-512 (opmask, zmm) state
+    return os_saves_state(0xe6u);  // SSE, AVX and AVX-512 (opmask, zmm)
   }();
   return usable;
 }
 
 bool avx512_vnni_usable() {
-  unsigned eax, ebx, ecx, edx;
-  return avx512_bf16_usable() && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 11));
+  static const bool usable = [] {
+    unsigned eax, ebx, ecx, edx;
+    return avx512_bf16_usable() && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 11));
+  }();
+  return usable;
 }
 
 Int8Backend int8_backend() {
@@ -100,7 +106,8 @@ PackedWeight pack_weight(const int8_t* w, const float* w_scale, const float* w_o
   p.Ki = Ki;
   p.Ko = Ko;
   p.Np = round_up(N, kColBlock);
-  p.data.assign(p.Np * Ki, biased ? -128 : 0);  // padding columns: code 0 either way  // Ki a multiple of 64, Ko of 32 (the op requires it)
+  // Ki a multiple of 64, Ko of 32 (the op requires it); padding columns hold code 0, biased or not
+  p.data.assign(p.Np * Ki, biased ? -128 : 0);
   p.outlier.assign(p.Np * Ko, 0);
   p.scale.assign(p.Np, 0.0f);
   p.channels.assign(channels, channels + Ki + Ko);
