@@ -17,6 +17,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
+from llmc.compiler import onnx_int4_linear as i4
 from llmc.compiler import onnx_int8_linear as il
 from llmc.compiler import onnx_paged_attention as pa
 from llmc.compiler.model import LlamaModel
@@ -30,6 +31,8 @@ GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 PREFILL_GRAPH_FILE = "prefill.onnx"
 PREFILL_DATA_FILE = "prefill.onnx.data"
+DECODE_GRAPH_FILE = "decode.onnx"
+DECODE_DATA_FILE = "decode.onnx.data"
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -89,6 +92,7 @@ def _fused_linear(g: GraphBuilder, x: str, names: list[str], linears: list[torch
             return [_linear(g, x, name, linear, quant) for name, linear in zip(names, linears)]
         fused = "+".join(names)
         out = (_matmul_qdq(g, x, fused, stacked) if quant["format"] == "qdq"
+               else i4.int4_linear(g, x, fused, stacked) if quant.get("int4_linears") and i4.supports(stacked)
                else _matmul_nbits(g, x, fused, stacked, quant))
     elif any(q is not None for q in quantized):
         return [_linear(g, x, name, linear, quant) for name, linear in zip(names, linears)]
@@ -168,6 +172,20 @@ def _int8_mlp(g: GraphBuilder, h: str, p: str, layer, quant: dict) -> str | None
     return il.int8_linear(g, gate_up, names[2], weights[2], outliers[2], swiglu=True)
 
 
+def _int4_mlp(g: GraphBuilder, h: str, p: str, layer, quant: dict) -> str | None:
+    """The int4 decode graph's MLP as two nodes: gate | up as one Int4LinearGLU (silu(gate) * up as its tiles
+    are stored: no Split, Sigmoid and Muls), then down_proj; None where the weights do not fit the op."""
+    names = [f"{p}.gate_proj", f"{p}.up_proj"]
+    if not quant.get("int4_linears") or any(n not in quant for n in names) or layer.gate_proj.bias is not None \
+            or layer.up_proj.bias is not None or layer.gate_proj.out_features % i4.GLU_ALIGN:
+        return None
+    stacked = concat_rows([quant[n] for n in names])
+    if stacked is None or not i4.supports(stacked):
+        return None
+    mlp = i4.int4_linear(g, h, f"{p}.gate_up_proj", stacked, glu=True)  # [T, I]
+    return _linear(g, mlp, f"{p}.down_proj", layer.down_proj, quant)
+
+
 def _int8_codes(g: GraphBuilder, x: str, scale: np.ndarray, name: str) -> str:
     """int8 codes of x [T, C] on per-channel scales [C]: x * (1 / scale), then QuantizeLinear with one scale
     of 1 (onnxruntime's per-axis QuantizeLinear is a scalar loop: 30% of an int8-KV step; per-tensor is
@@ -179,7 +197,8 @@ def _int8_codes(g: GraphBuilder, x: str, scale: np.ndarray, name: str) -> str:
 def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level: int = 4,
                 weight_format: str = "matmulnbits", activation_block_size: int | None = None,
                 kv_dtype: str = "float32", int8_linears: bool = False,
-                outlier_channels: dict | None = None, kv_scales: dict | None = None) -> onnx.ModelProto:
+                outlier_channels: dict | None = None, kv_scales: dict | None = None,
+                int4_linears: bool = False) -> onnx.ModelProto:
     """Translate llmc's torch model into the step graph (weights inline; saved as external data).
 
     Linears named in `quantized` become com.microsoft.MatMulNBits nodes over their codes, or with
@@ -188,11 +207,12 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
     int8_linears: every linear, the LM head included, becomes llmc.Int8Linear (int8 weights per output
     channel, int8 activations per token, the linear's outlier_channels in bf16: the int8 graph).
     kv_dtype int8 takes kv_scales (passes/kv_scales): the graph returns K/V as int8 codes of those scales.
+    int4_linears: 4-bit linears with integer zero points become llmc.Int4Linear (the int4 decode graph).
     """
     geo = model.geo
     quant = {**(quantized or {}), "accuracy_level": accuracy_level, "format": weight_format,
              "activation_block_size": activation_block_size, "int8_linears": int8_linears,
-             "outliers": outlier_channels or {}}
+             "outliers": outlier_channels or {}, "int4_linears": int4_linears and not int8_linears}
     g = GraphBuilder()
     embed = g.weight("embed.weight", _np(model.embed.weight))
     half = geo.head_dim // 2
@@ -220,7 +240,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
                                num_heads=geo.num_heads, kv_num_heads=geo.num_kv_heads, **bf16_tiles)
         h, x = _add_rms_norm(g, x, _linear(g, attn, f"{p}.o_proj", layer.o_proj, quant),
                              g.weight(f"{p}.mlp_norm", _np(layer.mlp_norm)), geo.rms_norm_eps, fused_norms)
-        mlp_out = _int8_mlp(g, h, p, layer, quant) or _mlp(g, h, p, layer, quant)
+        mlp_out = _int8_mlp(g, h, p, layer, quant) or _int4_mlp(g, h, p, layer, quant) or _mlp(g, h, p, layer, quant)
         if scales:  # codes of the pools' static scales, per channel (saturating, round half to even)
             k_rotated, v = (_int8_codes(g, x_, kv_scales[i][j], f"{p}.{name}")
                             for j, (x_, name) in enumerate(zip((k_rotated, v), pa.SCALES)))
@@ -266,19 +286,28 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
                helper.make_tensor_value_info("new_values", kv_type, kv_out)]
     graph = helper.make_graph(g.nodes, "llmc_step", inputs, outputs, g.initializers)
     functions = [pa.build_function(kv_dtype)] + ([il.build_function(op) for op in il.FUNCTIONS] if int8_linears else [])
+    functions += [i4.build_function(op) for op in i4.FUNCTIONS] if quant["int4_linears"] else []
     return helper.make_model(
         graph, functions=functions, producer_name="llmc",
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(pa.DOMAIN, 1),
                        helper.make_opsetid("com.microsoft", 1)])
 
 
+def _save(proto: onnx.ModelProto, path: Path, data_file: str) -> None:
+    """Write a graph with its weights as one external data file beside it, and check it."""
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_file,
+                    size_threshold=0)
+    onnx.checker.check_model(str(path))
+
+
 def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, accuracy_level: int = 4,
               weight_format: str = "matmulnbits", activation_block_size: int | None = None,
               kv_dtype: str = "float32", int8_prefill: bool = False, outlier_channels: dict | None = None,
-              kv_scales: dict | None = None) -> dict:
+              kv_scales: dict | None = None, int4_decode: bool = False) -> dict:
     """Write model.onnx + model.onnx.data into out_dir (and with int8_prefill the int8 prefill graph,
-    prefill.onnx + prefill.onnx.data, its linears' outlier channels from passes/act_outliers); return the
-    engine's manifest entry."""
+    prefill.onnx + prefill.onnx.data, its linears' outlier channels from passes/act_outliers; with int4_decode
+    and 4-bit weights the int4 decode graph, decode.onnx + decode.onnx.data, its linears llmc.Int4Linear);
+    return the engine's manifest entry."""
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("building the ONNX step graph (%d layers, %d quantized linears)", model.geo.num_layers,
              len(quantized or {}))
@@ -289,24 +318,29 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
     proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size, kv_dtype,
                         kv_scales=kv_scales)
     log.info("writing %s with external weights", out_dir / GRAPH_FILE)
-    onnx.save_model(proto, str(out_dir / GRAPH_FILE), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
-    onnx.checker.check_model(str(out_dir / GRAPH_FILE))
+    _save(proto, out_dir / GRAPH_FILE, DATA_FILE)
     nbits = bool(quantized) and weight_format == "matmulnbits"
     prefill = None
     if int8_prefill:
         log.info("building the int8 prefill graph (llmc.Int8Linear: int8 weights and activations)")
         proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size, kv_dtype,
                             int8_linears=True, outlier_channels=outlier_channels, kv_scales=kv_scales)
-        onnx.save_model(proto, str(out_dir / PREFILL_GRAPH_FILE), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=PREFILL_DATA_FILE, size_threshold=0)
-        onnx.checker.check_model(str(out_dir / PREFILL_GRAPH_FILE))
+        _save(proto, out_dir / PREFILL_GRAPH_FILE, PREFILL_DATA_FILE)
         prefill = {"graph": PREFILL_GRAPH_FILE, "weights": PREFILL_DATA_FILE, "linear_op": f"{il.DOMAIN}.{il.OP_TYPE}",
                    "linear_format": il.FORMAT,
                    "weights_format": "int8 per output channel; outlier input channels bf16",
                    "activations": "int8 per token; outlier input channels bf16",
                    "attention": "prefill tiles (>= 16 rows of a sequence) on AMX bf16 tiles; decodes float32"}
-    return {"format": "onnx", "prefill": prefill, "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
+    decode = None
+    if int4_decode and weight_format == "matmulnbits" and accuracy_level == 4 \
+            and any(i4.supports(q) for q in (quantized or {}).values()):
+        log.info("building the int4 decode graph (llmc.Int4Linear: int4 weights, int8 activation blocks)")
+        proto = build_graph(model, quantized, accuracy_level, weight_format, activation_block_size, kv_dtype,
+                            kv_scales=kv_scales, int4_linears=True)
+        _save(proto, out_dir / DECODE_GRAPH_FILE, DECODE_DATA_FILE)
+        decode = {"graph": DECODE_GRAPH_FILE, "weights": DECODE_DATA_FILE, "linear_op": f"{i4.DOMAIN}.{i4.OP_TYPE}",
+                  "linear_format": i4.FORMAT}
+    return {"format": "onnx", "prefill": prefill, "decode": decode, "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
             "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "attention_plan": pa.PLAN_FORMAT, "kv_update": "returned",
             "quantized_linears": sorted(quantized or {}), "weight_format": weight_format if quantized else None,
             "accuracy_level": accuracy_level if nbits else None,

@@ -186,7 +186,8 @@ def build(spec: BuildSpec) -> Path:
                 else:
                     entry = emit_onnx(ir.model, engine_dir, ir.quantized, **_onnx_options(spec.quantization),
                                       kv_dtype=spec.kv_cache.dtype, int8_prefill=spec.int8_prefill,
-                                      outlier_channels=ir.outlier_channels, kv_scales=ir.kv_scales)
+                                      outlier_channels=ir.outlier_channels, kv_scales=ir.kv_scales,
+                                      int4_decode=spec.quantization is not None and spec.quantization.int4_decode)
                 engines[target] = {"dir": f"engines/{target}", **entry}
             if draft is not None:
                 draft_ir, options = draft

@@ -75,6 +75,11 @@ class QuantizationSpec(_Strict):
     # are emitted as blocks sharing their scale and zero point). SmolLM2 GPTQ g128, held-out perplexity
     # vs the weight-only reference: 32 +0.1%, 64 +0.5%, 128 +1.4%; smaller blocks read more scales.
     activation_block_size: Literal[16, 32, 64, 128, 256] = 32
+    # A second graph for small steps (batch-1 and small-batch decode) whose 4-bit linears run llmc.Int4Linear
+    # on AVX-512 VNNI: a float16 scale and offset per group instead of MatMulNBits' float32 scale per block of
+    # 32 (0.53 vs 0.64 bytes a weight at group 128), int8 activations per block of 32 channels as at level 4.
+    # Needs bits 4, integer zero points and accuracy_level 4; the runtime uses it where the CPU runs it.
+    int4_decode: bool = True
     awq: AWQSpec | None = None
     gptq: GPTQSpec | None = None
 

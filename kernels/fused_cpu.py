@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
 SOURCES = ("ort_ops.cc", "paged_attention.cc", "paged_attention_tiles.cc", "paged_attention_amx.cc", "int8_linear.cc",
-           "int8_linear_vnni.cc", "int8_linear_op.cc")
-HEADERS = ("ort_abi.h", "ort_ops.h", "paged_attention.h", "amx_tiles.h", "amx_emulation.h", "int8_linear.h", "vec16.h")
+           "int8_linear_vnni.cc", "int8_linear_op.cc", "int4_linear.cc", "int4_linear_op.cc")
+HEADERS = ("ort_abi.h", "ort_ops.h", "paged_attention.h", "amx_tiles.h", "amx_emulation.h", "int8_linear.h", "int4_linear.h",
+           "vec16.h", "aligned_vector.h")
 LIBRARY = "libllmc_ort_ops.so"
 ENV_SWITCH = "LLMC_FUSED_KERNELS"
 
@@ -153,6 +154,16 @@ def int8_backend() -> str | None:
 def avx512_vnni_available() -> bool:
     """Whether the VNNI backend runs here (LLMC_INT8_BACKEND=avx512-vnni asks for it on AMX CPUs)."""
     return bool(_ask_library("llmc_avx512_vnni_usable"))
+
+
+def int4_available() -> bool:
+    """Whether the library's llmc.Int4Linear kernel runs here (AVX-512 VNNI): the int4 decode graph's op."""
+    try:
+        return bool(_ask_library("llmc_int4_usable"))
+    except (OSError, AttributeError) as exc:
+        log.warning("could not ask llmc's kernel library about its int4 GEMV (%s): the int4 decode graph is not used",
+                    exc)
+        return False
 
 
 def amx_available() -> bool:

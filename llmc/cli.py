@@ -84,6 +84,10 @@ def inspect(bundle: Path, as_json: bool) -> None:
             p = engine["prefill"]
             click.echo(f"          + {engine['dir']}/{p['graph']} for steps of many tokens ({p['linear_op']}: weights "
                        f"{p['weights_format']}, activations {p['activations']}; on AMX where the CPU has it)")
+        if engine.get("decode"):
+            d = engine["decode"]
+            click.echo(f"          + {engine['dir']}/{d['graph']} for steps of few tokens ({d['linear_op']}: "
+                       f"{d['linear_format']}; where the CPU has AVX-512 VNNI)")
     click.echo(f"passes    {', '.join(p['name'] for p in m['passes']) or 'none'}")
     for p in m["passes"]:
         if "num_quantized" in p:

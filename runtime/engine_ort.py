@@ -13,7 +13,7 @@ import onnxruntime as ort
 from llmc.artifacts.bundle import Bundle
 from llmc.artifacts.geometry import KV_LAYOUT, ModelGeometry
 from llmc.errors import BundleError
-from llmc.kernels.fused_cpu import int8_backend, register_fused_kernels
+from llmc.kernels.fused_cpu import int4_available, int8_backend, register_fused_kernels
 from llmc.runtime.kv_pool import KVPool
 from llmc.runtime.step_inputs import Chunk, StepInputs, layout_step
 
@@ -32,6 +32,8 @@ PREFILL_MIN_TOKENS = 16
 FUSED_ATTENTION = "llmc fused CPU kernel"
 ATTENTION_PLAN = "lengths"  # compiler/onnx_paged_attention.PLAN_FORMAT (the serving path imports no compiler)
 INT8_LINEAR_FORMAT = "per-token+outliers"  # compiler/onnx_int8_linear.FORMAT
+INT4_LINEAR_FORMAT = "int4 groups, float16 scale and offset; int8 activations per 32 channels"  # onnx_int4_linear
+INT4_DECODE_ENV = "LLMC_INT4_DECODE"  # 0: run the MatMulNBits graph even where llmc.Int4Linear runs (A/B runs)
 CALIBRATION_BATCHES = (1, 2, 4, 8)
 CALIBRATION_CONTEXT = 128
 CALIBRATION_REPEATS = 3  # timed runs per batch and graph, after one warm-up
@@ -78,7 +80,8 @@ class OrtEngine:
             raise BundleError(f"{bundle.path} was built by an earlier llmc whose attention plan passed a padded mask "
                               "to every layer; this runtime's kernels read the plan's lengths: rebuild it with this "
                               "llmc (`llmc build` of its model.yaml)")
-        path = bundle.path / entry["dir"] / entry["graph"]
+        self.int4_decode = _use_int4_decode(bundle, entry.get("decode"))
+        path = bundle.path / entry["dir"] / (entry["decode"]["graph"] if self.int4_decode else entry["graph"])
         _use_global_thread_pool(num_threads or len(os.sched_getaffinity(0)))
         self.profiling = profile_dir is not None
         self.session, fused = _session(path, profile_dir and Path(profile_dir) / "main")
@@ -129,12 +132,13 @@ class OrtEngine:
     @property
     def gemm_path(self) -> str:
         """Which graph's GEMMs run which steps, in words."""
+        main = "main graph (int4 llmc.Int4Linear, AVX-512 VNNI)" if self.int4_decode else "main graph (fp32 / MatMulNBits)"
         if self.int8_session is None:
-            return "main graph (fp32 / MatMulNBits)"
+            return main
         int8 = f"int8 {self.int8_backend} (llmc.Int8Linear)"
         if self.int8_min_tokens <= 1:
             return f"{int8} for every step"
-        return f"{int8} for steps of >= {self.int8_min_tokens} tokens, else the main graph"
+        return f"{int8} for steps of >= {self.int8_min_tokens} tokens, else the {main}"
 
     def calibrate_int8(self, pool: KVPool) -> None:
         """Set int8_min_tokens from timed decode steps on both graphs: the smallest batch from which the
@@ -185,6 +189,23 @@ class OrtEngine:
                 io.bind_cpu_input(f"value_pool_{i}", pool.values[i])
             bound = self._bindings[id(session)] = (pool, io)
         return bound[1]
+
+
+def _use_int4_decode(bundle: Bundle, decode: dict | None) -> bool:
+    """Whether the engine's main session runs the bundle's int4 decode graph (llmc.Int4Linear) instead of its
+    MatMulNBits graph: where the bundle has one and the kernel runs here, unless LLMC_INT4_DECODE=0."""
+    if decode is None:
+        return False
+    if decode.get("linear_format") != INT4_LINEAR_FORMAT:
+        raise BundleError(f"{bundle.path}'s int4 decode graph has a format this runtime does not read "
+                          f"({decode.get('linear_format')!r}): rebuild it with this llmc (`llmc build` of its model.yaml)")
+    if os.environ.get(INT4_DECODE_ENV, "1") == "0":
+        log.info("%s=0: small steps run the MatMulNBits graph", INT4_DECODE_ENV)
+        return False
+    if not int4_available():
+        log.info("this CPU has no AVX-512 VNNI (or llmc's kernels are off): small steps run the MatMulNBits graph")
+        return False
+    return True
 
 
 def _timed(fn, *args) -> float:

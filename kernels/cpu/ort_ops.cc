@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "int4_linear.h"
 #include "int8_linear.h"
 #include "ort_abi.h"
 #include "ort_ops.h"
@@ -196,6 +197,8 @@ const OrtCustomOp kInt8Linear = llmc_ops::make_int8_linear_op("Int8Linear");
 const OrtCustomOp kInt8LinearSwiGLU = llmc_ops::make_int8_linear_op("Int8LinearSwiGLU");
 const OrtCustomOp kInt8LinearSplit3 = llmc_ops::make_int8_linear_op("Int8LinearSplit3");
 const OrtCustomOp kInt8LinearGLU = llmc_ops::make_int8_linear_op("Int8LinearGLU");
+const OrtCustomOp kInt4Linear = llmc_ops::make_int4_linear_op(false);
+const OrtCustomOp kInt4LinearGLU = llmc_ops::make_int4_linear_op(true);
 
 }  // namespace
 
@@ -252,6 +255,8 @@ extern "C" __attribute__((visibility("default"))) int llmc_int8_backend() {
 // Whether LLMC_INT8_BACKEND=avx512-vnni would run here (AMX CPUs have VNNI too), and whether the AMX
 // kernels run: for the tests.
 extern "C" __attribute__((visibility("default"))) int llmc_avx512_vnni_usable() { return llmc::avx512_vnni_usable(); }
+// Whether llmc.Int4Linear runs here (and is registered): the engine's choice of its int4 decode graph.
+extern "C" __attribute__((visibility("default"))) int llmc_int4_usable() { return llmc::int4_usable(); }
 extern "C" __attribute__((visibility("default"))) int llmc_amx_usable() { return llmc::amx_usable(); }
 // Whether attention's bf16 tiles run here (on AMX, or on AVX-512 BF16 without it): for the tests.
 extern "C" __attribute__((visibility("default"))) int llmc_bf16_attention_usable() {
@@ -273,6 +278,10 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(O
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearSwiGLU));
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearSplit3));
     RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt8LinearGLU));
+  }
+  if (llmc::int4_usable()) {
+    RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt4Linear));
+    RETURN_IF_ERROR(api.CustomOpDomainAdd(domain, &kInt4LinearGLU));
   }
   return api.AddCustomOpDomain(options, domain);
 }

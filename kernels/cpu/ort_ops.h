@@ -31,4 +31,7 @@ OrtCustomOp base_op();
 // llmc.Int8LinearSplit3 (y as 3 outputs side by side), by name.
 OrtCustomOp make_int8_linear_op(const char* name);
 
+// llmc.Int4Linear, or llmc.Int4LinearGLU (silu(gate) * up of the linear's output gate | up).
+OrtCustomOp make_int4_linear_op(bool glu);
+
 }  // namespace llmc_ops

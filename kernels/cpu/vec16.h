@@ -98,4 +98,11 @@ inline f32x16 exp_nonpositive(f32x16 x) {
   return p * reinterpret_cast<f32x16>((n + 127) << 23);  // 2^n, n in [-126, 0]
 }
 
+// silu(gate) * up: gate * sigmoid(gate), the sigmoid from exp(-|gate|) <= 1 (no overflow).
+inline f32x16 silu_mul(f32x16 gate, f32x16 up) {
+  const f32x16 e = exp_nonpositive(gate >= 0.0f ? -gate : gate);
+  const f32x16 sigmoid = gate >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+  return gate * sigmoid * up;
+}
+
 }  // namespace llmc
