@@ -196,6 +196,11 @@ class AsyncEngine:
         m.counters["llmc_preemptions_total"] = llm.scheduler.num_preemptions
         m.counters["llmc_prefix_cache_queried_tokens_total"] = bm.stats.queried_tokens
         m.counters["llmc_prefix_cache_hit_tokens_total"] = bm.stats.hit_tokens
+        m.counters.update({"llmc_steps_total": llm.timing.steps,
+                           "llmc_step_seconds_total": round(llm.timing.total_s, 6),
+                           "llmc_engine_seconds_total": round(llm.timing.engine_s, 6),
+                           "llmc_decode_steps_total": llm.timing.decode_steps,
+                           "llmc_decode_step_seconds_total": round(llm.timing.decode_s, 6)})
         spec = llm.spec_stats
         m.counters.update({"llmc_spec_draft_tokens_total": spec.proposed,
                            "llmc_spec_accepted_tokens_total": spec.accepted,

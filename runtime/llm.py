@@ -41,6 +41,8 @@ class StepTiming:
     steps: int = 0
     total_s: float = 0.0
     engine_s: float = 0.0
+    decode_steps: int = 0  # steps of one new token per sequence (no prompt chunk, no drafts)
+    decode_s: float = 0.0
 
     @property
     def host_fraction(self) -> float:
@@ -197,8 +199,12 @@ class LLM:
                 rows = len(item.spec_tokens) + 1 if item.completes else 0
                 updated.extend(self._finish_chunk_isolated(item, logits[row:row + rows], drafts.get(item.seq)))
                 row += rows
+        seconds = time.perf_counter() - start
         self.timing.steps += 1
-        self.timing.total_s += time.perf_counter() - start
+        self.timing.total_s += seconds
+        if all(item.num_new_tokens == 1 for item in plan.scheduled):
+            self.timing.decode_steps += 1
+            self.timing.decode_s += seconds
         return updated
 
     def _plan_speculation(self) -> None:

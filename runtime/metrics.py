@@ -47,6 +47,10 @@ class ServingMetrics:
         self.counters = {"llmc_prompt_tokens_total": 0, "llmc_generation_tokens_total": 0,
                          "llmc_preemptions_total": 0, "llmc_prefix_cache_queried_tokens_total": 0,
                          "llmc_prefix_cache_hit_tokens_total": 0,
+                         # engine steps: their wall time, the engine calls' share of it, and the steps that
+                         # only decode (one new token per sequence) with their wall time
+                         "llmc_steps_total": 0, "llmc_step_seconds_total": 0.0, "llmc_engine_seconds_total": 0.0,
+                         "llmc_decode_steps_total": 0, "llmc_decode_step_seconds_total": 0.0,
                          # speculative decoding
                          "llmc_spec_draft_tokens_total": 0, "llmc_spec_accepted_tokens_total": 0,
                          "llmc_spec_verifications_total": 0, "llmc_spec_draft_seconds_total": 0.0,

@@ -119,6 +119,24 @@ def test_metrics_exposition(server):
     assert int(finished[0].split()[-1]) >= 3
 
 
+def _metric(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_metrics_count_steps_and_decode_steps(tiny_bundle):
+    """One request of 6 tokens from a fresh server: its prompt's step, then 5 decode steps (one new token
+    each), with their wall time and the engine's share of it."""
+    with served(LLM(tiny_bundle, kv_cache_memory="4MiB")) as (url, engine):
+        body = {"prompt": "The capital of", "max_tokens": 6, "ignore_eos": True}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
+        wait_idle(engine)
+        text = httpx.get(f"{url}/metrics").text
+    steps, decode_steps = _metric(text, "llmc_steps_total"), _metric(text, "llmc_decode_steps_total")
+    assert (steps, decode_steps) == (6, 5)
+    step_s, engine_s = _metric(text, "llmc_step_seconds_total"), _metric(text, "llmc_engine_seconds_total")
+    assert 0 < _metric(text, "llmc_decode_step_seconds_total") < step_s and 0 < engine_s <= step_s
+
+
 def test_over_capacity_is_429_with_retry_after(tiny_bundle):
     llm = LLM(tiny_bundle, max_num_seqs=1)
     with served(llm, max_waiting=0) as (url, engine):
