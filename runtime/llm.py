@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,8 +168,13 @@ class LLM:
                 self._speculating.pop(s, None)
 
     # -- the loop -----------------------------------------------------------------------------
-    def step(self) -> list[Sequence]:
-        """Run one scheduler iteration; returns the sequences that produced a token."""
+    def step(self, before_engine: Callable[[], None] | None = None) -> list[Sequence]:
+        """Run one scheduler iteration; returns the sequences that produced a token.
+
+        before_engine runs once, just before the step's first engine call (onnxruntime releases the GIL
+        for the call): the server hands the previous step's tokens to its event loop there, so the loop
+        formats and sends them while the engine runs instead of while the step loop waits for the GIL.
+        """
         start = time.perf_counter()
         self._plan_speculation()
         plan = self.scheduler.schedule()
@@ -186,6 +191,9 @@ class LLM:
         updated = list(plan.out_of_memory)
         for group in self._engine_calls(plan.scheduled):
             inputs = build_step_inputs(group, self.pool.block_size)
+            if before_engine is not None:
+                before_engine()
+                before_engine = None
             engine_start = time.perf_counter()
             logits = self.engine.step(inputs, self.pool)  # [N, vocab]
             seconds = time.perf_counter() - engine_start
