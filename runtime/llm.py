@@ -171,7 +171,7 @@ class LLM:
     def step(self, before_engine: Callable[[], None] | None = None) -> list[Sequence]:
         """Run one scheduler iteration; returns the sequences that produced a token.
 
-        before_engine runs once, just before the step's first engine call (onnxruntime releases the GIL
+        before_engine runs once, just before the step's first target-engine call (onnxruntime releases the GIL
         for the call): the server hands the previous step's tokens to its event loop there, so the loop
         formats and sends them while the engine runs instead of while the step loop waits for the GIL.
         """

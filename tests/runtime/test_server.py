@@ -1,6 +1,7 @@
 """The OpenAI-compatible server: the official client, errors, auth, capacity, disconnects."""
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -117,6 +118,33 @@ def test_metrics_exposition(server):
         assert name in text
     finished = [line for line in text.splitlines() if line.startswith('llmc_requests_total{status="finished"}')]
     assert int(finished[0].split()[-1]) >= 3
+
+
+def test_concurrent_streams_each_get_every_token_before_their_end(server, tiny_bundle):
+    """Tokens reach the event loop one step late (at the next step's engine call): a stream that ends while
+    others still run gets its last tokens before its end, and each stream equals its request alone."""
+    url, _ = server
+    lengths = [2, 9, 5, 14]
+    expected = [LLM(tiny_bundle).generate(["The capital of"], SamplingParams(max_tokens=n, ignore_eos=True))[0].text
+                for n in lengths]
+
+    async def stream(client, n):
+        body = {"prompt": "The capital of", "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+        text, finish = "", None
+        async with client.stream("POST", f"{url}/v1/completions", json=body,
+                                 headers={"Authorization": "Bearer sekret"}) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"]
+                    finish = choice["finish_reason"] or finish
+        return text, finish
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*[stream(client, n) for n in lengths])
+
+    assert asyncio.run(go()) == [(text, "length") for text in expected]
 
 
 def _metric(text: str, name: str) -> float:
