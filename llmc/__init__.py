@@ -1,3 +1,30 @@
-"""llmc: an ahead-of-time compiler and serving runtime for decoder-only LLMs."""
+"""llmc: an ahead-of-time compiler and serving runtime for decoder-only LLMs.
 
-__version__ = "0.1.0"
+    from llmc import LLM, SamplingParams
+    llm = LLM("out/smollm2-135m")
+    llm.generate(["The capital of France is"], SamplingParams(max_tokens=16))
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"  # the package's version (pyproject reads it) and every manifest's llmc_version
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+if TYPE_CHECKING:
+    from llmc.runtime.llm import LLM
+    from llmc.runtime.sequence import SamplingParams
+
+
+def __getattr__(name: str):
+    """LLM and SamplingParams on first use: `import llmc` (the CLI's start) stays light."""
+    if name == "LLM":
+        from llmc.runtime.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from llmc.runtime.sequence import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'llmc' has no attribute {name!r}")

@@ -34,15 +34,20 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("model_yaml", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the bundle under DIR (DIR/<name>) instead of the yaml's `output:`.")
 @click.option("-q", "--quiet", is_flag=True, help="Only print the bundle path.")
-def build(model_yaml: Path, quiet: bool) -> None:
+def build(model_yaml: Path, output: Path | None, quiet: bool) -> None:
     """Build a bundle from MODEL_YAML (import, passes, engines, manifest)."""
     _setup_logging(0 if quiet else 1)
     from llmc.compiler.pipeline import build as run_build
     from llmc.compiler.spec import load_spec
 
     start = time.perf_counter()
-    out = run_build(load_spec(model_yaml))
+    spec = load_spec(model_yaml)
+    if output is not None:
+        spec = spec.model_copy(update={"output": str(output.resolve())})
+    out = run_build(spec)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     if quiet:
         click.echo(str(out))

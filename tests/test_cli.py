@@ -78,3 +78,38 @@ def test_run_streams_and_reports_bad_prompt(tiny_bundle):
     assert out.returncode == 0, out.stderr
     long = llmc("run", tiny_bundle, "-p", "The capital " * 400, "--max-tokens", "5")
     assert long.returncode != 0 and "context is 512" in long.stderr and "Traceback" not in long.stderr
+
+
+def test_build_output_overrides_the_yaml_and_versions_agree(tmp_path, tiny_checkpoint):
+    """`llmc build --output DIR` writes DIR/<name> (not the yaml's `output:`), relative to the current
+    directory; `llmc --version`, the installed package and the manifest name one version."""
+    import importlib.metadata
+    import json
+
+    import llmc as package
+
+    yaml_dir = tmp_path / "config"
+    yaml_dir.mkdir()
+    spec = write_yaml(yaml_dir / "model.yaml", name="tiny-out", source=str(tiny_checkpoint), output="from-yaml")
+    out = llmc("build", spec, "--output", "dist", "-q", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    bundle = tmp_path / "dist" / "tiny-out"
+    assert out.stdout.strip() == str(bundle) and not (yaml_dir / "from-yaml").exists()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    version = llmc("--version")
+    assert version.stdout.strip() == f"llmc, version {package.__version__}"
+    assert manifest["llmc_version"] == package.__version__ == importlib.metadata.version("llmc")
+
+
+def test_top_level_api_generates(tiny_bundle):
+    """`from llmc import LLM, SamplingParams`, as users of vLLM write it."""
+    from llmc import LLM, SamplingParams
+    from llmc.runtime.llm import LLM as RuntimeLLM
+
+    assert LLM is RuntimeLLM
+    out = LLM(tiny_bundle).generate(["The capital of"], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out[0].token_ids) == 4
+    with pytest.raises(AttributeError, match="no attribute 'Engine'"):
+        import llmc
+
+        llmc.Engine  # noqa: B018
