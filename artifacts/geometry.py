@@ -34,6 +34,12 @@ class ModelGeometry:
     attention_bias: bool = False
     architecture: str = "LlamaForCausalLM"
 
+    def pool_shape(self, num_blocks, block_size) -> tuple:
+        """One layer's K (or V) pool, KV_LAYOUT: (num_blocks, block_size, num_kv_heads, head_dim). The one
+        definition of it: the runtime's pools, the torch IR's, the ONNX graphs' pool inputs (with symbolic
+        num_blocks and block_size) and the TensorRT optimization profile all take it from here."""
+        return (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
     def to_dict(self) -> dict:
         """Plain dict for the manifest."""
         return asdict(self)

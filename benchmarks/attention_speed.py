@@ -1,6 +1,6 @@
 """llmc.PagedAttention alone at SmolLM2-135M's shapes (9 heads, 3 KV heads, head size 64, float16 (or
---kv-dtype) pools of 16-token blocks): a decode step of `--batch` sequences at `--context` tokens, layer after layer over
-`--layers` separate pools (as in an engine step, so the pools are not in cache), 2 threads. Reports ms
+--kv-dtype) pools of 16-token blocks): a decode step of `--batch` sequences at `--context` tokens, layer after layer
+over `--layers` separate pools (as in an engine step, so the pools are not in cache), 2 threads. Reports ms
 per layer and the KV bytes read per second against this machine's two-core stream rate.
 
     python benchmarks/attention_speed.py [--batch 64] [--context 400] [--layers 30]
@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--kv-dtype", default="float16", choices=["float16", "float32", "int8"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prefill", action="store_true", help="whole prompts of --context tokens, not a decode")
-    parser.add_argument("--bf16-tiles", action="store_true", help="prefill tiles in bf16 (int8 graph): AMX, or AVX-512 BF16 without it")
+    parser.add_argument("--bf16-tiles", action="store_true",
+                        help="prefill tiles in bf16 (int8 graph): AMX, or AVX-512 BF16 without it")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     s = session(args.kv_dtype, args.bf16_tiles)

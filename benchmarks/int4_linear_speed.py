@@ -33,8 +33,8 @@ def layer_chain(layers: int) -> tuple[int, bytes]:
     g, x = GraphBuilder(), "x"
     for layer in range(layers):
         qkv = i4.int4_linear(g, x, f"l{layer}.qkv", weights[0])
-        attn = g.op("Slice", qkv, g.weight(f"l{layer}.start", np.array([0])), g.weight(f"l{layer}.end", np.array([HIDDEN])),
-                    g.weight(f"l{layer}.axis", np.array([1])))
+        attn = g.op("Slice", qkv, g.weight(f"l{layer}.start", np.array([0])),
+                    g.weight(f"l{layer}.end", np.array([HIDDEN])), g.weight(f"l{layer}.axis", np.array([1])))
         h = i4.int4_linear(g, attn, f"l{layer}.o", weights[1])
         h = i4.int4_linear(g, h, f"l{layer}.gate_up", weights[2], glu=True)
         x = i4.int4_linear(g, h, f"l{layer}.down", weights[3])

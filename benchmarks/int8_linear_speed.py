@@ -1,5 +1,5 @@
-"""llmc.Int8Linear alone (llmc's kernel, AMX or AVX-512 VNNI, inside onnxruntime, 2 threads, output bound once so no page
-faults are timed) at SmolLM2-135M's shapes: ms per call and TOPS (2 M K N / time), the best of 5 rounds.
+"""llmc.Int8Linear alone (llmc's kernel, AMX or AVX-512 VNNI, inside onnxruntime, 2 threads, output bound once so no
+page faults are timed) at SmolLM2-135M's shapes: ms per call and TOPS (2 M K N / time), the best of 5 rounds.
 
     python benchmarks/int8_linear_speed.py [--outliers 128]
 """

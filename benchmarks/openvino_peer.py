@@ -40,7 +40,8 @@ def main() -> None:
     results = pipe.generate(inputs, configs)
     duration = time.perf_counter() - start
     out_tokens = sum(len(r.m_generation_ids[0]) for r in results)
-    print(json.dumps({"system": f"OpenVINO GenAI {ov_genai.__version__} ContinuousBatchingPipeline", "model": args.model_dir,
+    print(json.dumps({"system": f"OpenVINO GenAI {ov_genai.__version__} ContinuousBatchingPipeline",
+                      "model": args.model_dir,
                       "precision": args.precision, "requests": len(workload), "output_tokens": out_tokens,
                       "expected_tokens": sum(r["max_tokens"] for r in workload), "duration_s": duration,
                       "output_tok_s": out_tokens / duration}))

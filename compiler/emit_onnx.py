@@ -270,7 +270,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, accuracy_level
             g.op_to("Cast", [g.op("Reshape", g.op("Concat", *parts, axis=0), kv_shape)], name, to=kv_type)
 
     f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
-    pool_shape = ["num_blocks", "block_size", geo.num_kv_heads, geo.head_dim]
+    pool_shape = list(geo.pool_shape("num_blocks", "block_size"))
     inputs = [helper.make_tensor_value_info("input_ids", i64, ["T"]),
               helper.make_tensor_value_info("positions", i64, ["T"]),
               helper.make_tensor_value_info("block_tables", i32, ["S", "M"]),
@@ -340,7 +340,8 @@ def emit_onnx(model: LlamaModel, out_dir: Path, quantized: dict | None = None, a
         _save(proto, out_dir / DECODE_GRAPH_FILE, DECODE_DATA_FILE)
         decode = {"graph": DECODE_GRAPH_FILE, "weights": DECODE_DATA_FILE, "linear_op": f"{i4.DOMAIN}.{i4.OP_TYPE}",
                   "linear_format": i4.FORMAT}
-    return {"format": "onnx", "prefill": prefill, "decode": decode, "graph": GRAPH_FILE, "weights": DATA_FILE, "opset": OPSET,
+    return {"format": "onnx", "prefill": prefill, "decode": decode, "graph": GRAPH_FILE, "weights": DATA_FILE,
+            "opset": OPSET,
             "attention_op": f"{pa.DOMAIN}.{pa.OP_TYPE}", "attention_plan": pa.PLAN_FORMAT, "kv_update": "returned",
             "quantized_linears": sorted(quantized or {}), "weight_format": weight_format if quantized else None,
             "accuracy_level": accuracy_level if nbits else None,

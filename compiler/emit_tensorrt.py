@@ -24,7 +24,6 @@ PLAN_FILE = "model.plan"
 def _profile_shapes(geo, block_size: int, max_tokens: int, max_seqs: int, max_blocks: int) -> dict:
     """min / opt / max shapes of every dynamic input, for one optimization profile."""
     blocks_per_seq = -(-geo.max_position // block_size)
-    pool = (geo.num_kv_heads, block_size, geo.head_dim)
     shapes = {"input_ids": ((1,), (max_seqs,), (max_tokens,)), "positions": ((1,), (max_seqs,), (max_tokens,)),
               "block_tables": ((1, 1), (max_seqs, blocks_per_seq // 4 or 1), (max_seqs, blocks_per_seq)),
               "context_lens": ((1,), (max_seqs,), (max_seqs,)),
@@ -32,7 +31,7 @@ def _profile_shapes(geo, block_size: int, max_tokens: int, max_seqs: int, max_bl
               "logits_index": ((1,), (max_seqs,), (max_seqs,))}
     for i in range(geo.num_layers):
         for kind in ("key", "value"):
-            shapes[f"{kind}_pool_{i}"] = tuple((pool[0], n, *pool[1:]) for n in (1, max_blocks, max_blocks))
+            shapes[f"{kind}_pool_{i}"] = tuple(geo.pool_shape(n, block_size) for n in (1, max_blocks, max_blocks))
     return shapes
 
 

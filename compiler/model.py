@@ -7,9 +7,10 @@ engines are tested against. It implements the engine step contract of DESIGN.md 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from llmc.artifacts.geometry import ModelGeometry
 from llmc.kernels import reference as ref
-from torch import nn
 
 
 class DecoderLayer(nn.Module):
@@ -72,7 +73,7 @@ class LlamaModel(nn.Module):
     def new_kv_cache(self, num_blocks: int, block_size: int,
                      dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Zeroed K/V pools per layer, [num_blocks, block_size, kv_heads, head_dim]."""
-        shape = (num_blocks, block_size, self.geo.num_kv_heads, self.geo.head_dim)
+        shape = self.geo.pool_shape(num_blocks, block_size)
         return [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)) for _ in range(self.geo.num_layers)]
 
     @torch.no_grad()

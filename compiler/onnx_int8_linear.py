@@ -9,10 +9,10 @@ One scale per token keeps each token's result independent of the other tokens of
 the int8 products sum over all of K in the CPU's int32 tiles. An activation scale per token alone lost
 3.9% perplexity on SmolLM2: a few input channels carry activations up to ~700x the others' (the
 calibration finds them: passes/act_outliers.py), and with them out of the int8 range (Ko = 128
-channels by default, in bf16) the int8 graph costs ~0.2%. Weights are int8 per output channel; the outlier channels' weights bf16.
-The op's ONNX function body computes it with the standard MatMulInteger (activations as uint8 with
-zero point 128); llmc's CPU kernel library runs it on AMX int8 and bf16 tiles where the CPU has them
-(kernels/cpu/int8_linear.cc). Ki must be a multiple of 64 and Ko of 32.
+channels by default, in bf16) the int8 graph costs ~0.2%. Weights are int8 per output channel; the
+outlier channels' weights bf16. The op's ONNX function body computes it with the standard MatMulInteger
+(activations as uint8 with zero point 128); llmc's CPU kernel library runs it on AMX int8 and bf16
+tiles where the CPU has them (kernels/cpu/int8_linear.cc). Ki must be a multiple of 64 and Ko of 32.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def build_function(op_type: str = OP_TYPE) -> onnx.FunctionProto:
         g.nodes.append(helper.make_node("Mul", [g.op("Mul", gate, g.op("Sigmoid", gate)), up], ["y"], name="i8_y"))
     else:
         g.nodes.append(helper.make_node("Add", [scaled, outlier_sums], ["y"], name="i8_y"))
-    return helper.make_function(DOMAIN, op_type, inputs, outputs, g.nodes, opset_imports=[helper.make_opsetid("", OPSET)])
+    return helper.make_function(DOMAIN, op_type, inputs, outputs, g.nodes,
+                                opset_imports=[helper.make_opsetid("", OPSET)])
 
 
 FUNCTIONS = (OP_TYPE, SWIGLU_OP_TYPE, SPLIT3_OP_TYPE, GLU_OP_TYPE)  # what an int8 graph may use: build_function of each
@@ -139,8 +140,8 @@ def int8_linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, outliers
     Int8LinearGLU node over a weight [2I, K] = gate | up (I a multiple of 16), returning silu(gate) * up [M, I].
     """
     if not supports(weight.shape[1], len(outliers)):
-        raise ValueError(f"{name}: Int8Linear takes {len(outliers)} outlier channels (a multiple of {OUTLIER_ALIGN}) of "
-                         f"{weight.shape[1]} only if the others are a multiple of {INLIER_ALIGN}")
+        raise ValueError(f"{name}: Int8Linear takes {len(outliers)} outlier channels (a multiple of {OUTLIER_ALIGN}) "
+                         f"of {weight.shape[1]} only if the others are a multiple of {INLIER_ALIGN}")
     channels = channel_order(weight.shape[1], outliers)
     codes, scale, w_outlier = quantize_weight(weight, channels, len(outliers))
     w, w_scale = g.weight(f"{name}.qweight_int8", codes), g.weight(f"{name}.scale_int8", scale)

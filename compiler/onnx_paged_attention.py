@@ -149,7 +149,8 @@ def build_single_op_model(heads: int, kv_heads: int, head_dim: int, kv_dtype: st
     node_inputs = [plan.get(name, name) for name in inputs(kv_dtype)]  # the plan's tensors, else graph inputs
     g.nodes.append(helper.make_node(OP_TYPE, node_inputs, ["out", "k_rotated"], domain=DOMAIN,
                                     scale=float(head_dim ** -0.5), num_heads=heads, kv_num_heads=kv_heads, **extra))
-    f32, i32, i64, pool_type = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64, POOL_TYPES[kv_dtype]
+    f32, i32, i64, pool_type = (onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+                                POOL_TYPES[kv_dtype])
     value = helper.make_tensor_value_info
     graph_inputs = [value("q", f32, ["T", heads * head_dim]), value("k", f32, ["T", kv_heads * head_dim]),
                     value("v", f32, ["T", kv_heads * head_dim]), value("k_pool", pool_type, pool_dims),

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).parent / "cpu"
 SOURCES = ("ort_ops.cc", "paged_attention.cc", "paged_attention_tiles.cc", "paged_attention_amx.cc", "int8_linear.cc",
            "int8_linear_vnni.cc", "int8_linear_op.cc", "int4_linear.cc", "int4_linear_op.cc")
-HEADERS = ("ort_abi.h", "ort_ops.h", "paged_attention.h", "amx_tiles.h", "amx_emulation.h", "int8_linear.h", "int4_linear.h",
-           "vec16.h", "aligned_vector.h")
+HEADERS = ("ort_abi.h", "ort_ops.h", "paged_attention.h", "amx_tiles.h", "amx_emulation.h", "int8_linear.h",
+           "int4_linear.h", "vec16.h", "aligned_vector.h")
 LIBRARY = "libllmc_ort_ops.so"
 ENV_SWITCH = "LLMC_FUSED_KERNELS"
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from llmc.kernels.quant import GridConfig, QuantizedWeight, decode, encode, grid, grid_mse, pack_codes, to_groups
-
 from llmc.errors import PassError
+from llmc.kernels.quant import GridConfig, QuantizedWeight, decode, encode, grid, grid_mse, pack_codes, to_groups
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:

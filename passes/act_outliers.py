@@ -3,11 +3,11 @@ for the int8 graph to keep out of its int8 range (compiler/onnx_int8_linear.py c
 
 A few channels of an LLM's hidden state carry activations far above the others' (SmolLM2-135M: a
 linear's largest max |x| is a median 4.9x, at most 692x, its 129th largest). One int8 scale per token
-sized for them leaves the other channels a few codes: +3.9% perplexity with every body linear quantized so (fake-quant, held-out windows). With
-each linear's largest channels in bf16, the whole int8 graph (LM head too) scored +0.52% over 24
-held-out windows with 64 channels and +0.22% with 128 (the default: ~2% slower prefill). The
-channels are found once on the calibration windows (the largest max |x| over all their tokens) and
-recorded for the emitter.
+sized for them leaves the other channels a few codes: +3.9% perplexity with every body linear quantized
+so (fake-quant, held-out windows). With each linear's largest channels in bf16, the whole int8 graph
+(LM head too) scored +0.52% over 24 held-out windows with 64 channels and +0.22% with 128 (the
+default: ~2% slower prefill). The channels are found once on the calibration windows (the largest max
+|x| over all their tokens) and recorded for the emitter.
 """
 
 from __future__ import annotations

@@ -42,8 +42,7 @@ class LayerwiseRunner:
         return cos, sin
 
     def _pools(self, num_seqs: int):
-        geo = self.model.geo
-        shape = (num_seqs, self.seq_len, geo.num_kv_heads, geo.head_dim)  # [NB, B, KVH, D]
+        shape = self.model.geo.pool_shape(num_seqs, self.seq_len)  # [NB, B, KVH, D]: a block a window
         return torch.zeros(shape), torch.zeros(shape)
 
     @torch.no_grad()

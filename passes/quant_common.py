@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llmc.kernels.quant import GridConfig, QuantizedWeight
-
 from llmc.errors import PassError
+from llmc.kernels.quant import GridConfig, QuantizedWeight
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

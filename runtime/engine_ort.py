@@ -132,7 +132,8 @@ class OrtEngine:
     @property
     def gemm_path(self) -> str:
         """Which graph's GEMMs run which steps, in words."""
-        main = "main graph (int4 llmc.Int4Linear, AVX-512 VNNI)" if self.int4_decode else "main graph (fp32 / MatMulNBits)"
+        main = ("main graph (int4 llmc.Int4Linear, AVX-512 VNNI)" if self.int4_decode
+                else "main graph (fp32 / MatMulNBits)")
         if self.int8_session is None:
             return main
         int8 = f"int8 {self.int8_backend} (llmc.Int8Linear)"
@@ -198,7 +199,8 @@ def _use_int4_decode(bundle: Bundle, decode: dict | None) -> bool:
         return False
     if decode.get("linear_format") != INT4_LINEAR_FORMAT:
         raise BundleError(f"{bundle.path}'s int4 decode graph has a format this runtime does not read "
-                          f"({decode.get('linear_format')!r}): rebuild it with this llmc (`llmc build` of its model.yaml)")
+                          f"({decode.get('linear_format')!r}): rebuild it with this llmc "
+                          "(`llmc build` of its model.yaml)")
     if os.environ.get(INT4_DECODE_ENV, "1") == "0":
         log.info("%s=0: small steps run the MatMulNBits graph", INT4_DECODE_ENV)
         return False

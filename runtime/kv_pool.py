@@ -60,7 +60,7 @@ class KVPool:
     float16 or int8 codes (the bundle's kv_cache dtype; the engine quantizes what it returns)."""
 
     def __init__(self, geo: ModelGeometry, num_blocks: int, block_size: int, dtype: str = "float32"):
-        shape = (geo.num_layers, num_blocks, block_size, geo.num_kv_heads, geo.head_dim)
+        shape = (geo.num_layers, *geo.pool_shape(num_blocks, block_size))
         self.keys = np.zeros(shape, dtype=DTYPES[dtype])
         self.values = np.zeros(shape, dtype=DTYPES[dtype])
         self.num_blocks, self.block_size = num_blocks, block_size

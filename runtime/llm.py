@@ -17,9 +17,9 @@ import numpy as np
 from llmc.artifacts.bundle import Bundle, load_bundle
 from llmc.errors import RequestError
 from llmc.runtime.block_manager import BlockManager, blocks_needed
+from llmc.runtime.drafters import ModelDrafter, NgramDrafter
 from llmc.runtime.engine_ort import FUSED_ATTENTION, OrtEngine
 from llmc.runtime.kv_pool import KVPool, plan_kv_budget
-from llmc.runtime.drafters import ModelDrafter, NgramDrafter
 from llmc.runtime.sampler import sample_token, top_logprobs
 from llmc.runtime.scheduler import ScheduledSeq, Scheduler
 from llmc.runtime.sequence import RequestOutput, SamplingParams, Sequence

@@ -12,7 +12,6 @@ from tokenizers import Encoding, Tokenizer
 from llmc.artifacts.bundle import Bundle
 from llmc.errors import RequestError
 
-
 LONG_TEXT_CHARS = 4096
 _MARK = re.compile("\ue000(\\d+)\ue001")  # a message's place in a rendered template (private-use chars)
 

@@ -9,7 +9,6 @@ import os
 import tempfile
 from pathlib import Path
 
-
 TEXT = ("The capital of France is Paris. The capital of Italy is Rome. Paged attention keeps the KV cache "
         "in fixed-size blocks. Continuous batching lets new requests join between steps. ") * 20
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

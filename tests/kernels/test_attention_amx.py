@@ -109,7 +109,8 @@ def test_bf16_tiles_match_a_bf16_reference_and_float32_within_bf16_error(heads, 
     feeds = _step(heads, kv_heads, head_dim, kv_dtype, seed=head_dim)
     graph = _graph(heads, kv_heads, head_dim, kv_dtype, bf16_tiles=True)
     got = ort.InferenceSession(graph, kernel_options(kernels), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    body = ort.InferenceSession(graph, kernel_options("function-body"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    body = ort.InferenceSession(graph, kernel_options("function-body"),
+                                providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     exact = _reference(feeds, heads, kv_heads, head_dim, round_bf16=False)
     assert np.abs(body - exact).max() < 1e-4  # the reference is the op's contract
     decode = slice(-SEQUENCES[-1][1], None)  # the decoding token: float32 chunks in every case

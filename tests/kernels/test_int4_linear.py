@@ -19,7 +19,8 @@ KERNELS = pytest.mark.parametrize("kernels", [pytest.param("native", marks=needs
 def _session(qw, kernels: str, glu: bool = False) -> ort.InferenceSession:
     g = GraphBuilder()
     y = i4.int4_linear(g, "x", "lin", qw, glu=glu)
-    graph = helper.make_graph(g.nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", qw.in_features])],
+    graph = helper.make_graph(g.nodes, "t",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", qw.in_features])],
                               [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["M", None])], g.initializers)
     model = helper.make_model(graph, functions=[i4.build_function(op) for op in i4.FUNCTIONS],
                               opset_imports=[helper.make_opsetid("", i4.OPSET), helper.make_opsetid(i4.DOMAIN, 1)])

@@ -109,15 +109,27 @@ def test_disconnect_mid_stream_frees_blocks(server):
 
 
 def test_metrics_exposition(server):
-    url, _ = server
-    text = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer sekret"}).text
+    """Three requests of its own (the test passes alone): each counted as finished."""
+    url, engine = server
+    auth = {"Authorization": "Bearer sekret"}
+    wait_idle(engine)
+    before = httpx.get(f"{url}/metrics", headers=auth).text
+    for _ in range(3):
+        body = {"prompt": "Paged", "max_tokens": 2, "ignore_eos": True}
+        assert httpx.post(f"{url}/v1/completions", json=body, headers=auth, timeout=30).status_code == 200
+    wait_idle(engine)
+    text = httpx.get(f"{url}/metrics", headers=auth).text
     for name in ("llmc_time_to_first_token_seconds_bucket", "llmc_inter_token_latency_seconds_count",
                  "llmc_e2e_request_latency_seconds_sum", "llmc_requests_running", "llmc_requests_waiting",
                  "llmc_kv_cache_usage_ratio", "llmc_prefix_cache_hit_rate", "llmc_preemptions_total",
                  "llmc_prompt_tokens_total", "llmc_generation_tokens_total"):
         assert name in text
-    finished = [line for line in text.splitlines() if line.startswith('llmc_requests_total{status="finished"}')]
-    assert int(finished[0].split()[-1]) >= 3
+
+    def finished(exposition: str) -> int:
+        prefix = 'llmc_requests_total{status="finished"}'
+        return int(next(line for line in exposition.splitlines() if line.startswith(prefix)).split()[-1])
+
+    assert finished(text) == finished(before) + 3
 
 
 def test_concurrent_streams_each_get_every_token_before_their_end(server, tiny_bundle):

@@ -14,10 +14,10 @@ from tests.server_harness import served, wait_idle
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
-texts = st.text(max_size=24) | st.text(st.characters(categories=["Cs", "Co", "Zs", "Cc"]), max_size=4) | st.sampled_from(
-    ["<|im_start|>", "<|endoftext|>", "\u0000", "\ufffd", "x" * 300])
-numbers = st.integers(-3, 40) | st.integers() | st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False) | st.sampled_from(
-    [1e-300, 5e-324, 2**63, -(2**63) - 1, 0.5])
+texts = (st.text(max_size=24) | st.text(st.characters(categories=["Cs", "Co", "Zs", "Cc"]), max_size=4)
+         | st.sampled_from(["<|im_start|>", "<|endoftext|>", "\u0000", "\ufffd", "x" * 300]))
+numbers = (st.integers(-3, 40) | st.integers() | st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=False)
+           | st.sampled_from([1e-300, 5e-324, 2**63, -(2**63) - 1, 0.5]))
 json_values = st.recursive(st.none() | st.booleans() | numbers | texts,
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
                            max_leaves=8)
@@ -36,7 +36,8 @@ COMMON = {
     "ignore_eos": st.booleans(),
     "return_token_ids": st.booleans(),
     "logprobs": st.none() | st.booleans() | st.integers(-1, 5),
-    "logit_bias": st.none() | st.dictionaries(st.integers(0, 300).map(str), st.floats(-5, 5, allow_subnormal=False), max_size=2),
+    "logit_bias": st.none() | st.dictionaries(st.integers(0, 300).map(str), st.floats(-5, 5, allow_subnormal=False),
+                                              max_size=2),
     "presence_penalty": st.floats(-3, 3, allow_subnormal=False),
     "response_format": st.none() | st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
     "tools": st.none() | st.just([]),
@@ -48,13 +49,15 @@ parts = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_
                  max_size=2)
 messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "bad"]),
                                            "content": st.none() | texts | parts}), max_size=3)
-CHAT = {**COMMON, "messages": messages, "max_completion_tokens": st.integers(-1, 24), "top_logprobs": st.integers(-1, 3)}
+CHAT = {**COMMON, "messages": messages, "max_completion_tokens": st.integers(-1, 24),
+        "top_logprobs": st.integers(-1, 3)}
 
 
 good_texts = st.text(max_size=24) | st.sampled_from(["<|im_start|>", "héllo wörld", "日本語", "x" * 256])
 VALID_COMMON = {
-    "model": st.just("tiny"), "max_tokens": st.integers(1, 24), "temperature": st.floats(0, 2, allow_subnormal=False) | st.sampled_from(
-        [1e-300, 5e-324]), "top_p": st.floats(1e-300, 1.0, allow_subnormal=False), "top_k": st.integers(-1, 10**7), "n": st.integers(1, 4),
+    "model": st.just("tiny"), "max_tokens": st.integers(1, 24),
+    "temperature": st.floats(0, 2, allow_subnormal=False) | st.sampled_from([1e-300, 5e-324]),
+    "top_p": st.floats(1e-300, 1.0, allow_subnormal=False), "top_k": st.integers(-1, 10**7), "n": st.integers(1, 4),
     "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "stop": st.lists(good_texts.filter(bool), max_size=4), "seed": st.integers(-(2**63), 2**63 - 1),
     "ignore_eos": st.booleans(), "return_token_ids": st.booleans(), "logprobs": st.sampled_from([None, False]),

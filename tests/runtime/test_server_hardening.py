@@ -354,7 +354,8 @@ def test_slow_headers_are_cut_off_and_slow_bodies_get_408(server, monkeypatch):
 def test_serving_beyond_loopback_without_a_key_warns(tiny_bundle):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", "from llmc.cli import main; main()", "serve", str(tiny_bundle),
-                             "--host", "0.0.0.0", "--port", str(port), "--kv-cache-memory", "4MiB"], stderr=subprocess.PIPE, text=True)
+                             "--host", "0.0.0.0", "--port", str(port), "--kv-cache-memory", "4MiB"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
         while line and "serving on" not in line:
