@@ -7,6 +7,17 @@ import pytest
 from tests.helpers import write_tiny_checkpoint, write_yaml
 
 
+@pytest.fixture(scope="session", autouse=True)
+def global_thread_pool():
+    """onnxruntime's process-wide thread pool, made first as in every llmc process that runs an engine, so tests
+    pass in any order (tests/helpers.session_options: every session in tests runs on it)."""
+    import os
+
+    from llmc.runtime import engine_ort
+
+    engine_ort._use_global_thread_pool(len(os.sched_getaffinity(0)))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """HF directory of a tiny random Llama (GQA 4/2 heads, 2 layers)."""

@@ -93,7 +93,7 @@ def step_graph_vs_torch(graph_path, model, n: int = 21, options=None):
     import onnxruntime as ort
     import torch
 
-    session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(graph_path), options or session_options(), providers=["CPUExecutionProvider"])
     ids = torch.randint(0, model.geo.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
     kv = model.new_kv_cache(8, 4)
     i32 = torch.int32
@@ -107,15 +107,24 @@ def step_graph_vs_torch(graph_path, model, n: int = 21, options=None):
     return logits, model(slot_mapping=torch.arange(n), kv_cache=kv, **inputs).numpy()
 
 
+def session_options():
+    """onnxruntime session options on the process's global thread pool (tests/conftest.py creates it at the start,
+    as llmc's engines do): once it exists, onnxruntime refuses sessions with threads of their own."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False
+    return options
+
+
 def ort_options(fused: bool, profile_prefix=None):
     """onnxruntime session options running llmc.PagedAttention as llmc's fused CPU kernel (fused=True; skipped
     when this machine has no C++ compiler, fails when the library does not build) or as its ONNX function body."""
-    import onnxruntime as ort
     import pytest
 
     from llmc.kernels import fused_cpu
 
-    options = ort.SessionOptions()
+    options = session_options()
     if fused:
         if fused_cpu._compiler() is None:
             pytest.skip("no C++ compiler here: llmc's fused CPU kernels cannot be built")
@@ -160,9 +169,7 @@ def kernel_options(kernels: str):
     (emulated_amx_library: the AMX kernels on any CPU) or "function-body"."""
     if kernels != "emulated-amx":
         return ort_options(kernels in ("native", "native-vnni"))
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
+    options = session_options()
     options.register_custom_ops_library(str(emulated_amx_library()))
     return options
 

@@ -12,7 +12,7 @@ from llmc.compiler.pipeline import build
 from llmc.compiler.spec import load_spec
 from llmc.errors import BundleError
 from llmc.runtime.llm import LLM
-from tests.helpers import step_graph_vs_torch, write_yaml
+from tests.helpers import session_options, step_graph_vs_torch, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_qdq_graph_matches_fake_quant_in_onnxruntime(trt_bundle, tiny_checkpoint
                                               "lm_head_bits": 4}))
     run_passes(ir, build_passes(spec, ir))  # the same fake-quant weights the bundle was built from
     path = trt_bundle.engine_dir("tensorrt") / trt_bundle.manifest["engines"]["tensorrt"]["graph"]
-    exact = ort.SessionOptions()
+    exact = session_options()
     exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # plain DequantizeLinear + MatMul
     logits, expected = step_graph_vs_torch(path, ir.model, options=exact)
     assert np.abs(logits - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())

@@ -268,6 +268,7 @@ def llm_bytes_per_token(bundle) -> int:
 def test_post_bodies_must_be_json(server, content_type):
     url, engine = server
     headers = {"Content-Type": content_type} if content_type else {}
+    wait_idle(engine)  # an earlier test's request, still running, would finish during this one
     before = engine.metrics.requests["finished"]
     r = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "x"}', headers=headers)
     assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
