@@ -1,7 +1,7 @@
 """llmc's own Llama-family model in torch, for a flattened batch over a paged KV cache.
 
 This is the compiler's IR (the emitters read its weights) and the numerical reference that
-engines are tested against. It implements the engine step contract of DESIGN.md directly.
+engines are tested against. It implements the engine step contract (docs/architecture.md) directly.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class LlamaModel(nn.Module):
     @torch.no_grad()
     def forward(self, input_ids, positions, slot_mapping, block_tables, context_lens, query_start,
                 logits_index, kv_cache) -> torch.Tensor:
-        """One engine step (see DESIGN.md); writes K/V into kv_cache in place; returns [N, vocab]."""
+        """One engine step (docs/architecture.md); writes K/V into kv_cache in place; returns [N, vocab]."""
         step = {"positions": positions, "slot_mapping": slot_mapping, "block_tables": block_tables,
                 "context_lens": context_lens, "query_start": query_start}
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [T, D]

@@ -11,7 +11,7 @@ from llmc.runtime.scheduler import ScheduledSeq
 
 @dataclass(slots=True)
 class StepInputs:
-    """Flattened batch of T new tokens from S sequences (see DESIGN.md, engine step contract)."""
+    """Flattened batch of T new tokens from S sequences (docs/architecture.md: the engine step contract)."""
 
     input_ids: np.ndarray  # int64 [T]
     positions: np.ndarray  # int64 [T]
