@@ -71,12 +71,10 @@ class KVPool:
 
     @classmethod
     def from_budget(cls, geo: ModelGeometry, block_size: int, budget_bytes: int, draft: ModelGeometry | None = None,
-                    dtype: str = "float32") -> "KVPool | tuple[KVPool, KVPool]":
-        """As many blocks as fit in budget_bytes (same formula as `llmc kv-size`).
-
-        With a draft model, the budget holds each block twice, once per model (the two pools share
-        block ids), and a (target, draft) pair is returned.
-        """
+                    dtype: str = "float32") -> "tuple[KVPool, KVPool | None]":
+        """(target pool, draft pool or None): as many blocks as fit in budget_bytes (same formula as
+        `llmc kv-size`). With a draft model the budget holds each block twice, once per model (the two pools
+        share block ids)."""
         geos = [geo] if draft is None else [geo, draft]
         per_block = sum(kv_bytes_per_token(g.num_layers, g.num_kv_heads, g.head_dim, dtype) for g in geos)
         per_block *= block_size
@@ -87,8 +85,8 @@ class KVPool:
         log.info("KV cache: %d blocks x %d tokens = %d tokens in %.1f MiB, %s%s", num_blocks, block_size,
                  num_blocks * block_size, num_blocks * per_block / (1 << 20), dtype,
                  " (target and draft pools)" if draft else "")
-        pools = tuple(cls(g, int(num_blocks), block_size, dtype) for g in geos)
-        return pools[0] if draft is None else pools
+        pools = [cls(g, int(num_blocks), block_size, dtype) for g in geos]
+        return pools[0], (pools[1] if draft is not None else None)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write of shared blocks)."""

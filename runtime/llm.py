@@ -75,16 +75,14 @@ class LLM:
         budget = plan_kv_budget(kv_cache_memory, kv_cache_fraction)
         spec = self.bundle.manifest.get("speculative") if speculation else None
         self.engine = OrtEngine(self.bundle, num_threads, profile_dir=profile_dir)
-        self.drafter, self.draft_pool, self.spec_policy = None, None, None
-        if spec and spec["method"] == "draft":
-            draft_engine = OrtEngine(self.bundle, num_threads, draft=True)
-            self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
-                                                            draft=draft_engine.geometry, dtype=self.bundle.kv_dtype)
+        self.drafter, self.spec_policy = None, None
+        draft_engine = OrtEngine(self.bundle, num_threads, draft=True) if spec and spec["method"] == "draft" else None
+        self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
+                                                        draft=draft_engine and draft_engine.geometry,
+                                                        dtype=self.bundle.kv_dtype)
+        self.draft_max_position = (draft_engine or self.engine).geometry.max_position
+        if draft_engine is not None:
             self.drafter = ModelDrafter(draft_engine, self.draft_pool, self.geometry.vocab_size)
-            self.draft_max_position = draft_engine.geometry.max_position
-        else:
-            self.pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget, dtype=self.bundle.kv_dtype)
-            self.draft_max_position = self.geometry.max_position
         if spec and spec["method"] == "ngram":
             self.drafter = NgramDrafter(**spec["ngram"])
         if spec:
