@@ -17,8 +17,9 @@ import click
 
 from llmc import __version__
 from llmc.artifacts.geometry import human_bytes
+from llmc.engine_options import engine_options
 from llmc.errors import LlmcError
-from llmc.runtime.scheduler import POLICIES
+from llmc.runtime.engine_config import EngineConfig
 
 
 def _setup_logging(verbose: int) -> None:
@@ -118,23 +119,6 @@ def inspect(bundle: Path, as_json: bool) -> None:
     click.echo(f"verified  {len(m['files'])} files, {human_bytes(total)}: all sha256 checksums match")
 
 
-def _spec_options(command):
-    """--no-speculation, --num-spec-tokens, --fixed-speculation (for bundles with a speculative section)."""
-    command = click.option("--fixed-speculation", is_flag=True,
-                           help="Always draft k tokens (no adaptive k / switching off).")(command)
-    command = click.option("--num-spec-tokens", type=int, default=None,
-                           help="k, the most tokens drafted per step (default: the bundle's).")(command)
-    return click.option("--no-speculation", is_flag=True,
-                        help="Ignore the bundle's draft model / n-gram drafting.")(command)
-
-
-def _spec_kwargs(no_speculation: bool, num_spec_tokens: int | None, fixed_speculation: bool) -> dict:
-    if num_spec_tokens is not None and not 1 <= num_spec_tokens <= 16:
-        raise click.BadParameter(f"{num_spec_tokens}: k must be in 1..16", param_hint="--num-spec-tokens")
-    return {"speculation": not no_speculation, "num_spec_tokens": num_spec_tokens,
-            "adaptive_speculation": False if fixed_speculation else None}
-
-
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("-p", "--prompt", required=True, help="The prompt (or the user message with --chat).")
@@ -146,12 +130,10 @@ def _spec_kwargs(no_speculation: bool, num_spec_tokens: int | None, fixed_specul
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=None, type=int)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--kv-cache-memory", default="256MiB", show_default=True, help="KV-cache pool size.")
-@_spec_options
+@engine_options(kv_cache_memory="256MiB", max_num_seqs=1)
 @click.option("-v", "--verbose", count=True)
 def run(bundle: Path, prompt: str, chat: bool, system: str | None, max_tokens: int, temperature: float,
-        top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], kv_cache_memory: str,
-        no_speculation: bool, num_spec_tokens: int | None, fixed_speculation: bool, verbose: int) -> None:
+        top_k: int, top_p: float, seed: int | None, stop: tuple[str, ...], engine: EngineConfig, verbose: int) -> None:
     """Generate from BUNDLE, streaming tokens to the terminal."""
     _setup_logging(verbose)
     from llmc.runtime.llm import LLM
@@ -159,8 +141,7 @@ def run(bundle: Path, prompt: str, chat: bool, system: str | None, max_tokens: i
 
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed, stop=stop)
-    llm = LLM(bundle, kv_cache_memory=kv_cache_memory, max_num_seqs=1,
-              **_spec_kwargs(no_speculation, num_spec_tokens, fixed_speculation))
+    llm = LLM(bundle, engine)
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         prompt = llm.tokenizer.encode_chat(messages)
@@ -211,14 +192,8 @@ def eval_command(bundle: Path, texts: tuple[Path, ...], reference: Path | None, 
 @click.option("--api-key", envvar="LLMC_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' "
               "(env LLMC_API_KEY); /health stays open.")
 @click.option("--served-model-name", default=None, help="Model id clients send (default: the bundle name).")
-@click.option("--kv-cache-memory", default="1GiB", show_default=True, help="KV-cache pool size.")
-@click.option("--kv-cache-fraction", type=float, default=None, help="Size the pool as a fraction of available memory.")
-@click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences per step.")
-@click.option("--max-num-batched-tokens", default=1024, show_default=True, type=int, help="Tokens per step.")
+@engine_options()
 @click.option("--max-waiting", default=256, show_default=True, type=int, help="Queued requests before 429s.")
-@click.option("--policy", type=click.Choice(POLICIES), default="continuous", show_default=True,
-              help="prefill-first: prompts' chunks before decodes in each step (earlier first tokens in a burst).")
-@click.option("--no-prefix-caching", is_flag=True, help="Disable KV block sharing between prompts.")
 @click.option("--drain-timeout", default=30.0, show_default=True, type=float,
               help="Seconds SIGTERM lets in-flight requests finish (new ones get 503).")
 @click.option("--max-request-bytes", default="1MiB", show_default=True, help="Largest request body (413 beyond).")
@@ -226,13 +201,10 @@ def eval_command(bundle: Path, texts: tuple[Path, ...], reference: Path | None, 
               "(behind a proxy); '*' answers any.")
 @click.option("--cors-origins", default="", help="Comma-separated browser origins allowed to call the API "
               "(CORS is off by default).")
-@_spec_options
 @click.option("-v", "--verbose", count=True)
 def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_name: str | None,
-          kv_cache_memory: str, kv_cache_fraction: float | None, max_num_seqs: int, max_num_batched_tokens: int,
-          max_waiting: int, policy: str, no_prefix_caching: bool, drain_timeout: float, max_request_bytes: str,
-          allowed_hosts: str, cors_origins: str, no_speculation: bool, num_spec_tokens: int | None,
-          fixed_speculation: bool, verbose: int) -> None:
+          engine: EngineConfig, max_waiting: int, drain_timeout: float, max_request_bytes: str,
+          allowed_hosts: str, cors_origins: str, verbose: int) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API."""
     _setup_logging(verbose)
     from llmc.runtime.async_engine import AsyncEngine
@@ -247,10 +219,7 @@ def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_
                           allowed_hosts=_csv(allowed_hosts), cors_origins=_csv(cors_origins),
                           drain_timeout_s=drain_timeout)
 
-    llm = LLM(bundle, kv_cache_memory=kv_cache_memory, kv_cache_fraction=kv_cache_fraction,
-              max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-              enable_prefix_caching=not no_prefix_caching, policy=policy,
-              **_spec_kwargs(no_speculation, num_spec_tokens, fixed_speculation))
+    llm = LLM(bundle, engine)
     pool, context = llm.pool, llm.geometry.max_position
     pools = [p for p in (pool, llm.draft_pool) if p is not None]  # a draft model's pool shares the block ids
     total = sum(p.keys.nbytes + p.values.nbytes for p in pools)
@@ -268,7 +237,8 @@ def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_
         click.echo(f"warning: serving on {host} without an API key: anyone who can reach this address can use "
                    "the server (set --api-key or LLMC_API_KEY)", err=True)
     name = served_model_name or llm.bundle.manifest["name"]
-    click.echo(f"serving '{name}' on http://{host}:{port}/v1 ({policy} batching, up to {max_num_seqs} sequences"
+    click.echo(f"serving '{name}' on http://{host}:{port}/v1 ({engine.policy} batching, up to {engine.max_num_seqs} "
+               "sequences"
                f"{', API key required' if api_key else ''}{_spec_summary(llm)}); Ctrl-C or SIGTERM drains and stops")
     run_server(AsyncEngine(llm, max_waiting), name, host, port, config)
 
@@ -303,23 +273,15 @@ def _range(text: str) -> tuple[int, int]:
 @click.option("--output-len", default="30:250", show_default=True, help="Output tokens MIN:MAX (uniform, EOS ignored).")
 @click.option("--rate", default="inf", show_default=True, help="Online: requests/s (Poisson), or inf.")
 @click.option("--url", default=None, help="Online: an already running OpenAI-compatible server.")
-@click.option("--max-num-seqs", default=64, show_default=True, type=int)
-@click.option("--max-num-batched-tokens", default=1024, show_default=True, type=int)
-@click.option("--kv-cache-memory", default="2GiB", show_default=True)
-@click.option("--policy", type=click.Choice(POLICIES), default="continuous", show_default=True,
-              help="prefill-first: prompts' chunks before decodes in each step (earlier first tokens in a burst).")
-@click.option("--no-prefix-caching", is_flag=True)
+@engine_options(kv_cache_memory="2GiB")
 @click.option("--sweep", default=None, help="Offline sweep, e.g. max_num_seqs=1,2,4,8,16 (writes JSON + PNG).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", "out_path", default="bench.json", show_default=True, type=click.Path(path_type=Path))
 @click.option("--profile", is_flag=True,
               help="Offline: profile every step with onnxruntime's profiler and report where step time goes "
                    "(GEMMs, attention, the rest, outside the graph, host).")
-@_spec_options
 def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_len: str, rate: str, url: str | None,
-          max_num_seqs: int, max_num_batched_tokens: int, kv_cache_memory: str, policy: str,
-          no_prefix_caching: bool, sweep: str | None, seed: int, out_path: Path, profile: bool, no_speculation: bool,
-          num_spec_tokens: int | None, fixed_speculation: bool) -> None:
+          engine: EngineConfig, sweep: str | None, seed: int, out_path: Path, profile: bool) -> None:
     """Benchmark BUNDLE: tokens/s, TTFT, TPOT, inter-token latency, KV usage and waste."""
     _setup_logging(1)
     from llmc.artifacts.bundle import load_bundle
@@ -328,10 +290,8 @@ def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_le
 
     loaded = load_bundle(bundle)
     workload = b.make_workload(num_requests, _range(prompt_len), _range(output_len), loaded.geometry.vocab_size, seed)
-    settings = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens}
-    spec = _spec_kwargs(no_speculation, num_spec_tokens, fixed_speculation)
-    make = lambda **kw: LLM(loaded, kv_cache_memory=kv_cache_memory, policy=policy,  # noqa: E731
-                            enable_prefix_caching=not no_prefix_caching, **spec, **{**settings, **kw})
+    settings = {"max_num_seqs": engine.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens}
+    make = lambda profile_dir=None, **kw: LLM(loaded, engine, profile_dir=profile_dir, **kw)  # noqa: E731
     if profile and (sweep or mode != "offline"):
         raise click.BadParameter("--profile goes with --mode offline (no --sweep)")
     if sweep:
@@ -348,7 +308,7 @@ def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_le
     elif mode == "offline":
         with tempfile.TemporaryDirectory(prefix="llmc-profile-") as traces:
             llm = make(profile_dir=traces if profile else None)
-            report = {"mode": "offline", **settings, "policy": policy, **b.run_offline(llm, workload)}
+            report = {"mode": "offline", **settings, "policy": engine.policy, **b.run_offline(llm, workload)}
     else:
         report = {"mode": "online", **_online(b, make, workload, url, float(rate), loaded.manifest["name"], seed)}
     out_path.write_text(b.to_json(report))

@@ -9,7 +9,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from llmc.artifacts.bundle import Bundle, load_bundle
 from llmc.errors import RequestError
 from llmc.runtime.block_manager import BlockManager, blocks_needed
 from llmc.runtime.drafters import ModelDrafter, NgramDrafter
+from llmc.runtime.engine_config import EngineConfig
 from llmc.runtime.engine_ort import FUSED_ATTENTION, OrtEngine
 from llmc.runtime.kv_pool import KVPool, plan_kv_budget
 from llmc.runtime.sampler import sample_token, top_logprobs
@@ -61,22 +62,22 @@ class _SeqState:
 class LLM:
     """A bundle loaded for generation: engine, KV pool, block manager, scheduler, tokenizer."""
 
-    def __init__(self, bundle: str | Path | Bundle, kv_cache_memory: str | int | None = "1GiB",
-                 kv_cache_fraction: float | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
-                 enable_prefix_caching: bool = True, policy: str = "continuous", num_threads: int | None = None,
-                 verify: bool = True, speculation: bool = True, num_spec_tokens: int | None = None,
-                 adaptive_speculation: bool | None = None, profile_dir: str | Path | None = None):
-        """speculation=False ignores the bundle's speculative section; num_spec_tokens and
-        adaptive_speculation override its k and its adaptive switch; profile_dir turns on onnxruntime's
-        profiler for the target engine (runtime/step_profile.py)."""
+    def __init__(self, bundle: str | Path | Bundle, config: EngineConfig | None = None, *, verify: bool = True,
+                 profile_dir: str | Path | None = None, **fields):
+        """config (or EngineConfig's defaults) with `fields` (EngineConfig's field names) replaced, as
+        `LLM(bundle, max_num_seqs=8)`. verify=False skips the bundle's checksums; profile_dir turns on
+        onnxruntime's profiler for the target engine (runtime/step_profile.py)."""
+        config = replace(config or EngineConfig(), **fields)
+        self.config = config
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         self.geometry = self.bundle.geometry
         self.tokenizer = BundleTokenizer(self.bundle)
-        budget = plan_kv_budget(kv_cache_memory, kv_cache_fraction)
-        spec = self.bundle.manifest.get("speculative") if speculation else None
-        self.engine = OrtEngine(self.bundle, num_threads, profile_dir=profile_dir)
+        budget = plan_kv_budget(config.kv_cache_memory, config.kv_cache_fraction)
+        spec = self.bundle.manifest.get("speculative") if config.speculation else None
+        self.engine = OrtEngine(self.bundle, config.num_threads, profile_dir=profile_dir)
         self.drafter, self.spec_policy = None, None
-        draft_engine = OrtEngine(self.bundle, num_threads, draft=True) if spec and spec["method"] == "draft" else None
+        drafts_with_model = spec is not None and spec["method"] == "draft"
+        draft_engine = OrtEngine(self.bundle, config.num_threads, draft=True) if drafts_with_model else None
         self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
                                                         draft=draft_engine and draft_engine.geometry,
                                                         dtype=self.bundle.kv_dtype)
@@ -86,16 +87,17 @@ class LLM:
         if spec and spec["method"] == "ngram":
             self.drafter = NgramDrafter(**spec["ngram"])
         if spec:
-            self.spec_policy = SpecPolicy(num_spec_tokens or spec["num_tokens"],
-                                          spec["adaptive"] if adaptive_speculation is None else adaptive_speculation,
+            adaptive = spec["adaptive"] if config.adaptive_speculation is None else config.adaptive_speculation
+            self.spec_policy = SpecPolicy(config.num_spec_tokens or spec["num_tokens"], adaptive,
                                           PRIOR_ACCEPTANCE_DRAFT if spec["method"] == "draft" else PRIOR_ACCEPTANCE)
         self.engine.calibrate_int8(self.pool)
         self._speculating: dict[Sequence, bool] = {}  # admitted to speculation, per decoding sequence
         self.spec_stats = SpecStats()
         if self.spec_policy is not None and self.spec_policy.adaptive:
             self._time_engines()
-        self.block_manager = BlockManager(self.pool.num_blocks, self.pool.block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, policy)
+        self.block_manager = BlockManager(self.pool.num_blocks, self.pool.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.policy)
         self.timing = StepTiming()
         self._ids = itertools.count()
         self._state: dict[Sequence, _SeqState] = {}

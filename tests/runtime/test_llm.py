@@ -194,3 +194,18 @@ def test_float16_kv_cache_holds_twice_the_blocks_and_generates_the_same(tiny_che
     outputs = llm.generate(prompts, SamplingParams(max_tokens=24, ignore_eos=True))
     for out, ref in zip(outputs, reference):
         assert_same_or_near_tie(out.token_ids, ref.token_ids, ref.logprobs, tol=2e-2)
+
+
+def test_engine_config_and_field_overrides(tiny_bundle):
+    """LLM(bundle, EngineConfig(...), **fields): the config's values with the fields replaced; an unknown field
+    is refused by name."""
+    from llmc.runtime.engine_config import EngineConfig
+
+    llm = LLM(tiny_bundle, EngineConfig(max_num_seqs=3, policy="static"), max_num_batched_tokens=77,
+              enable_prefix_caching=False)
+    assert llm.config == EngineConfig(max_num_seqs=3, policy="static", max_num_batched_tokens=77,
+                                      enable_prefix_caching=False)
+    assert (llm.scheduler.max_num_seqs, llm.scheduler.max_num_batched_tokens) == (3, 77)
+    assert not llm.block_manager.enable_prefix_caching
+    with pytest.raises(TypeError, match="max_num_sequences"):
+        LLM(tiny_bundle, max_num_sequences=4)
