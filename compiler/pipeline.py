@@ -1,4 +1,5 @@
-"""`llmc build`: BuildSpec -> import -> passes -> emit -> bundle, each stage logged and timed."""
+"""`llmc build`: BuildSpec -> import -> passes -> draft -> evaluate -> emit -> bundle: a list of stages, each
+logged and timed, each filling its own fields of one Build record (no stage patches another's output)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from llmc.compiler import calibration
 from llmc.compiler.emit_onnx import emit_onnx
 from llmc.compiler.emit_tensorrt import emit_tensorrt
 from llmc.compiler.evaluate import evaluate, torch_scorer
-from llmc.compiler.importer import import_checkpoint
+from llmc.compiler.importer import ModelIR, import_checkpoint
 from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec, QuantizationSpec, load_spec
 from llmc.compiler.tokenizer_meta import tokenizer_manifest
 from llmc.errors import ConfigError
@@ -91,14 +94,6 @@ def draft_spec(spec: BuildSpec) -> BuildSpec:
     return BuildSpec(name=f"{spec.name}-draft", source=ref, base_dir=spec.base_dir)
 
 
-def _compile_draft(spec: BuildSpec, staging: Path):
-    """Import the draft and run its own passes; returns (IR, its pass records, its spec)."""
-    dspec = draft_spec(spec)
-    log.info("  draft %s from %s", dspec.name, dspec.source)
-    ir = import_checkpoint(dspec.source_path(), spec.max_context, dspec.allow_pickle, work_dir=staging / "draft-work")
-    return ir, run_passes(ir, build_passes(dspec, ir)), dspec
-
-
 def _evaluate(spec: BuildSpec, ir, reference_model) -> dict:
     """Held-out perplexity of the built model and, when quantized, of the source model and their KL."""
     windows = _windows(spec, ir, spec.eval, None, None, "eval")[: spec.eval.max_windows]
@@ -116,25 +111,6 @@ def _pass_summaries(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith("per_")} for r in records]
 
 
-def _speculative(spec: BuildSpec, ir, staging: Path, passes: list[dict]) -> tuple[dict | None, tuple | None]:
-    """The manifest's speculative section and, for a draft model, (its compiled IR, its emit_onnx
-    options) to emit; the draft is compiled with its own passes and the pairing pass runs on the target."""
-    s = spec.speculative
-    if s is None:
-        return None, None
-    section = {"method": s.method, "num_tokens": s.num_tokens, "adaptive": s.adaptive}
-    if s.method == "ngram":
-        ngram = s.ngram.model_dump() if s.ngram else {"min_n": 1, "max_n": 3}
-        return {**section, "ngram": ngram}, None
-    draft_ir, draft_passes, dspec = _compile_draft(spec, staging)
-    passes.extend(run_passes(ir, [SpecPairing(draft_ir, dspec.name, s.num_tokens)]))
-    q = dspec.quantization
-    section.update(pairing=passes[-1], draft={"name": dspec.name, "source": str(dspec.source_path()),
-                                             "model": draft_ir.geometry.to_dict(),
-                                             "passes": _pass_summaries(draft_passes)})
-    return section, (draft_ir, _onnx_options(q))
-
-
 def _onnx_options(q: QuantizationSpec | None) -> dict:
     """emit_onnx's MatMulNBits settings for a quantization section."""
     return {"accuracy_level": q.accuracy_level, "activation_block_size": q.activation_block_size} if q else {}
@@ -149,8 +125,140 @@ def _stage(timings: dict, index: int, name: str, stages: int):
     log.info("[%d/%d] %s done in %.1fs", index, stages, name, timings[name])
 
 
+@dataclass
+class DraftBuild:
+    """The draft model, compiled with its own spec and passes (draft speculation)."""
+
+    spec: BuildSpec
+    ir: ModelIR
+    passes: list[dict]
+    pairing: dict  # the pairing pass's record (run on the target)
+    engine: dict | None = None  # its onnxruntime engine entry, once emitted
+
+
+@dataclass
+class Build:
+    """What the stages hand on: each reads the fields the stages before it filled, and fills its own."""
+
+    spec: BuildSpec
+    source: Path
+    staging: Path
+    ir: ModelIR | None = None  # import
+    reference: object = None  # passes: the model before them, to measure KL from (with an eval section)
+    passes: list[dict] = field(default_factory=list)  # passes (the pairing pass's record from draft)
+    draft: DraftBuild | None = None  # draft
+    quality: dict | None = None  # evaluate
+    engines: dict = field(default_factory=dict)  # emit
+    timings: dict = field(default_factory=dict)
+
+
+def import_stage(b: Build) -> None:
+    """The checkpoint into llmc's IR."""
+    b.ir = import_checkpoint(b.source, b.spec.max_context, b.spec.allow_pickle, work_dir=b.staging)
+
+
+def passes_stage(b: Build) -> None:
+    """The spec's passes on the IR (quantization, outliers, KV scales), in order."""
+    pass_list = build_passes(b.spec, b.ir)
+    b.reference = copy.deepcopy(b.ir.model) if b.spec.eval and pass_list else None
+    b.passes = run_passes(b.ir, pass_list)
+
+
+def draft_stage(b: Build) -> None:
+    """Import the draft and run its own passes; the pairing pass checks it against the target."""
+    dspec = draft_spec(b.spec)
+    log.info("  draft %s from %s", dspec.name, dspec.source)
+    ir = import_checkpoint(dspec.source_path(), b.spec.max_context, dspec.allow_pickle,
+                           work_dir=b.staging / "draft-work")
+    draft_passes = run_passes(ir, build_passes(dspec, ir))
+    pairing = run_passes(b.ir, [SpecPairing(ir, dspec.name, b.spec.speculative.num_tokens)])
+    b.passes.extend(pairing)
+    b.draft = DraftBuild(dspec, ir, draft_passes, pairing[-1])
+
+
+def evaluate_stage(b: Build) -> None:
+    """Held-out perplexity (and KL from the model before the passes)."""
+    b.quality = _evaluate(b.spec, b.ir, b.reference)
+    b.reference = None
+
+
+def emit_stage(b: Build) -> None:
+    """Engine files per target, and the draft's onnxruntime engine."""
+    spec, ir = b.spec, b.ir
+    for target in spec.targets:
+        engine_dir = b.staging / "engines" / target
+        if target == "tensorrt":
+            entry = emit_tensorrt(ir.model, engine_dir, ir.quantized, spec.kv_cache.block_size, spec.kv_cache.dtype)
+        else:
+            entry = emit_onnx(ir.model, engine_dir, ir.quantized, **_onnx_options(spec.quantization),
+                              kv_dtype=spec.kv_cache.dtype, int8_prefill=spec.int8_prefill,
+                              outlier_channels=ir.outlier_channels, kv_scales=ir.kv_scales,
+                              int4_decode=spec.quantization is not None and spec.quantization.int4_decode)
+        b.engines[target] = {"dir": f"engines/{target}", **entry}
+    if b.draft is not None:  # its pools share the target's block ids and budget, and its KV dtype
+        entry = emit_onnx(b.draft.ir.model, b.staging / DRAFT_DIR, b.draft.ir.quantized,
+                          **_onnx_options(b.draft.spec.quantization), kv_dtype=spec.kv_cache.dtype)
+        b.draft.engine = {"dir": DRAFT_DIR, **entry}
+        shutil.rmtree(b.staging / "draft-work", ignore_errors=True)
+
+
+def _speculative_section(b: Build) -> dict | None:
+    """The manifest's speculative section: the method and k, and the draft model (pairing, geometry,
+    passes, engine) or the n-gram settings."""
+    s = b.spec.speculative
+    if s is None:
+        return None
+    section = {"method": s.method, "num_tokens": s.num_tokens, "adaptive": s.adaptive}
+    if s.method == "ngram":
+        return {**section, "ngram": s.ngram.model_dump() if s.ngram else {"min_n": 1, "max_n": 3}}
+    d = b.draft
+    return {**section, "pairing": d.pairing,
+            "draft": {"name": d.spec.name, "source": str(d.spec.source_path()), "model": d.ir.geometry.to_dict(),
+                      "passes": _pass_summaries(d.passes), "engine": d.engine}}
+
+
+def bundle_stage(b: Build) -> None:
+    """The manifest and report, and the staged bundle moved into place."""
+    spec, ir, geo = b.spec, b.ir, b.ir.geometry
+    manifest = {
+        "name": spec.name,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": {"kind": ir.source_kind, "path": str(b.source),
+                   "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in ir.source_files]},
+        "model": geo.to_dict(),
+        "dtype": spec.dtype,
+        "kv_cache": {"block_size": spec.kv_cache.block_size, "dtype": spec.kv_cache.dtype,
+                     "layout": KV_LAYOUT, "formula": KV_FORMULA,
+                     "bytes_per_token": kv_bytes_per_token(geo.num_layers, geo.num_kv_heads,
+                                                           geo.head_dim, spec.kv_cache.dtype),
+                     **({"scales": "static, per layer and channel (kv_scales pass; in the engine graphs)"}
+                        if spec.kv_cache.dtype == "int8" else {})},
+        "engines": b.engines,
+        "tokenizer": tokenizer_manifest(ir.tokenizer_dir, "tokenizer"),
+        "passes": _pass_summaries(b.passes),
+        "quality": {"eval": b.quality, "report": "report.json"},
+        "speculative": _speculative_section(b),
+        "notes": ir.notes,
+        "timings_s": dict(b.timings),
+    }
+    report = {"timings_s": b.timings, "notes": ir.notes, "eval": b.quality, "passes": b.passes}
+    (b.staging / "report.json").write_text(json.dumps(report, indent=2))
+    bundle_io.write_bundle(b.staging, b.spec.output_dir(), manifest)
+
+
+def stages(spec: BuildSpec) -> list[tuple[str, Callable[[Build], None]]]:
+    """The build's stages, in order: import -> passes -> draft -> evaluate -> emit -> bundle (draft and
+    evaluate where the spec asks for them)."""
+    out = [("import", import_stage), ("passes", passes_stage)]
+    if spec.speculative is not None and spec.speculative.method == "draft":
+        out.append(("draft", draft_stage))
+    if spec.eval:
+        out.append(("evaluate", evaluate_stage))
+    return out + [("emit", emit_stage), ("bundle", bundle_stage)]
+
+
 def build(spec: BuildSpec) -> Path:
-    """Run the whole build; returns the bundle directory."""
+    """Run the whole build, stage after stage, each logged and timed; returns the bundle directory."""
     source = spec.source_path()  # a missing checkpoint or text file fails before anything is written
     for section in (spec.calibration, spec.eval):
         for path in [*(section.texts if section else []), *getattr(section, "token_files", [])]:
@@ -160,70 +268,14 @@ def build(spec: BuildSpec) -> Path:
     if spec.speculative is not None and spec.speculative.method == "draft":
         draft_spec(spec).source_path()  # a missing draft fails before the long work too
     final = spec.output_dir()
-    staging = bundle_io.staging_dir(final)
-    timings: dict[str, float] = {}
-    stages = 5 if spec.eval else 4
-    quality = None
+    b = Build(spec, source, bundle_io.staging_dir(final))
+    run = stages(spec)
     try:
-        with _stage(timings, 1, "import", stages):
-            ir = import_checkpoint(source, spec.max_context, spec.allow_pickle, work_dir=staging)
-        with _stage(timings, 2, "passes", stages):
-            pass_list = build_passes(spec, ir)
-            reference = copy.deepcopy(ir.model) if spec.eval and pass_list else None  # for KL after the passes
-            passes = run_passes(ir, pass_list)
-            speculative, draft = _speculative(spec, ir, staging, passes)
-        if spec.eval:
-            with _stage(timings, 3, "evaluate", stages):
-                quality = _evaluate(spec, ir, reference)
-            del reference
-        engines = {}
-        with _stage(timings, stages - 1, "emit", stages):
-            for target in spec.targets:
-                engine_dir = staging / "engines" / target
-                if target == "tensorrt":
-                    entry = emit_tensorrt(ir.model, engine_dir, ir.quantized, spec.kv_cache.block_size,
-                                          spec.kv_cache.dtype)
-                else:
-                    entry = emit_onnx(ir.model, engine_dir, ir.quantized, **_onnx_options(spec.quantization),
-                                      kv_dtype=spec.kv_cache.dtype, int8_prefill=spec.int8_prefill,
-                                      outlier_channels=ir.outlier_channels, kv_scales=ir.kv_scales,
-                                      int4_decode=spec.quantization is not None and spec.quantization.int4_decode)
-                engines[target] = {"dir": f"engines/{target}", **entry}
-            if draft is not None:
-                draft_ir, options = draft
-                # The draft's pools share the target's block ids and budget, and its KV dtype.
-                entry = emit_onnx(draft_ir.model, staging / DRAFT_DIR, draft_ir.quantized, **options,
-                                  kv_dtype=spec.kv_cache.dtype)
-                speculative["draft"]["engine"] = {"dir": DRAFT_DIR, **entry}
-                shutil.rmtree(staging / "draft-work", ignore_errors=True)
-        with _stage(timings, stages, "bundle", stages):
-            geo = ir.geometry
-            manifest = {
-                "name": spec.name,
-                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "source": {"kind": ir.source_kind, "path": str(source),
-                           "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in ir.source_files]},
-                "model": geo.to_dict(),
-                "dtype": spec.dtype,
-                "kv_cache": {"block_size": spec.kv_cache.block_size, "dtype": spec.kv_cache.dtype,
-                             "layout": KV_LAYOUT, "formula": KV_FORMULA,
-                             "bytes_per_token": kv_bytes_per_token(geo.num_layers, geo.num_kv_heads,
-                                                                   geo.head_dim, spec.kv_cache.dtype),
-                             **({"scales": "static, per layer and channel (kv_scales pass; in the engine graphs)"}
-                                if spec.kv_cache.dtype == "int8" else {})},
-                "engines": engines,
-                "tokenizer": tokenizer_manifest(ir.tokenizer_dir, "tokenizer"),
-                "passes": _pass_summaries(passes),
-                "quality": {"eval": quality, "report": "report.json"},
-                "speculative": speculative,
-                "notes": ir.notes,
-            }
-            manifest["timings_s"] = dict(timings)
-            report = {"timings_s": timings, "notes": ir.notes, "eval": quality, "passes": passes}
-            (staging / "report.json").write_text(json.dumps(report, indent=2))
-            bundle_io.write_bundle(staging, final, manifest)
+        for index, (name, stage) in enumerate(run, 1):
+            with _stage(b.timings, index, name, len(run)):
+                stage(b)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(b.staging, ignore_errors=True)
         raise
     log.info("bundle written to %s", final)
     return final
