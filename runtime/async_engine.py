@@ -202,27 +202,4 @@ class AsyncEngine:
             self._update_gauges()
 
     def _update_gauges(self) -> None:
-        llm, m = self.llm, self.metrics
-        bm = llm.block_manager
-        m.gauges["llmc_requests_running"] = len(llm.scheduler.running)
-        m.gauges["llmc_requests_waiting"] = len(llm.scheduler.waiting)
-        m.gauges["llmc_kv_cache_usage_ratio"] = round(bm.usage(), 4)
-        m.gauges["llmc_kv_cache_waste_ratio"] = round(bm.waste(llm.scheduler.running), 4)
-        m.gauges["llmc_prefix_cache_hit_rate"] = round(bm.stats.hit_rate, 4)
-        m.counters["llmc_preemptions_total"] = llm.scheduler.num_preemptions
-        m.counters["llmc_prefix_cache_queried_tokens_total"] = bm.stats.queried_tokens
-        m.counters["llmc_prefix_cache_hit_tokens_total"] = bm.stats.hit_tokens
-        m.counters.update({"llmc_steps_total": llm.timing.steps,
-                           "llmc_step_seconds_total": round(llm.timing.total_s, 6),
-                           "llmc_engine_seconds_total": round(llm.timing.engine_s, 6),
-                           "llmc_decode_steps_total": llm.timing.decode_steps,
-                           "llmc_decode_step_seconds_total": round(llm.timing.decode_s, 6)})
-        spec = llm.spec_stats
-        m.counters.update({"llmc_spec_draft_tokens_total": spec.proposed,
-                           "llmc_spec_accepted_tokens_total": spec.accepted,
-                           "llmc_spec_verifications_total": spec.verifications,
-                           "llmc_spec_draft_seconds_total": round(spec.draft_s, 6),
-                           "llmc_spec_verify_seconds_total": round(spec.verify_s, 6)})
-        m.gauges.update({"llmc_spec_acceptance_rate": round(spec.acceptance_rate, 4),
-                         "llmc_spec_mean_accepted_tokens": round(spec.mean_accepted, 4),
-                         "llmc_spec_num_tokens": spec.last_k})
+        self.metrics.update_from(self.llm.stats())

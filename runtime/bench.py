@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
@@ -70,7 +70,7 @@ def summarize(traces: list[RequestTrace], duration: float, extra: dict | None = 
 def run_offline(llm, workload: list[BenchRequest]) -> dict:
     """All requests queued at once through the Python API; per-token times taken after each step. An LLM
     made with profile_dir also reports `step_time` (runtime/step_profile.py)."""
-    from llmc.runtime.llm import StepTiming
+    from llmc.runtime.engine_stats import EngineCalls
     from llmc.runtime.sequence import SamplingParams
     from llmc.runtime.step_profile import step_time_report
 
@@ -81,10 +81,7 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
         traces.append(RequestTrace(start, num_prompt=len(req.prompt_ids)))
     index = {seq: i for i, seq in enumerate(seqs)}
     usage, waste = [], []
-    timing_before = replace(llm.timing)
-    spec_before = replace(llm.spec_stats)
-    preemptions_before = llm.scheduler.num_preemptions
-    path_seconds_before = dict(llm.engine.path_seconds)
+    before = llm.stats()
     done, next_report = 0, max(1, len(seqs) // 10)
     while llm.scheduler.has_unfinished():
         updated = llm.step()
@@ -96,26 +93,28 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
             if done >= next_report:
                 log.info("offline bench: %d/%d requests done (%.0f s)", done, len(seqs), now - start)
                 next_report += max(1, len(seqs) // 10)
-        usage.append(llm.block_manager.usage())
-        waste.append(llm.block_manager.waste(llm.scheduler.running))
+        snapshot = llm.stats()
+        usage.append(snapshot.kv_usage)
+        waste.append(snapshot.kv_waste)
     duration = time.perf_counter() - start
     for seq in seqs:
         llm.release(seq)
-    path_seconds = {path: llm.engine.path_seconds[path] - path_seconds_before[path] for path in path_seconds_before}
-    run_timing = StepTiming(llm.timing.steps - timing_before.steps, llm.timing.total_s - timing_before.total_s,
-                            llm.timing.engine_s - timing_before.engine_s)
+    after = llm.stats()
+    calls = {path: EngineCalls(c.calls - before.engine_calls[path].calls, c.tokens - before.engine_calls[path].tokens,
+                               c.seconds - before.engine_calls[path].seconds) for path, c in after.engine_calls.items()}
+    path_seconds = {path: c.seconds for path, c in calls.items()}
     return summarize(traces, duration, {
         "kv_usage_peak": max(usage, default=0.0), "kv_usage_mean": float(np.mean(usage)) if usage else 0.0,
         "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
-        "host_overhead_fraction": run_timing.host_fraction, "attention": llm.engine.attention,
+        "host_overhead_fraction": after.timing.since(before.timing).host_fraction, "attention": llm.engine.attention,
         "gemm_path": llm.engine.gemm_path,
-        "engine_calls_by_path": {path: {"calls": calls, "tokens": tokens, "seconds": path_seconds[path]}
-                                 for path, (calls, tokens) in llm.engine.path_counts.items()},
+        "engine_calls_by_path": {path: {"calls": c.calls, "tokens": c.tokens, "seconds": c.seconds}
+                                 for path, c in calls.items()},
         "step_time": (step_time_report(llm.engine.end_profiling(), path_seconds, duration, llm.engine.calibration_runs)
                       if llm.engine.profiling else None),
-        "preemptions": llm.scheduler.num_preemptions - preemptions_before,
-        "prefix_cache_hit_rate": llm.block_manager.stats.hit_rate,
-        "speculation": spec_delta(spec_before, llm.spec_stats) if llm.spec_policy else None})
+        "preemptions": after.preemptions - before.preemptions,
+        "prefix_cache_hit_rate": after.prefix_cache.hit_rate,
+        "speculation": spec_delta(before.speculation, after.speculation) if after.speculation else None})
 
 
 def spec_delta(before, after) -> dict:

@@ -20,6 +20,7 @@ from llmc.runtime.block_manager import BlockManager, blocks_needed
 from llmc.runtime.drafters import ModelDrafter, NgramDrafter
 from llmc.runtime.engine_config import EngineConfig
 from llmc.runtime.engine_ort import FUSED_ATTENTION, OrtEngine
+from llmc.runtime.engine_stats import EngineCalls, EngineStats, StepTiming
 from llmc.runtime.kv_pool import KVPool, plan_kv_budget
 from llmc.runtime.sampler import sample_token, top_logprobs
 from llmc.runtime.scheduler import ScheduledSeq, Scheduler
@@ -33,22 +34,6 @@ log = logging.getLogger(__name__)
 
 MAX_DRAFT_LAG = 64  # an admitted sequence whose draft KV lags more than this stops speculating
 KV_CACHE_FULL = "kv_cache_full"  # finish reason: the sequence alone outgrew the whole KV pool
-
-
-@dataclass(slots=True)
-class StepTiming:
-    """Cumulative wall time of steps and of the engine calls inside them (the rest is host work)."""
-
-    steps: int = 0
-    total_s: float = 0.0
-    engine_s: float = 0.0
-    decode_steps: int = 0  # steps of one new token per sequence (no prompt chunk, no drafts)
-    decode_s: float = 0.0
-
-    @property
-    def host_fraction(self) -> float:
-        """Share of step time spent outside the engine: scheduling, input preparation, sampling."""
-        return 1.0 - self.engine_s / self.total_s if self.total_s else 0.0
 
 
 @dataclass(slots=True)
@@ -120,6 +105,14 @@ class LLM:
                 cost.add(tokens, min(timings))
 
     # -- requests ---------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """A snapshot of the running and waiting sequences, the KV pool, and the cumulative counters."""
+        bm, scheduler, engine = self.block_manager, self.scheduler, self.engine
+        calls = {path: EngineCalls(*engine.path_counts[path], engine.path_seconds[path]) for path in engine.path_counts}
+        return EngineStats(len(scheduler.running), len(scheduler.waiting), bm.usage(), bm.waste(scheduler.running),
+                           scheduler.num_preemptions, replace(bm.stats), replace(self.timing), calls,
+                           replace(self.spec_stats) if self.spec_policy is not None else None)
+
     def validate_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt that can run here; RequestError saying why otherwise."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

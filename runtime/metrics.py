@@ -5,6 +5,9 @@ from __future__ import annotations
 import bisect
 import threading
 
+from llmc.runtime.engine_stats import EngineStats
+from llmc.runtime.speculative import SpecStats
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                    20.0, 40.0, 80.0)
 
@@ -60,6 +63,29 @@ class ServingMetrics:
                        "llmc_kv_cache_waste_ratio": 0.0, "llmc_prefix_cache_hit_rate": 0.0,
                        "llmc_spec_acceptance_rate": 0.0, "llmc_spec_mean_accepted_tokens": 0.0,
                        "llmc_spec_num_tokens": 0}
+
+    def update_from(self, stats: EngineStats) -> None:
+        """The gauges and engine counters from an LLM's snapshot (call with the lock held)."""
+        self.gauges.update({"llmc_requests_running": stats.running, "llmc_requests_waiting": stats.waiting,
+                            "llmc_kv_cache_usage_ratio": round(stats.kv_usage, 4),
+                            "llmc_kv_cache_waste_ratio": round(stats.kv_waste, 4),
+                            "llmc_prefix_cache_hit_rate": round(stats.prefix_cache.hit_rate, 4)})
+        timing, spec = stats.timing, stats.speculation or SpecStats()
+        self.counters.update({"llmc_preemptions_total": stats.preemptions,
+                              "llmc_prefix_cache_queried_tokens_total": stats.prefix_cache.queried_tokens,
+                              "llmc_prefix_cache_hit_tokens_total": stats.prefix_cache.hit_tokens,
+                              "llmc_steps_total": timing.steps, "llmc_step_seconds_total": round(timing.total_s, 6),
+                              "llmc_engine_seconds_total": round(timing.engine_s, 6),
+                              "llmc_decode_steps_total": timing.decode_steps,
+                              "llmc_decode_step_seconds_total": round(timing.decode_s, 6),
+                              "llmc_spec_draft_tokens_total": spec.proposed,
+                              "llmc_spec_accepted_tokens_total": spec.accepted,
+                              "llmc_spec_verifications_total": spec.verifications,
+                              "llmc_spec_draft_seconds_total": round(spec.draft_s, 6),
+                              "llmc_spec_verify_seconds_total": round(spec.verify_s, 6)})
+        self.gauges.update({"llmc_spec_acceptance_rate": round(spec.acceptance_rate, 4),
+                            "llmc_spec_mean_accepted_tokens": round(spec.mean_accepted, 4),
+                            "llmc_spec_num_tokens": spec.last_k})
 
     def count_request(self, status: str) -> None:
         """Count one request by outcome."""

@@ -209,3 +209,17 @@ def test_engine_config_and_field_overrides(tiny_bundle):
     assert not llm.block_manager.enable_prefix_caching
     with pytest.raises(TypeError, match="max_num_sequences"):
         LLM(tiny_bundle, max_num_sequences=4)
+
+
+def test_stats_is_one_snapshot(tiny_bundle):
+    """LLM.stats(): the scheduler's, block manager's and engine's state at one moment, copied."""
+    llm = LLM(tiny_bundle, kv_cache_memory="4MiB")
+    before = llm.stats()
+    llm.add_request([5, 6, 7, 8, 9], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert (llm.stats().running, llm.stats().waiting) == (0, 1)
+    llm.step()
+    now = llm.stats()
+    assert (now.running, now.waiting, now.preemptions) == (1, 0, 0) and now.kv_usage > 0
+    assert now.timing.steps == 1 and before.timing.steps == 0  # the earlier snapshot is a copy
+    assert (now.engine_calls["main"].calls, now.engine_calls["main"].tokens) == (1, 5)
+    assert now.speculation is None and now.prefix_cache.queried_tokens >= 0
