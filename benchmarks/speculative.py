@@ -50,7 +50,7 @@ def decode_one(llm: LLM, prompt: str, tokens: int) -> dict:
     """Batch-1 decode rate of one chat prompt, with this LLM's speculation counters for the run."""
     ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     llm.generate([ids], SamplingParams(max_tokens=8, ignore_eos=True))  # warm-up (and the policy's first costs)
-    before = replace(llm.spec_stats)
+    before = replace(llm.speculation.stats) if llm.speculation else None
     seq = llm.add_request(ids, SamplingParams(max_tokens=tokens, ignore_eos=True))
     llm.step()  # prefill + first token
     start = time.perf_counter()
@@ -60,7 +60,7 @@ def decode_one(llm: LLM, prompt: str, tokens: int) -> dict:
     output = list(seq.output_ids)
     llm.release(seq)
     return {"decode_tok_s": (len(output) - 1) / elapsed, "tokens": output,
-            "speculation": bench.spec_delta(before, llm.spec_stats) if llm.spec_policy else None}
+            "speculation": bench.spec_delta(before, llm.speculation.stats) if llm.speculation else None}
 
 
 def concurrent(llm: LLM, workload) -> dict:

@@ -248,12 +248,11 @@ def _csv(text: str) -> tuple[str, ...]:
 
 
 def _spec_summary(llm) -> str:
-    if llm.spec_policy is None:
+    if llm.speculation is None:
         return ""
-    section = llm.bundle.manifest["speculative"]
+    section, policy = llm.bundle.manifest["speculative"], llm.speculation.policy
     drafter = section["draft"]["name"] if section["method"] == "draft" else "n-gram lookup"
-    mode = "adaptive" if llm.spec_policy.adaptive else "fixed"
-    return f", speculative decoding: {drafter}, k <= {llm.spec_policy.k_max} ({mode})"
+    return f", speculative decoding: {drafter}, k <= {policy.k_max} ({'adaptive' if policy.adaptive else 'fixed'})"
 
 
 def _range(text: str) -> tuple[int, int]:

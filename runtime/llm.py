@@ -26,13 +26,13 @@ from llmc.runtime.sampler import sample_token, top_logprobs
 from llmc.runtime.scheduler import ScheduledSeq, Scheduler
 from llmc.runtime.sequence import RequestOutput, SamplingParams, Sequence
 from llmc.runtime.spec_policy import PRIOR_ACCEPTANCE, PRIOR_ACCEPTANCE_DRAFT, SpecPolicy
-from llmc.runtime.speculative import Draft, SpecStats, verify
+from llmc.runtime.speculation import Speculation
+from llmc.runtime.speculative import Draft, verify
 from llmc.runtime.step_inputs import Chunk, build_step_inputs, layout_step
 from llmc.runtime.tokenizer import BundleTokenizer, IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
-MAX_DRAFT_LAG = 64  # an admitted sequence whose draft KV lags more than this stops speculating
 KV_CACHE_FULL = "kv_cache_full"  # finish reason: the sequence alone outgrew the whole KV pool
 
 
@@ -60,25 +60,22 @@ class LLM:
         budget = plan_kv_budget(config.kv_cache_memory, config.kv_cache_fraction)
         spec = self.bundle.manifest.get("speculative") if config.speculation else None
         self.engine = OrtEngine(self.bundle, config.num_threads, profile_dir=profile_dir)
-        self.drafter, self.spec_policy = None, None
         drafts_with_model = spec is not None and spec["method"] == "draft"
         draft_engine = OrtEngine(self.bundle, config.num_threads, draft=True) if drafts_with_model else None
         self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
                                                         draft=draft_engine and draft_engine.geometry,
                                                         dtype=self.bundle.kv_dtype)
-        self.draft_max_position = (draft_engine or self.engine).geometry.max_position
-        if draft_engine is not None:
-            self.drafter = ModelDrafter(draft_engine, self.draft_pool, self.geometry.vocab_size)
-        if spec and spec["method"] == "ngram":
-            self.drafter = NgramDrafter(**spec["ngram"])
+        self.speculation: Speculation | None = None
         if spec:
+            drafter = (ModelDrafter(draft_engine, self.draft_pool, self.geometry.vocab_size) if draft_engine
+                       else NgramDrafter(**spec["ngram"]))
             adaptive = spec["adaptive"] if config.adaptive_speculation is None else config.adaptive_speculation
-            self.spec_policy = SpecPolicy(config.num_spec_tokens or spec["num_tokens"], adaptive,
-                                          PRIOR_ACCEPTANCE_DRAFT if spec["method"] == "draft" else PRIOR_ACCEPTANCE)
+            policy = SpecPolicy(config.num_spec_tokens or spec["num_tokens"], adaptive,
+                                PRIOR_ACCEPTANCE_DRAFT if draft_engine else PRIOR_ACCEPTANCE)
+            max_position = min(self.geometry.max_position, (draft_engine or self.engine).geometry.max_position)
+            self.speculation = Speculation(drafter, policy, max_position)
         self.engine.calibrate_int8(self.pool)
-        self._speculating: dict[Sequence, bool] = {}  # admitted to speculation, per decoding sequence
-        self.spec_stats = SpecStats()
-        if self.spec_policy is not None and self.spec_policy.adaptive:
+        if self.speculation is not None and self.speculation.policy.adaptive:
             self._time_engines()
         self.block_manager = BlockManager(self.pool.num_blocks, self.pool.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -90,9 +87,10 @@ class LLM:
     def _time_engines(self, sizes: tuple[int, ...] = (1, 64)) -> None:
         """Seed the adaptive policy's cost lines with timed steps of 1 and 64 tokens (a fresh pool's
         blocks are scratch space: no sequence reads a slot it has not written)."""
-        engines = [(self.engine, self.pool, self.spec_policy.target)]
+        policy = self.speculation.policy
+        engines = [(self.engine, self.pool, policy.target)]
         if self.draft_pool is not None:
-            engines.append((self.drafter.engine, self.draft_pool, self.spec_policy.draft))
+            engines.append((self.speculation.drafter.engine, self.draft_pool, policy.draft))
         for engine, pool, cost in engines:
             for tokens in sorted({min(t, pool.num_blocks * pool.block_size) for t in sizes}):
                 chunk = Chunk([0] * tokens, 0, list(range(blocks_needed(tokens, pool.block_size))), 1)
@@ -111,7 +109,7 @@ class LLM:
         calls = {path: EngineCalls(*engine.path_counts[path], engine.path_seconds[path]) for path in engine.path_counts}
         return EngineStats(len(scheduler.running), len(scheduler.waiting), bm.usage(), bm.waste(scheduler.running),
                            scheduler.num_preemptions, replace(bm.stats), replace(self.timing), calls,
-                           replace(self.spec_stats) if self.spec_policy is not None else None)
+                           replace(self.speculation.stats) if self.speculation is not None else None)
 
     def validate_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt that can run here; RequestError saying why otherwise."""
@@ -155,10 +153,8 @@ class LLM:
         self.abort(seq)
         for s in [seq, *seq.children]:
             self._state.pop(s, None)
-            if self.spec_policy is not None:
-                self.drafter.forget(s)
-                self.spec_policy.acceptance.forget(s)
-                self._speculating.pop(s, None)
+            if self.speculation is not None:
+                self.speculation.forget(s)
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self, before_engine: Callable[[], None] | None = None) -> list[Sequence]:
@@ -169,8 +165,8 @@ class LLM:
         formats and sends them while the engine runs instead of while the step loop waits for the GIL.
         """
         start = time.perf_counter()
-        self._plan_speculation()
-        plan = self.scheduler.schedule()
+        spec_slots = self.speculation.plan(self.scheduler.running) if self.speculation is not None else None
+        plan = self.scheduler.schedule(spec_slots)
         for seq in plan.out_of_memory:  # alone, it still outgrows the whole pool: end it with the reason
             log.warning("request %s ended: %d tokens do not fit in the KV cache (%d tokens); raise the KV "
                         "cache memory", seq.request_id, seq.num_tokens, self.pool.num_blocks * self.pool.block_size)
@@ -191,10 +187,9 @@ class LLM:
             logits = self.engine.step(inputs, self.pool)  # [N, vocab]
             seconds = time.perf_counter() - engine_start
             self.timing.engine_s += seconds
-            if self.spec_policy is not None:
-                self.spec_policy.target.add(len(inputs.input_ids), seconds)
-                if any(item.spec_tokens for item in group):
-                    self.spec_stats.verify_s += seconds
+            if self.speculation is not None:
+                self.speculation.record_target(len(inputs.input_ids), seconds,
+                                               any(item.spec_tokens for item in group))
             row = 0
             for item in group:
                 rows = len(item.spec_tokens) + 1 if item.completes else 0
@@ -208,48 +203,11 @@ class LLM:
             self.timing.decode_s += seconds
         return updated
 
-    def _plan_speculation(self) -> None:
-        """Admit new decodes to speculation, pick this step's k, let the scheduler reserve draft slots."""
-        if self.spec_policy is None:
-            return
-        decoding = [s for s in self.scheduler.running if s.num_tokens - s.num_computed_tokens == 1 and s.output_ids]
-        for seq in decoding:
-            if seq not in self._speculating:
-                self._speculating[seq] = self.spec_policy.admit(seq, len(decoding), self.drafter.lag(seq))
-            elif self._speculating[seq] and self.spec_policy.adaptive and self.drafter.lag(seq) > MAX_DRAFT_LAG:
-                self._speculating[seq] = False  # its draft fell too far behind (preempted, or k = 0 for long)
-        speculating = [seq for seq in decoding if self._speculating[seq]]
-        k = self.spec_policy.choose_k(speculating)
-        self.spec_stats.last_k = k
-        if decoding:
-            self.spec_stats.k_total += k
-            if k and speculating:
-                self.spec_stats.steps_with_speculation += 1
-            else:
-                self.spec_stats.steps_without += 1
-
-        def slots(seq: Sequence) -> int:
-            if not self._speculating.get(seq):
-                return 0
-            left = min(seq.params.max_tokens - len(seq.output_ids),
-                       min(self.geometry.max_position, self.draft_max_position) - seq.num_tokens)
-            return max(0, min(k, left - 1))  # never draft past max_tokens or the context
-        self.scheduler.spec_slots = slots
-
     def _draft(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, Draft]:
         """Draft tokens for the decodes that have slots; attaches them to their ScheduledSeq."""
-        items = [item for item in scheduled if item.spec_slots > 0]
-        if not items:
+        if self.speculation is None:
             return {}
-        start = time.perf_counter()
-        drafts = self.drafter.propose(items, {item.seq: self._state[item.seq].rng for item in items})
-        for item in items:
-            item.set_draft(drafts[item.seq].tokens if item.seq in drafts else [])
-        self.spec_stats.draft_s += time.perf_counter() - start
-        for tokens, seconds in self.drafter.timings:  # per draft call: the policy's cost model
-            self.spec_policy.draft.add(tokens, seconds)
-        self.drafter.timings.clear()
-        return drafts
+        return self.speculation.propose(scheduled, lambda seq: self._state[seq].rng)
 
     def _finish_chunk_isolated(self, item: ScheduledSeq, logits: np.ndarray, draft: Draft | None) -> list[Sequence]:
         """_finish_chunk, but a failure (sampling, detokenizing, stop checks) ends this sequence alone."""
@@ -274,11 +232,7 @@ class LLM:
         emitted = verify(logits, Draft(proposed, draft.probs[:len(proposed)] if draft and draft.probs is not None
                                        else None), seq.params, self._state[seq].rng)
         accepted = len(emitted) - 1
-        self.spec_stats.proposed += len(proposed)
-        self.spec_stats.accepted += accepted
-        self.spec_stats.verifications += bool(proposed)
-        if proposed:
-            self.spec_policy.acceptance.update(seq, len(proposed), accepted)
+        self.speculation.record_verification(seq, len(proposed), accepted)
         seq.num_computed_tokens += 1 + accepted  # the last token and the accepted drafts now have KV
         self.block_manager.trim(seq, seq.num_computed_tokens)  # rejected drafts' slots go back
         self.block_manager.cache_computed_blocks(seq)

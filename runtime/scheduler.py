@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.sequence import Sequence, SequenceStatus
 
+SpecSlots = Callable[[Sequence], int]  # draft tokens a decoding sequence may carry this step
+
 
 @dataclass(slots=True)
 class ScheduledSeq:
@@ -77,8 +79,6 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        # Speculative decoding: how many draft tokens a decoding sequence may carry this step.
-        self.spec_slots: Callable[[Sequence], int] | None = None
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence (validated by the caller)."""
@@ -125,11 +125,11 @@ class Scheduler:
         out.block_copies.extend(copies)
         return True
 
-    def _spec_slots(self, seq: Sequence, want: int, budget: int) -> int:
+    def _spec_slots(self, seq: Sequence, want: int, budget: int, spec_slots: SpecSlots | None) -> int:
         """Draft-token slots for a decode: only from free blocks (speculation never preempts anyone)."""
-        if self.spec_slots is None or want != 1:
+        if spec_slots is None or want != 1:
             return 0
-        slots = min(self.spec_slots(seq), budget - want)
+        slots = min(spec_slots(seq), budget - want)
         while slots > 0 and self.block_manager.allocate(seq, seq.num_computed_tokens + want + slots) is None:
             slots -= 1
         return max(slots, 0)
@@ -155,7 +155,8 @@ class Scheduler:
             budget -= want
         return budget
 
-    def _continue(self, seqs: list[Sequence], budget: int, out: SchedulerOutput) -> int:
+    def _continue(self, seqs: list[Sequence], budget: int, out: SchedulerOutput,
+                  spec_slots: SpecSlots | None = None) -> int:
         """Schedule running seqs in order within budget; the budget left."""
         for seq in seqs:
             if seq not in self.running or budget == 0:
@@ -164,13 +165,14 @@ class Scheduler:
             if not self._grow(seq, seq.num_computed_tokens + want, out):
                 out.out_of_memory.append(seq)  # alone and still does not fit: the caller ends it
                 continue
-            slots = self._spec_slots(seq, want, budget)
+            slots = self._spec_slots(seq, want, budget, spec_slots)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want, slots))
             budget -= want + slots
         return budget
 
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's work."""
+    def schedule(self, spec_slots: SpecSlots | None = None) -> SchedulerOutput:
+        """Pick this step's work. spec_slots: the draft tokens each decoding sequence may carry this step
+        (speculative decoding's budget; reserved only from free blocks)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         if self.policy == "static" and not self.running:
@@ -180,9 +182,9 @@ class Scheduler:
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         if self.policy == "prefill-first":
             budget = self._admit(self._continue(prefilling, budget, out), out)
-            self._continue(decoding, budget, out)
+            self._continue(decoding, budget, out, spec_slots)
         else:
-            budget = self._continue(decoding + prefilling, budget, out)
+            budget = self._continue(decoding + prefilling, budget, out, spec_slots)
             if self.policy == "continuous":
                 self._admit(budget, out)
         return out

@@ -151,3 +151,23 @@ def test_scheduler_never_leaks_or_double_owns(ops, num_blocks, prefix_caching, p
         _check_invariants(sched, bm)
     assert not sched.has_unfinished()
     assert bm.num_free_blocks == num_blocks and sum(bm.ref_counts) == 0
+
+
+def test_speculation_budget_is_an_argument_of_schedule():
+    """schedule(spec_slots): a decode gets the draft slots it asks for where free blocks allow (never by
+    preempting), within the token budget; a prefill gets none; without the argument no decode gets any."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=8)
+    seq = _seq("a", range(5))
+    sched.add(seq)
+    (prefill,) = sched.schedule(lambda s: 3).scheduled
+    assert prefill.num_new_tokens == 5 and prefill.spec_slots == 0
+    seq.num_computed_tokens = 5
+    seq.output_ids.append(1)  # now a decode of one token
+    (decode,) = sched.schedule(lambda s: 3).scheduled
+    assert (decode.num_new_tokens, decode.spec_slots) == (1, 3)
+    (plain,) = sched.schedule().scheduled
+    assert plain.spec_slots == 0
+    (capped,) = sched.schedule(lambda s: 100).scheduled
+    assert capped.spec_slots == 7  # the token budget (8) less the decode's own token
+    assert bm.num_free_blocks == 4 - len(seq.block_table)

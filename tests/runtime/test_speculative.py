@@ -67,10 +67,10 @@ def test_greedy_equals_plain_greedy_for_every_k(which, request):
         outs = _greedy(llm, PROMPTS)
         for out, ref in zip(outs, plain):
             assert_same_or_near_tie(out.token_ids, ref.token_ids, ref.logprobs)
-        assert llm.spec_stats.proposed > 0 and llm.spec_stats.accepted > 0
+        assert llm.speculation.stats.proposed > 0 and llm.speculation.stats.accepted > 0
         assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks  # every slot came back
     if which == "draft_bundle":
-        assert llm.spec_stats.acceptance_rate > 0.5  # an 8-bit copy of the target mostly agrees with it
+        assert llm.speculation.stats.acceptance_rate > 0.5  # an 8-bit copy of the target mostly agrees with it
 
 
 def test_identical_draft_is_always_accepted(same_draft_bundle):
@@ -79,7 +79,7 @@ def test_identical_draft_is_always_accepted(same_draft_bundle):
     for k in (1, 3, 4):
         llm = LLM(same_draft_bundle, num_spec_tokens=k, adaptive_speculation=False)
         _greedy(llm, PROMPTS, max_tokens=30)
-        stats = llm.spec_stats
+        stats = llm.speculation.stats
         assert stats.proposed > 20 and stats.accepted == stats.proposed, stats
 
 
@@ -92,7 +92,7 @@ def test_greedy_equal_across_preemption(which, pools, request):
     per_block = 2 * 2 * 2 * 16 * 4 * 4 * pools  # K+V, 2 layers, 2 KV heads, head_dim 16, 4 tokens, fp32
     llm = LLM(bundle, kv_cache_memory=40 * per_block, num_spec_tokens=4, adaptive_speculation=False)
     outs = _greedy(llm, prompts, max_tokens=40)
-    assert llm.scheduler.num_preemptions > 0 and llm.spec_stats.accepted > 0
+    assert llm.scheduler.num_preemptions > 0 and llm.speculation.stats.accepted > 0
     for out, ref in zip(outs, plain):
         assert_same_or_near_tie(out.token_ids, ref.token_ids, ref.logprobs)
 
@@ -174,7 +174,7 @@ def _second_token_statistic(bundle) -> float:
     for seed in range(250):
         params = SamplingParams(max_tokens=3, temperature=1.0, top_k=4, n=16, seed=seed, ignore_eos=True)
         samples.extend(out.token_ids for out in llm.generate([prompt], params))
-    assert llm.spec_stats.proposed > 1000
+    assert llm.speculation.stats.proposed > 1000
     first = max(set(s[0] for s in samples), key=[s[0] for s in samples].count)
     seconds = [s[1] for s in samples if s[0] == first]
     ids = llm.tokenizer.encode(prompt) + [first]
@@ -259,8 +259,8 @@ def test_metrics_and_bench_report_speculation(ngram_bundle):
     engine = AsyncEngine(llm)
     engine._update_gauges()
     body = engine.metrics.render()
-    assert f"llmc_spec_accepted_tokens_total {llm.spec_stats.accepted}" in body
-    assert f"llmc_spec_draft_tokens_total {llm.spec_stats.proposed}" in body
+    assert f"llmc_spec_accepted_tokens_total {llm.speculation.stats.accepted}" in body
+    assert f"llmc_spec_draft_tokens_total {llm.speculation.stats.proposed}" in body
     assert "llmc_spec_acceptance_rate" in body and "llmc_spec_verify_seconds_total" in body
 
 
