@@ -91,7 +91,7 @@ class BlockManager:
         """For a sequence with no blocks: share the cached blocks of its longest cached prefix.
 
         At least one token is always left to compute (the step must produce logits). Returns the
-        number of tokens now covered (seq.num_computed_tokens is set to it).
+        number of tokens now covered (the scheduler sets seq.num_computed_tokens to it).
         """
         assert not seq.block_table, "claim_cached_prefix is for sequences without blocks"
         if not self.enable_prefix_caching:
@@ -105,8 +105,7 @@ class BlockManager:
                 del self._free[block]
             self.ref_counts[block] += 1
             seq.block_table.append(block)
-        seq.num_computed_tokens = len(seq.block_table) * self.block_size
-        return seq.num_computed_tokens
+        return len(seq.block_table) * self.block_size
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Register seq's newly full, computed blocks in the prefix cache."""

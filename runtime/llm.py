@@ -225,17 +225,14 @@ class LLM:
         """After the engine ran a chunk: advance its sequence, sample (or verify drafts), append tokens."""
         seq = item.seq
         if not item.spec_slots:  # a prefill chunk, or a decode without draft slots
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_computed_blocks(seq)
+            self.scheduler.update_from_output(item)
             return self._append_tokens(seq, logits[0]) if item.completes else []
         proposed = item.spec_tokens
         emitted = verify(logits, Draft(proposed, draft.probs[:len(proposed)] if draft and draft.probs is not None
                                        else None), seq.params, self._state[seq].rng)
         accepted = len(emitted) - 1
         self.speculation.record_verification(seq, len(proposed), accepted)
-        seq.num_computed_tokens += 1 + accepted  # the last token and the accepted drafts now have KV
-        self.block_manager.trim(seq, seq.num_computed_tokens)  # rejected drafts' slots go back
-        self.block_manager.cache_computed_blocks(seq)
+        self.scheduler.update_from_output(item, accepted)  # the last token and the accepted drafts have KV
         for token, row in zip(emitted, logits):
             self._append_token(seq, row, token)
             if seq.is_finished:

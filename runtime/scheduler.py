@@ -98,6 +98,18 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.deallocate(seq)
 
+    def update_from_output(self, item: ScheduledSeq, accepted: int = 0) -> None:
+        """After the engine ran item: its computed tokens catch up (the whole chunk; with draft slots, its last
+        token and the `accepted` drafts), rejected drafts' slots go back, and its full blocks enter the prefix
+        cache."""
+        seq = item.seq
+        if item.spec_slots:
+            seq.num_computed_tokens += 1 + accepted
+            self.block_manager.trim(seq, seq.num_computed_tokens)
+        else:
+            seq.num_computed_tokens += item.num_new_tokens
+        self.block_manager.cache_computed_blocks(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.deallocate(seq)
@@ -139,7 +151,7 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            hit = bm.claim_cached_prefix(seq)
+            hit = seq.num_computed_tokens = bm.claim_cached_prefix(seq)
             want = min(seq.num_tokens - seq.num_computed_tokens, budget)
             copies = bm.allocate(seq, seq.num_computed_tokens + want)
             if copies is None:

@@ -79,8 +79,7 @@ def _fake_step(sched: Scheduler) -> None:
     for seq in plan.out_of_memory:
         sched.finish(seq, "length")
     for item in plan.scheduled:
-        item.seq.num_computed_tokens += item.num_new_tokens
-        sched.block_manager.cache_computed_blocks(item.seq)
+        sched.update_from_output(item)
         if item.completes:
             item.seq.output_ids.append(len(item.seq.output_ids) % 2)
             if len(item.seq.output_ids) >= 3:
@@ -171,3 +170,21 @@ def test_speculation_budget_is_an_argument_of_schedule():
     (capped,) = sched.schedule(lambda s: 100).scheduled
     assert capped.spec_slots == 7  # the token budget (8) less the decode's own token
     assert bm.num_free_blocks == 4 - len(seq.block_table)
+
+
+def test_update_from_output_advances_trims_and_caches():
+    """The scheduler owns computed counts: a prefill chunk's tokens all count; a decode with 6 draft slots and
+    1 accepted draft counts its token and that draft, and the rejected drafts' blocks go back to the pool."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=16)
+    seq = _seq("a", range(5))
+    sched.add(seq)
+    (prefill,) = sched.schedule().scheduled
+    sched.update_from_output(prefill)
+    assert seq.num_computed_tokens == 5 and len(bm.cached) == 1  # the first block is full: cached
+    seq.output_ids.append(7)
+    (decode,) = sched.schedule(lambda s: 6).scheduled
+    decode.set_draft([1, 2, 3, 4, 5, 6])
+    assert len(seq.block_table) == 3  # 5 + 1 + 6 slots
+    sched.update_from_output(decode, accepted=1)
+    assert seq.num_computed_tokens == 7 and len(seq.block_table) == 2 and bm.num_free_blocks == 2
