@@ -17,13 +17,13 @@ from pathlib import Path
 
 from llmc.artifacts import bundle as bundle_io
 from llmc.artifacts.geometry import KV_FORMULA, KV_LAYOUT, kv_bytes_per_token
+from llmc.artifacts.tokenizer_meta import tokenizer_manifest
 from llmc.compiler import calibration
 from llmc.compiler.emit_onnx import emit_onnx
 from llmc.compiler.emit_tensorrt import emit_tensorrt
 from llmc.compiler.evaluate import evaluate, torch_scorer
 from llmc.compiler.importer import ModelIR, import_checkpoint
 from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec, QuantizationSpec, load_spec
-from llmc.compiler.tokenizer_meta import tokenizer_manifest
 from llmc.errors import ConfigError
 from llmc.kernels.quant import GridConfig
 from llmc.passes.act_outliers import ActivationOutliers

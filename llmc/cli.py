@@ -168,7 +168,7 @@ def eval_command(bundle: Path, texts: tuple[Path, ...], reference: Path | None, 
                  chunk_tokens: int | None, as_json: bool, verbose: int) -> None:
     """Perplexity of BUNDLE on held-out text, and KL from the unquantized model."""
     _setup_logging(verbose)
-    from llmc.compiler.evaluate import eval_bundle
+    from llmc.eval_bundle import eval_bundle
 
     for text in texts:
         if not text.is_file():
@@ -340,7 +340,7 @@ def kv_size(target: Path | None, layers, heads, kv_heads, head_dim, dtype, conte
 
     TARGET is a model.yaml, a bundle directory, an HF config.json or checkpoint directory.
     """
-    from llmc.runtime.kv_report import kv_report, resolve_geometry
+    from llmc.kv_report import kv_report, resolve_geometry
 
     geo = resolve_geometry(target, layers, heads, kv_heads, head_dim, dtype, context, block_size)
     click.echo(kv_report(geo, batch))

@@ -12,7 +12,7 @@ import logging
 
 from tokenizers import Tokenizer
 
-from llmc.compiler.tokenizer_meta import tokenizer_manifest
+from llmc.artifacts.tokenizer_meta import tokenizer_manifest
 from llmc.errors import PassError
 
 log = logging.getLogger(__name__)

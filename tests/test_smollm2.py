@@ -137,9 +137,9 @@ def test_int4_bundle_perplexity_equals_fake_quant_reference(tmp_path_factory, sm
     blocks of 32 (level 4, the fast default; measured -0.1% and +0.3% over 16 windows; 6 windows vary
     by +-0.5% from one calibration to another). GPTQ beats RTN on the same grid."""
     from llmc.artifacts.bundle import load_bundle
-    from llmc.compiler.evaluate import eval_bundle
     from llmc.compiler.pipeline import build
     from llmc.compiler.spec import parse_spec
+    from llmc.eval_bundle import eval_bundle
 
     licenses = Path("/usr/share/common-licenses")
     held_out = [str(licenses / "Apache-2.0"), str(licenses / "MPL-2.0")]
@@ -171,9 +171,9 @@ def test_int8_prefill_graph_perplexity_within_half_a_percent_of_fp32(tmp_path_fa
     128 outlier channels from the calibration in bf16) scores 24 held-out windows of 512 tokens, each one
     step of 512 tokens, within 0.5% perplexity of the fp32 bundle; on AMX it runs llmc's kernel,
     elsewhere the function body."""
-    from llmc.compiler.evaluate import eval_bundle
     from llmc.compiler.pipeline import build
     from llmc.compiler.spec import parse_spec
+    from llmc.eval_bundle import eval_bundle
 
     licenses = Path("/usr/share/common-licenses")
     held_out = [licenses / name for name in ("MPL-2.0", "Apache-2.0", "GPL-2", "LGPL-2.1", "GFDL-1.3")]
@@ -191,9 +191,9 @@ def test_int8_graph_decoding_from_the_pool_within_half_a_percent(tmp_path_factor
     int8 ones on the calibration's static per-channel scales), scored 64 tokens a step so each step reads
     the earlier tokens' K/V from the pools: 16 windows within 0.5% perplexity of the fp32 bundle scored
     the same way."""
-    from llmc.compiler.evaluate import eval_bundle
     from llmc.compiler.pipeline import build
     from llmc.compiler.spec import parse_spec
+    from llmc.eval_bundle import eval_bundle
 
     licenses = Path("/usr/share/common-licenses")
     held_out = [licenses / name for name in ("MPL-2.0", "Apache-2.0", "GPL-2")]
@@ -210,9 +210,9 @@ def test_int8_graph_over_int4_codes_within_half_a_percent_of_the_int4_graph(tmp_
     """An int4 RTN g128 bundle's int8 graph (its int4 weights requantized to int8 per output channel,
     int8 activations per token with outlier channels) scores 16 held-out windows within 0.5% perplexity
     of the bundle's own int4 graph."""
-    from llmc.compiler.evaluate import eval_bundle
     from llmc.compiler.pipeline import build
     from llmc.compiler.spec import parse_spec
+    from llmc.eval_bundle import eval_bundle
     from llmc.runtime import engine_ort
 
     licenses = Path("/usr/share/common-licenses")
@@ -238,9 +238,10 @@ def test_int4_decode_graph_within_half_a_percent_of_matmulnbits_and_fake_quant(t
     MatMulNBits 27.767 (+0.43%), decode graph 27.782 a token a step and 27.706 a window a step."""
     from llmc.artifacts.bundle import load_bundle
     from llmc.compiler import calibration
-    from llmc.compiler.evaluate import bundle_scorer, evaluate
+    from llmc.compiler.evaluate import evaluate
     from llmc.compiler.pipeline import build
     from llmc.compiler.spec import parse_spec
+    from llmc.eval_bundle import bundle_scorer
     from llmc.kernels import fused_cpu
     from llmc.runtime import engine_ort
 

@@ -3,7 +3,7 @@ pool, and (fp32 pools) score as the whole window in one step does."""
 
 import pytest
 
-from llmc.compiler.evaluate import eval_bundle
+from llmc.eval_bundle import eval_bundle
 
 
 def test_chunked_scoring_matches_one_step_scoring(tiny_bundle, tmp_path):
