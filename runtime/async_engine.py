@@ -27,7 +27,9 @@ class Overloaded(Exception):
 
 
 @dataclass(slots=True)
-class _Request:
+class _InFlight:
+    """A request between submit and its end: its sequence, the queue its deltas go to, its token times."""
+
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
@@ -52,7 +54,7 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self.metrics = metrics or ServingMetrics()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, _InFlight] = {}
         self._num_active = 0
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -60,7 +62,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="llmc-engine", daemon=True)
         # Deltas of the last step not yet handed to the event loop: delivered just before the next step's
         # engine call (LLM.step's before_engine), or before their request ends.
-        self._undelivered: list[tuple[_Request, RequestOutput]] = []
+        self._undelivered: list[tuple[_InFlight, RequestOutput]] = []
 
     @property
     def num_active(self) -> int:
@@ -83,7 +85,7 @@ class AsyncEngine:
             if self._num_active >= self.llm.scheduler.max_num_seqs + self.max_waiting:
                 raise Overloaded(f"{self._num_active} requests in flight; the waiting queue is full")
             self._num_active += 1
-        request = _Request(f"req-{next(self._ids)}", prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        request = _InFlight(f"req-{next(self._ids)}", prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
         self._inbox.put(("add", request))
         return request.request_id, request.out
 

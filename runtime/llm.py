@@ -165,8 +165,8 @@ class LLM:
         formats and sends them while the engine runs instead of while the step loop waits for the GIL.
         """
         start = time.perf_counter()
-        spec_slots = self.speculation.plan(self.scheduler.running) if self.speculation is not None else None
-        plan = self.scheduler.schedule(spec_slots)
+        draft_budget = self.speculation.plan(self.scheduler.running) if self.speculation is not None else None
+        plan = self.scheduler.schedule(draft_budget)
         for seq in plan.out_of_memory:  # alone, it still outgrows the whole pool: end it with the reason
             log.warning("request %s ended: %d tokens do not fit in the KV cache (%d tokens); raise the KV "
                         "cache memory", seq.request_id, seq.num_tokens, self.pool.num_blocks * self.pool.block_size)

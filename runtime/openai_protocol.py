@@ -82,7 +82,7 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class _Request(BaseModel):
+class _SamplingRequest(BaseModel):
     model_config = _STRICT
 
     model: str | None = None
@@ -157,7 +157,7 @@ class _Request(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
     prompt: Any
@@ -224,7 +224,7 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatRequest(_Request):
+class ChatRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -250,7 +250,7 @@ def _error(err: ValidationError) -> RequestError:
     return RequestError(f"{path}: {first['msg'].removeprefix('Value error, ')}", path)
 
 
-def parse_request(model: type[_Request], body: Any) -> _Request:
+def parse_request(model: type[_SamplingRequest], body: Any) -> _SamplingRequest:
     """Validate a JSON body; RequestError with the field path otherwise."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")

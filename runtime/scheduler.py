@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from llmc.runtime.block_manager import BlockManager
 from llmc.runtime.sequence import Sequence, SequenceStatus
 
-SpecSlots = Callable[[Sequence], int]  # draft tokens a decoding sequence may carry this step
+DraftBudget = Callable[[Sequence], int]  # draft tokens a decoding sequence may carry this step
 
 
 @dataclass(slots=True)
@@ -137,11 +137,11 @@ class Scheduler:
         out.block_copies.extend(copies)
         return True
 
-    def _spec_slots(self, seq: Sequence, want: int, budget: int, spec_slots: SpecSlots | None) -> int:
+    def _spec_slots(self, seq: Sequence, want: int, budget: int, draft_budget: DraftBudget | None) -> int:
         """Draft-token slots for a decode: only from free blocks (speculation never preempts anyone)."""
-        if spec_slots is None or want != 1:
+        if draft_budget is None or want != 1:
             return 0
-        slots = min(spec_slots(seq), budget - want)
+        slots = min(draft_budget(seq), budget - want)
         while slots > 0 and self.block_manager.allocate(seq, seq.num_computed_tokens + want + slots) is None:
             slots -= 1
         return max(slots, 0)
@@ -168,7 +168,7 @@ class Scheduler:
         return budget
 
     def _continue(self, seqs: list[Sequence], budget: int, out: SchedulerOutput,
-                  spec_slots: SpecSlots | None = None) -> int:
+                  draft_budget: DraftBudget | None = None) -> int:
         """Schedule running seqs in order within budget; the budget left."""
         for seq in seqs:
             if seq not in self.running or budget == 0:
@@ -177,13 +177,13 @@ class Scheduler:
             if not self._grow(seq, seq.num_computed_tokens + want, out):
                 out.out_of_memory.append(seq)  # alone and still does not fit: the caller ends it
                 continue
-            slots = self._spec_slots(seq, want, budget, spec_slots)
+            slots = self._spec_slots(seq, want, budget, draft_budget)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want, slots))
             budget -= want + slots
         return budget
 
-    def schedule(self, spec_slots: SpecSlots | None = None) -> SchedulerOutput:
-        """Pick this step's work. spec_slots: the draft tokens each decoding sequence may carry this step
+    def schedule(self, draft_budget: DraftBudget | None = None) -> SchedulerOutput:
+        """Pick this step's work. draft_budget: the draft tokens each decoding sequence may carry this step
         (speculative decoding's budget; reserved only from free blocks)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -194,9 +194,9 @@ class Scheduler:
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         if self.policy == "prefill-first":
             budget = self._admit(self._continue(prefilling, budget, out), out)
-            self._continue(decoding, budget, out, spec_slots)
+            self._continue(decoding, budget, out, draft_budget)
         else:
-            budget = self._continue(decoding + prefilling, budget, out, spec_slots)
+            budget = self._continue(decoding + prefilling, budget, out, draft_budget)
             if self.policy == "continuous":
                 self._admit(budget, out)
         return out

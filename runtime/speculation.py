@@ -27,8 +27,8 @@ class Speculation:
         self._speculating: dict[Sequence, bool] = {}  # admitted to speculation, per decoding sequence
 
     def plan(self, running: list[Sequence]) -> Callable[[Sequence], int]:
-        """Admit new decodes to speculation and pick this step's k; returns each sequence's draft slots (what
-        the scheduler reserves KV for)."""
+        """Admit new decodes to speculation and pick this step's k; returns the step's draft budget: each
+        sequence's draft tokens (Scheduler.schedule reserves KV slots for them where blocks are free)."""
         decoding = [s for s in running if s.num_tokens - s.num_computed_tokens == 1 and s.output_ids]
         for seq in decoding:
             if seq not in self._speculating:

@@ -153,7 +153,7 @@ def test_scheduler_never_leaks_or_double_owns(ops, num_blocks, prefix_caching, p
 
 
 def test_speculation_budget_is_an_argument_of_schedule():
-    """schedule(spec_slots): a decode gets the draft slots it asks for where free blocks allow (never by
+    """schedule(draft_budget): a decode gets the draft slots it asks for where free blocks allow (never by
     preempting), within the token budget; a prefill gets none; without the argument no decode gets any."""
     bm = BlockManager(num_blocks=4, block_size=4)
     sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=8)
