@@ -125,15 +125,18 @@ class Scheduler:
         self.running.append(seq)
 
     def _grow(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> bool:
-        """Allocate blocks for seq, preempting the newest other sequences if needed."""
+        """Allocate blocks for seq, preempting the newest running sequences while it needs more: others newer
+        than it, or else seq itself (it waits; the older ones keep their blocks, so two sequences can never
+        take each other's blocks in turn). False when seq did not grow (preempted, or alone and too large)."""
         while (copies := self.block_manager.allocate(seq, num_tokens)) is None:
-            victims = [s for s in self.running if s is not seq]
-            if not victims:
+            if len(self.running) == 1:
                 return False
-            victim = max(victims, key=lambda s: (s.arrival, s.index))
+            victim = max(self.running, key=lambda s: (s.arrival, s.index))
             out.scheduled = [s for s in out.scheduled if s.seq is not victim]
             self._preempt(victim)
             out.preempted.append(victim)
+            if victim is seq:
+                return False
         out.block_copies.extend(copies)
         return True
 
@@ -175,7 +178,8 @@ class Scheduler:
                 continue  # preempted by an earlier sequence of this step, or no budget left
             want = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._grow(seq, seq.num_computed_tokens + want, out):
-                out.out_of_memory.append(seq)  # alone and still does not fit: the caller ends it
+                if seq in self.running:
+                    out.out_of_memory.append(seq)  # alone and still does not fit: the caller ends it
                 continue
             slots = self._spec_slots(seq, want, budget, draft_budget)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed_tokens, want, slots))
