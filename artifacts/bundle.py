@@ -18,9 +18,9 @@ from pathlib import Path
 
 from llmc import __version__
 from llmc.artifacts.geometry import ModelGeometry
+from llmc.artifacts.manifest import MIN_SCHEMA_VERSION, SCHEMA_VERSION, FileEntry, Manifest, manifest_from_dict
 from llmc.errors import BundleError
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_CHECKSUM = "manifest.sha256"
 
@@ -39,38 +39,38 @@ class Bundle:
     """A loaded, verified bundle."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def geometry(self) -> ModelGeometry:
         """The model's geometry."""
-        return ModelGeometry.from_dict(self.manifest["model"])
+        return self.manifest.model
 
     @property
     def block_size(self) -> int:
         """Tokens per KV block the engines were built for."""
-        return int(self.manifest["kv_cache"]["block_size"])
+        return self.manifest.kv_cache.block_size
 
     @property
     def kv_dtype(self) -> str:
-        """The KV pools' dtype the engines were built for (float32 or float16)."""
-        return self.manifest["kv_cache"].get("dtype", "float32")
+        """The KV pools' dtype the engines were built for (float32, float16 or int8)."""
+        return self.manifest.kv_cache.dtype
 
     def engine_dir(self, target: str) -> Path:
         """Directory of one target's engine files."""
-        engines = self.manifest["engines"]
+        engines = self.manifest.engines
         if target not in engines:
             raise BundleError(f"{self.path}: no {target!r} engine in this bundle (it has: {', '.join(engines)}); "
                               f"rebuild with `targets: [{target}]`")
-        return self.path / engines[target]["dir"]
+        return self.path / engines[target].dir
 
     @property
     def tokenizer_dir(self) -> Path:
         """Directory of the tokenizer files."""
-        return self.path / self.manifest["tokenizer"]["dir"]
+        return self.path / self.manifest.tokenizer.dir
 
 
-def write_bundle(staging: Path, final: Path, manifest: dict) -> Path:
+def write_bundle(staging: Path, final: Path, manifest: Manifest) -> Path:
     """Checksum every file under `staging`, write the manifest last, then move it into place atomically.
 
     A crash before the final rename leaves only the hidden staging directory: never a bundle
@@ -78,10 +78,9 @@ def write_bundle(staging: Path, final: Path, manifest: dict) -> Path:
     """
     files = {}
     for path in sorted(p for p in staging.rglob("*") if p.is_file()):
-        rel = path.relative_to(staging).as_posix()
-        files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    manifest = {"schema_version": SCHEMA_VERSION, "llmc_version": __version__, **manifest, "files": files}
-    body = json.dumps(manifest, indent=2, sort_keys=False).encode()
+        files[path.relative_to(staging).as_posix()] = FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+    manifest = manifest.model_copy(update={"files": files})
+    body = json.dumps(manifest.to_dict(), indent=2).encode()
     (staging / MANIFEST).write_bytes(body)
     (staging / MANIFEST_CHECKSUM).write_text(hashlib.sha256(body).hexdigest() + "\n")
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -101,8 +100,8 @@ def staging_dir(final: Path) -> Path:
     return staging
 
 
-def read_manifest(path: Path) -> dict:
-    """Parse manifest.json and check its schema version and its own checksum."""
+def read_manifest(path: Path) -> Manifest:
+    """Parse manifest.json; check its schema version, its own checksum and every section's fields."""
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise BundleError(f"{path}: no such bundle directory")
@@ -114,31 +113,41 @@ def read_manifest(path: Path) -> dict:
         version = int(manifest["schema_version"])
     except (ValueError, KeyError, TypeError) as err:
         raise BundleError(f"{manifest_path}: corrupt manifest ({err}); rebuild the bundle") from None
+    written_by = f"llmc {manifest.get('llmc_version', '?')}"
     if version > SCHEMA_VERSION:
-        raise BundleError(f"{path}: bundle schema version {version} was written by llmc "
-                          f"{manifest.get('llmc_version', '?')}; this llmc ({__version__}) reads up to "
-                          f"version {SCHEMA_VERSION}. Upgrade llmc on this server or rebuild the bundle.")
+        raise BundleError(f"{path}: bundle schema version {version} was written by {written_by}; this llmc "
+                          f"({__version__}) reads up to version {SCHEMA_VERSION}. Upgrade llmc on this server or "
+                          "rebuild the bundle.")
+    if version < MIN_SCHEMA_VERSION:
+        raise BundleError(f"{path}: bundle schema version {version} was written by {written_by}; this llmc "
+                          f"({__version__}) reads versions {MIN_SCHEMA_VERSION} to {SCHEMA_VERSION}: rebuild it "
+                          "with this llmc (`llmc build` of its model.yaml)")
     checksum_path = path / MANIFEST_CHECKSUM
     expected = checksum_path.read_text().strip() if checksum_path.is_file() else None
     if expected != hashlib.sha256(body).hexdigest():
         raise BundleError(f"{manifest_path}: checksum mismatch with {MANIFEST_CHECKSUM} — the manifest was "
                           "modified or damaged; rebuild or re-copy the bundle")
-    return manifest
+    try:
+        return manifest_from_dict(manifest)
+    except ValueError as err:
+        raise BundleError(f"{manifest_path}: this llmc ({__version__}) cannot read the manifest {written_by} "
+                          f"wrote ({err}); rebuild the bundle with this llmc (`llmc build` of its "
+                          "model.yaml)") from None
 
 
-def verify_files(path: Path, manifest: dict) -> list[str]:
+def verify_files(path: Path, manifest: Manifest) -> list[str]:
     """Check every listed file's size and sha256; raise naming the first bad file. Returns the names."""
-    for rel, meta in manifest["files"].items():
+    for rel, meta in manifest.files.items():
         file = path / rel
         if not file.is_file():
             raise BundleError(f"{path}: file {rel} is missing; re-copy the bundle")
-        if file.stat().st_size != meta["size"]:
+        if file.stat().st_size != meta.size:
             raise BundleError(f"{path}: file {rel} is truncated or altered (size {file.stat().st_size}, "
-                              f"manifest says {meta['size']}); re-copy the bundle")
-        if sha256_file(file) != meta["sha256"]:
+                              f"manifest says {meta.size}); re-copy the bundle")
+        if sha256_file(file) != meta.sha256:
             raise BundleError(f"{path}: file {rel} fails its sha256 check (tampered or corrupt); "
                               "re-copy or rebuild the bundle")
-    return list(manifest["files"])
+    return list(manifest.files)
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

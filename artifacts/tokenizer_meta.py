@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from llmc.artifacts.manifest import TokenizerInfo
 from llmc.errors import ModelImportError
 
 
@@ -18,7 +19,7 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
-def tokenizer_manifest(tok_dir: Path, rel_dir: str) -> dict:
+def tokenizer_manifest(tok_dir: Path, rel_dir: str) -> TokenizerInfo:
     """Describe the tokenizer directory: eos/bos ids and whether a chat template exists."""
     try:
         tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
@@ -35,7 +36,7 @@ def tokenizer_manifest(tok_dir: Path, rel_dir: str) -> dict:
     template = config.get("chat_template")
     if (tok_dir / "chat_template.jinja").is_file():
         template = (tok_dir / "chat_template.jinja").read_text()
-    return {"dir": rel_dir, "files": sorted(p.name for p in tok_dir.iterdir() if p.is_file()),
-            "eos_token_ids": eos_ids, "eos_token": eos_text, "bos_token": bos_text,
-            "bos_token_id": tokenizer.token_to_id(bos_text) if bos_text else None,
-            "chat_template": template, "vocab_size": tokenizer.get_vocab_size()}
+    return TokenizerInfo(dir=rel_dir, files=sorted(p.name for p in tok_dir.iterdir() if p.is_file()),
+                         eos_token_ids=eos_ids, eos_token=eos_text, bos_token=bos_text,
+                         bos_token_id=tokenizer.token_to_id(bos_text) if bos_text else None,
+                         chat_template=template, vocab_size=tokenizer.get_vocab_size())

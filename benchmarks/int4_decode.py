@@ -92,7 +92,7 @@ def main() -> None:
             if args.llama_server:
                 from llmc.artifacts.bundle import load_bundle
 
-                gguf = load_bundle(args.bundles[0], verify=False).manifest["source"]["path"]
+                gguf = load_bundle(args.bundles[0], verify=False).manifest.source.path
                 measured.append(llamacpp_decode(args.llama_server, gguf, batch, args.tokens))
             for result in measured:
                 runs.append({**result, "round": round_index})

@@ -122,7 +122,7 @@ def main() -> None:
         results.append(_run_server("llmc static batching (same engine)",
                                    llmc + ["--port", str(port), "--policy", "static"], port, workload))
     if "llamacpp" not in args.skip and args.llama_server:
-        gguf = bundle.manifest["source"]["path"]
+        gguf = bundle.manifest.source.path
         port = _free_port()
         cmd = [args.llama_server, "-m", gguf, "--port", str(port), "-np", str(PARALLEL), "-c", str(PARALLEL * 1024),
                "-t", str(len(os.sched_getaffinity(0))), "--cont-batching"]

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from llmc import __version__
 from llmc.artifacts import bundle as bundle_io
+from llmc.artifacts import manifest as mf
 from llmc.artifacts.geometry import KV_FORMULA, KV_LAYOUT, kv_bytes_per_token
 from llmc.artifacts.tokenizer_meta import tokenizer_manifest
 from llmc.compiler import calibration
@@ -106,9 +108,9 @@ def _evaluate(spec: BuildSpec, ir, reference_model) -> dict:
     return result
 
 
-def _pass_summaries(records: list[dict]) -> list[dict]:
+def _pass_summaries(records: list[dict]) -> list[mf.PassRecord]:
     """Pass records for the manifest (the per-layer details stay in report.json)."""
-    return [{k: v for k, v in r.items() if not k.startswith("per_")} for r in records]
+    return [mf.PassRecord(**{k: v for k, v in r.items() if not k.startswith("per_")}) for r in records]
 
 
 def _onnx_options(q: QuantizationSpec | None) -> dict:
@@ -133,7 +135,7 @@ class DraftBuild:
     ir: ModelIR
     passes: list[dict]
     pairing: dict  # the pairing pass's record (run on the target)
-    engine: dict | None = None  # its onnxruntime engine entry, once emitted
+    engine: mf.Engine | None = None  # its onnxruntime engine, once emitted
 
 
 @dataclass
@@ -148,7 +150,7 @@ class Build:
     passes: list[dict] = field(default_factory=list)  # passes (the pairing pass's record from draft)
     draft: DraftBuild | None = None  # draft
     quality: dict | None = None  # evaluate
-    engines: dict = field(default_factory=dict)  # emit
+    engines: dict[str, mf.Engine] = field(default_factory=dict)  # emit
     timings: dict = field(default_factory=dict)
 
 
@@ -194,15 +196,15 @@ def emit_stage(b: Build) -> None:
                               kv_dtype=spec.kv_cache.dtype, int8_prefill=spec.int8_prefill,
                               outlier_channels=ir.outlier_channels, kv_scales=ir.kv_scales,
                               int4_decode=spec.quantization is not None and spec.quantization.int4_decode)
-        b.engines[target] = {"dir": f"engines/{target}", **entry}
+        b.engines[target] = mf.Engine(dir=f"engines/{target}", **entry)
     if b.draft is not None:  # its pools share the target's block ids and budget, and its KV dtype
         entry = emit_onnx(b.draft.ir.model, b.staging / DRAFT_DIR, b.draft.ir.quantized,
                           **_onnx_options(b.draft.spec.quantization), kv_dtype=spec.kv_cache.dtype)
-        b.draft.engine = {"dir": DRAFT_DIR, **entry}
+        b.draft.engine = mf.Engine(dir=DRAFT_DIR, **entry)
         shutil.rmtree(b.staging / "draft-work", ignore_errors=True)
 
 
-def _speculative_section(b: Build) -> dict | None:
+def _speculative_section(b: Build) -> mf.Speculative | None:
     """The manifest's speculative section: the method and k, and the draft model (pairing, geometry,
     passes, engine) or the n-gram settings."""
     s = b.spec.speculative
@@ -210,37 +212,39 @@ def _speculative_section(b: Build) -> dict | None:
         return None
     section = {"method": s.method, "num_tokens": s.num_tokens, "adaptive": s.adaptive}
     if s.method == "ngram":
-        return {**section, "ngram": s.ngram.model_dump() if s.ngram else {"min_n": 1, "max_n": 3}}
+        return mf.Speculative(**section, ngram=mf.NgramSettings(**s.ngram.model_dump()) if s.ngram else
+                              mf.NgramSettings())
     d = b.draft
-    return {**section, "pairing": d.pairing,
-            "draft": {"name": d.spec.name, "source": str(d.spec.source_path()), "model": d.ir.geometry.to_dict(),
-                      "passes": _pass_summaries(d.passes), "engine": d.engine}}
+    draft = mf.DraftModel(name=d.spec.name, source=str(d.spec.source_path()), model=d.ir.geometry,
+                          passes=_pass_summaries(d.passes), engine=d.engine)
+    return mf.Speculative(**section, pairing=_pass_summaries([d.pairing])[0], draft=draft)
 
 
 def bundle_stage(b: Build) -> None:
     """The manifest and report, and the staged bundle moved into place."""
     spec, ir, geo = b.spec, b.ir, b.ir.geometry
-    manifest = {
-        "name": spec.name,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"kind": ir.source_kind, "path": str(b.source),
-                   "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in ir.source_files]},
-        "model": geo.to_dict(),
-        "dtype": spec.dtype,
-        "kv_cache": {"block_size": spec.kv_cache.block_size, "dtype": spec.kv_cache.dtype,
-                     "layout": KV_LAYOUT, "formula": KV_FORMULA,
-                     "bytes_per_token": kv_bytes_per_token(geo.num_layers, geo.num_kv_heads,
-                                                           geo.head_dim, spec.kv_cache.dtype),
-                     **({"scales": "static, per layer and channel (kv_scales pass; in the engine graphs)"}
-                        if spec.kv_cache.dtype == "int8" else {})},
-        "engines": b.engines,
-        "tokenizer": tokenizer_manifest(ir.tokenizer_dir, "tokenizer"),
-        "passes": _pass_summaries(b.passes),
-        "quality": {"eval": b.quality, "report": "report.json"},
-        "speculative": _speculative_section(b),
-        "notes": ir.notes,
-        "timings_s": dict(b.timings),
-    }
+    kv_cache = mf.KVCache(block_size=spec.kv_cache.block_size, dtype=spec.kv_cache.dtype, layout=KV_LAYOUT,
+                          formula=KV_FORMULA, bytes_per_token=kv_bytes_per_token(geo.num_layers, geo.num_kv_heads,
+                                                                                 geo.head_dim, spec.kv_cache.dtype),
+                          scales="static, per layer and channel (kv_scales pass; in the engine graphs)"
+                          if spec.kv_cache.dtype == "int8" else None)
+    manifest = mf.Manifest(
+        llmc_version=__version__,
+        name=spec.name,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source=mf.Source(kind=ir.source_kind, path=str(b.source),
+                         files=[mf.SourceFile(name=f.name, sha256=f.sha256, size=f.size) for f in ir.source_files]),
+        model=geo,
+        dtype=spec.dtype,
+        kv_cache=kv_cache,
+        engines=b.engines,
+        tokenizer=tokenizer_manifest(ir.tokenizer_dir, "tokenizer"),
+        passes=_pass_summaries(b.passes),
+        quality=mf.Quality(eval=mf.EvalResult(**b.quality) if b.quality else None, report="report.json"),
+        speculative=_speculative_section(b),
+        notes=ir.notes,
+        timings_s=dict(b.timings),
+    )
     report = {"timings_s": b.timings, "notes": ir.notes, "eval": b.quality, "passes": b.passes}
     (b.staging / "report.json").write_text(json.dumps(report, indent=2))
     bundle_io.write_bundle(b.staging, b.spec.output_dir(), manifest)

@@ -61,62 +61,15 @@ def build(model_yaml: Path, output: Path | None, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
 def inspect(bundle: Path, as_json: bool) -> None:
     """Show what is inside BUNDLE and verify every file's checksum."""
-    from llmc.artifacts.bundle import load_bundle
+    from llmc.artifacts.bundle import MANIFEST, load_bundle
+    from llmc.inspect_bundle import describe
 
     loaded = load_bundle(bundle, verify=True)
-    m = loaded.manifest
     if as_json:
-        click.echo(json.dumps(m, indent=2))
+        click.echo((loaded.path / MANIFEST).read_text())
         return
-    geo = m["model"]
-    kv = m["kv_cache"]
-    click.echo(f"bundle    {loaded.path}")
-    click.echo(f"name      {m['name']}  (llmc {m['llmc_version']}, schema {m['schema_version']}, {m['created_at']})")
-    for f in m["source"]["files"]:
-        click.echo(f"source    {m['source']['kind']}: {f['name']}  sha256 {f['sha256'][:16]}…  "
-                   f"{human_bytes(f['size'])}")
-    click.echo(f"model     {geo['architecture']}: {geo['num_layers']} layers, hidden {geo['hidden_size']}, "
-               f"{geo['num_heads']} heads / {geo['num_kv_heads']} KV heads x {geo['head_dim']}, "
-               f"vocab {geo['vocab_size']}, context {geo['max_position']}")
-    click.echo(f"kv cache  block {kv['block_size']} tokens, {kv['dtype']}, {kv['bytes_per_token']:,} bytes/token")
-    for target, engine in m["engines"].items():
-        skipped = f"; engine not built: {engine['skipped']}" if engine.get("skipped") else ""
-        level, block = engine.get("accuracy_level"), engine.get("activation_block_size")
-        kernels = (f"; MatMulNBits accuracy level {level}" if level is not None else "") + (
-            f", int8 activation blocks of {block}" if block else "")
-        click.echo(f"engine    {target}: {engine['dir']}/{engine['graph']} (attention op {engine['attention_op']}"
-                   f"{kernels}){skipped}")
-        if engine.get("prefill"):
-            p = engine["prefill"]
-            click.echo(f"          + {engine['dir']}/{p['graph']} for steps of many tokens ({p['linear_op']}: weights "
-                       f"{p['weights_format']}, activations {p['activations']}; on AMX where the CPU has it)")
-        if engine.get("decode"):
-            d = engine["decode"]
-            click.echo(f"          + {engine['dir']}/{d['graph']} for steps of few tokens ({d['linear_op']}: "
-                       f"{d['linear_format']}; where the CPU has AVX-512 VNNI)")
-    click.echo(f"passes    {', '.join(p['name'] for p in m['passes']) or 'none'}")
-    for p in m["passes"]:
-        if "num_quantized" in p:
-            click.echo(f"          {p['name']}: {p['num_quantized']} linears, {p['bits']}-bit groups of "
-                       f"{p['group_size']}, mean relative weight error {p['mean_rel_weight_error']:.4f}")
-    quality = (m.get("quality") or {}).get("eval")
-    if quality:
-        source = (f", source {quality['reference_perplexity']:.3f}, KL {quality['kl_from_reference']:.4f}"
-                  if "kl_from_reference" in quality else "")
-        click.echo(f"quality   perplexity {quality['perplexity']:.3f}{source} on {quality['windows']} held-out "
-                   f"windows of {quality['window_tokens']} tokens (report.json has the per-layer errors)")
-    spec = m.get("speculative")
-    if spec:
-        drafter = (f"draft model {spec['draft']['name']} ({spec['draft']['engine']['dir']}, passes: "
-                   f"{', '.join(p['name'] for p in spec['draft']['passes']) or 'none'}; vocabulary of "
-                   f"{spec['pairing']['tokens_compared']:,} tokens checked)" if spec["method"] == "draft"
-                   else f"n-gram lookup (n = {spec['ngram']['max_n']}..{spec['ngram']['min_n']})")
-        click.echo(f"speculate {drafter}, k <= {spec['num_tokens']}, {'adaptive' if spec['adaptive'] else 'fixed'}")
-    click.echo("timings   " + ", ".join(f"{k} {v:.1f}s" for k, v in m["timings_s"].items()))
-    total = sum(f["size"] for f in m["files"].values())
-    for rel, meta in m["files"].items():
-        click.echo(f"  {meta['sha256'][:12]}  {human_bytes(meta['size']):>10}  {rel}")
-    click.echo(f"verified  {len(m['files'])} files, {human_bytes(total)}: all sha256 checksums match")
+    for line in describe(loaded):
+        click.echo(line)
 
 
 @cli.command()
@@ -236,7 +189,7 @@ def serve(bundle: Path, host: str, port: int, api_key: str | None, served_model_
     if not is_loopback(host) and not api_key:
         click.echo(f"warning: serving on {host} without an API key: anyone who can reach this address can use "
                    "the server (set --api-key or LLMC_API_KEY)", err=True)
-    name = served_model_name or llm.bundle.manifest["name"]
+    name = served_model_name or llm.bundle.manifest.name
     click.echo(f"serving '{name}' on http://{host}:{port}/v1 ({engine.policy} batching, up to {engine.max_num_seqs} "
                "sequences"
                f"{', API key required' if api_key else ''}{_spec_summary(llm)}); Ctrl-C or SIGTERM drains and stops")
@@ -250,8 +203,8 @@ def _csv(text: str) -> tuple[str, ...]:
 def _spec_summary(llm) -> str:
     if llm.speculation is None:
         return ""
-    section, policy = llm.bundle.manifest["speculative"], llm.speculation.policy
-    drafter = section["draft"]["name"] if section["method"] == "draft" else "n-gram lookup"
+    section, policy = llm.bundle.manifest.speculative, llm.speculation.policy
+    drafter = section.draft.name if section.method == "draft" else "n-gram lookup"
     return f", speculative decoding: {drafter}, k <= {policy.k_max} ({'adaptive' if policy.adaptive else 'fixed'})"
 
 
@@ -309,7 +262,7 @@ def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_le
             llm = make(profile_dir=traces if profile else None)
             report = {"mode": "offline", **settings, "policy": engine.policy, **b.run_offline(llm, workload)}
     else:
-        report = {"mode": "online", **_online(b, make, workload, url, float(rate), loaded.manifest["name"], seed)}
+        report = {"mode": "online", **_online(b, make, workload, url, float(rate), loaded.manifest.name, seed)}
     out_path.write_text(b.to_json(report))
     click.echo(b.to_json(report))
     click.echo(f"wrote {out_path}", err=True)

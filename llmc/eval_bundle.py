@@ -21,7 +21,7 @@ def bundle_scorer(bundle, num_threads: int | None = None, chunk_tokens: int | No
     from llmc.runtime.step_inputs import Chunk, layout_step
 
     engine = OrtEngine(bundle, num_threads)
-    block_size = bundle.manifest["kv_cache"]["block_size"]
+    block_size = bundle.block_size
 
     def score(ids: np.ndarray) -> np.ndarray:
         t = len(ids)
@@ -70,9 +70,9 @@ def eval_bundle(bundle_path: Path, texts: list[Path], reference: Path | None, se
     from llmc.compiler import calibration
 
     bundle = load_bundle(bundle_path)
-    quantized = any(p.get("num_quantized") for p in bundle.manifest.get("passes", []))
-    if reference is None and quantized and Path(bundle.manifest["source"]["path"]).exists():
-        reference = Path(bundle.manifest["source"]["path"])
+    quantized = any(p.num_quantized for p in bundle.manifest.passes)
+    if reference is None and quantized and Path(bundle.manifest.source.path).exists():
+        reference = Path(bundle.manifest.source.path)
     ids = calibration.token_stream(bundle.tokenizer_dir, texts, [], bundle.geometry.vocab_size)
     windows = calibration.windows(ids, seq_len, None, None, "eval")[:max_windows]
     ref = reference_scorer(reference, bundle.geometry.vocab_size, chunk_tokens) if reference is not None else None

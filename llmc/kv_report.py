@@ -36,8 +36,7 @@ def _geometry_of_target(target: Path) -> tuple[ModelGeometry, str | None, int | 
         from llmc.artifacts.bundle import read_manifest
 
         m = read_manifest(target)
-        kv = m["kv_cache"]
-        return ModelGeometry.from_dict(m["model"]), kv["dtype"], kv["block_size"], f"bundle {target}"
+        return m.model, m.kv_cache.dtype, m.kv_cache.block_size, f"bundle {target}"
     if target.suffix in (".yaml", ".yml"):
         from llmc.compiler.spec import load_spec
 

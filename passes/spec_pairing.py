@@ -29,7 +29,7 @@ def _special_tokens(tokenizer_dir) -> dict:
     meta = tokenizer_manifest(tokenizer_dir, "tokenizer")
     specials = {t.content for t in Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
                 .get_added_tokens_decoder().values() if t.special}
-    return {"eos_token_ids": sorted(meta["eos_token_ids"]), "bos_token_id": meta["bos_token_id"],
+    return {"eos_token_ids": sorted(meta.eos_token_ids), "bos_token_id": meta.bos_token_id,
             "special_tokens": sorted(specials)}
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import onnxruntime as ort
 
 from llmc.artifacts.bundle import Bundle
-from llmc.artifacts.geometry import KV_LAYOUT, ModelGeometry
+from llmc.artifacts.geometry import KV_LAYOUT
+from llmc.artifacts.manifest import DecodeGraph
 from llmc.errors import BundleError
 from llmc.kernels.fused_cpu import int4_available, int8_backend, register_fused_kernels
 from llmc.runtime.kv_pool import KVPool
@@ -63,39 +64,39 @@ class OrtEngine:
         taking turns with pools of their own made each other ~2x slower on 2 cores (one pool's
         spinning threads starve the other's).
         """
+        manifest = bundle.manifest
         if draft:
-            entry = bundle.manifest["speculative"]["draft"]["engine"]
-            geometry = ModelGeometry.from_dict(bundle.manifest["speculative"]["draft"]["model"])
-        elif "onnxruntime" in bundle.manifest["engines"]:
-            entry, geometry = bundle.manifest["engines"]["onnxruntime"], bundle.geometry
+            entry, geometry = manifest.speculative.draft.engine, manifest.speculative.draft.model
+        elif "onnxruntime" in manifest.engines:
+            entry, geometry = manifest.engines["onnxruntime"], bundle.geometry
         else:
             raise BundleError(f"{bundle.path} has no onnxruntime engine (it has: "
-                              f"{', '.join(bundle.manifest['engines'])}); llmc's runtime runs onnxruntime engines: "
+                              f"{', '.join(manifest.engines)}); llmc's runtime runs onnxruntime engines: "
                               "rebuild with targets: [onnxruntime, ...]")
-        layout = bundle.manifest["kv_cache"].get("layout")
+        layout = manifest.kv_cache.layout
         if layout != KV_LAYOUT:
             raise BundleError(f"{bundle.path} was built for KV pools laid out as {layout}; this runtime's engines "
                               f"read {KV_LAYOUT}: rebuild it with this llmc (`llmc build` of its model.yaml)")
-        if entry.get("attention_plan") != ATTENTION_PLAN:
+        if entry.attention_plan != ATTENTION_PLAN:
             raise BundleError(f"{bundle.path} was built by an earlier llmc whose attention plan passed a padded mask "
                               "to every layer; this runtime's kernels read the plan's lengths: rebuild it with this "
                               "llmc (`llmc build` of its model.yaml)")
-        self.int4_decode = _use_int4_decode(bundle, entry.get("decode"))
-        path = bundle.path / entry["dir"] / (entry["decode"]["graph"] if self.int4_decode else entry["graph"])
+        self.int4_decode = _use_int4_decode(bundle, entry.decode)
+        path = bundle.path / entry.dir / (entry.decode.graph if self.int4_decode else entry.graph)
         _use_global_thread_pool(num_threads or len(os.sched_getaffinity(0)))
         self.profiling = profile_dir is not None
         self.session, fused = _session(path, profile_dir and Path(profile_dir) / "main")
         self.attention = FUSED_ATTENTION if fused else "ONNX function body"
         self.int8_session = None  # the int8 graph: steps of at least int8_min_tokens tokens run here
-        prefill = entry.get("prefill")
-        if prefill and prefill.get("linear_format") != INT8_LINEAR_FORMAT:
+        prefill = entry.prefill
+        if prefill and prefill.linear_format != INT8_LINEAR_FORMAT:
             raise BundleError(f"{bundle.path} was built by an earlier llmc whose int8 graph scaled activations per "
                               "block of 64 channels; this runtime's Int8Linear takes one scale per token and the "
                               "calibrated outlier channels: rebuild it with this llmc (`llmc build` of its "
                               "model.yaml, which needs a calibration section for int8_prefill)")
         self.int8_backend = int8_backend() if prefill else None  # what llmc.Int8Linear runs on: AMX, AVX-512 VNNI
         if self.int8_backend:
-            self.int8_session, _ = _session(bundle.path / entry["dir"] / prefill["graph"],
+            self.int8_session, _ = _session(bundle.path / entry.dir / prefill.graph,
                                             profile_dir and Path(profile_dir) / "int8")
         elif prefill:
             log.info("this CPU has neither AMX int8 tiles nor AVX-512 VNNI + BF16 (or llmc's kernels are off): every "
@@ -192,14 +193,14 @@ class OrtEngine:
         return bound[1]
 
 
-def _use_int4_decode(bundle: Bundle, decode: dict | None) -> bool:
+def _use_int4_decode(bundle: Bundle, decode: DecodeGraph | None) -> bool:
     """Whether the engine's main session runs the bundle's int4 decode graph (llmc.Int4Linear) instead of its
     MatMulNBits graph: where the bundle has one and the kernel runs here, unless LLMC_INT4_DECODE=0."""
     if decode is None:
         return False
-    if decode.get("linear_format") != INT4_LINEAR_FORMAT:
+    if decode.linear_format != INT4_LINEAR_FORMAT:
         raise BundleError(f"{bundle.path}'s int4 decode graph has a format this runtime does not read "
-                          f"({decode.get('linear_format')!r}): rebuild it with this llmc "
+                          f"({decode.linear_format!r}): rebuild it with this llmc "
                           "(`llmc build` of its model.yaml)")
     if os.environ.get(INT4_DECODE_ENV, "1") == "0":
         log.info("%s=0: small steps run the MatMulNBits graph", INT4_DECODE_ENV)

@@ -58,9 +58,9 @@ class LLM:
         self.geometry = self.bundle.geometry
         self.tokenizer = BundleTokenizer(self.bundle)
         budget = plan_kv_budget(config.kv_cache_memory, config.kv_cache_fraction)
-        spec = self.bundle.manifest.get("speculative") if config.speculation else None
+        spec = self.bundle.manifest.speculative if config.speculation else None
         self.engine = OrtEngine(self.bundle, config.num_threads, profile_dir=profile_dir)
-        drafts_with_model = spec is not None and spec["method"] == "draft"
+        drafts_with_model = spec is not None and spec.method == "draft"
         draft_engine = OrtEngine(self.bundle, config.num_threads, draft=True) if drafts_with_model else None
         self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
                                                         draft=draft_engine and draft_engine.geometry,
@@ -68,9 +68,9 @@ class LLM:
         self.speculation: Speculation | None = None
         if spec:
             drafter = (ModelDrafter(draft_engine, self.draft_pool, self.geometry.vocab_size) if draft_engine
-                       else NgramDrafter(**spec["ngram"]))
-            adaptive = spec["adaptive"] if config.adaptive_speculation is None else config.adaptive_speculation
-            policy = SpecPolicy(config.num_spec_tokens or spec["num_tokens"], adaptive,
+                       else NgramDrafter(spec.ngram.min_n, spec.ngram.max_n))
+            adaptive = spec.adaptive if config.adaptive_speculation is None else config.adaptive_speculation
+            policy = SpecPolicy(config.num_spec_tokens or spec.num_tokens, adaptive,
                                 PRIOR_ACCEPTANCE_DRAFT if draft_engine else PRIOR_ACCEPTANCE)
             max_position = min(self.geometry.max_position, (draft_engine or self.engine).geometry.max_position)
             self.speculation = Speculation(drafter, policy, max_position)

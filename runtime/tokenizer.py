@@ -24,20 +24,20 @@ class BundleTokenizer:
     """Encode, decode incrementally, and render the bundle's chat template."""
 
     def __init__(self, bundle: Bundle):
-        meta = bundle.manifest["tokenizer"]
+        meta = bundle.manifest.tokenizer
         self._path = bundle.tokenizer_dir / "tokenizer.json"
         self._tok = Tokenizer.from_file(str(self._path))
         self._plain: Tokenizer | None = None  # loaded when a message first spells a special token
         self._special_texts = [t.content for t in self._tok.get_added_tokens_decoder().values()
                                if t.special and t.content]
-        self.eos_token_ids: list[int] = list(meta.get("eos_token_ids") or [])
+        self.eos_token_ids: list[int] = list(meta.eos_token_ids)
         self._meta = meta
         self._max_chars: int | None = None
         self._template = None
-        if meta.get("chat_template"):
+        if meta.chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise
-            self._template = env.from_string(meta["chat_template"])
+            self._template = env.from_string(meta.chat_template)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, with the tokenizer's own special-token rules."""
@@ -84,8 +84,8 @@ class BundleTokenizer:
             raise RequestError("this bundle has no chat template; send a plain prompt instead")
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self._meta.get("bos_token") or "",
-                                         eos_token=self._meta.get("eos_token") or "")
+                                         bos_token=self._meta.bos_token or "",
+                                         eos_token=self._meta.eos_token or "")
         except (TemplateError, TypeError, ValueError, KeyError) as err:  # the messages do not fit the template
             raise RequestError(f"chat template: these messages cannot be rendered ({err})") from None
 

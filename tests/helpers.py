@@ -66,6 +66,23 @@ def write_yaml(path: Path, **fields) -> Path:
     return path
 
 
+def edit_manifest(bundle: Path, copy_to: Path, edit) -> Path:
+    """A copy of `bundle` whose manifest.json went through `edit(dict)` (its checksum rewritten to match): a
+    bundle as another llmc, or a hand edit, would leave it."""
+    import hashlib
+    import shutil
+
+    from llmc.artifacts.bundle import MANIFEST, MANIFEST_CHECKSUM
+
+    copy = shutil.copytree(bundle, copy_to)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    edit(manifest)
+    body = json.dumps(manifest).encode()
+    (copy / MANIFEST).write_bytes(body)
+    (copy / MANIFEST_CHECKSUM).write_text(hashlib.sha256(body).hexdigest())
+    return copy
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     """Index of the first differing token, or None when one is a prefix of the other."""
     for i, (x, y) in enumerate(zip(a, b)):

@@ -36,23 +36,23 @@ def test_calibrated_build_reports_quality_and_eval_matches(tmp_path, tiny_checkp
         eval={"texts": [str(held_out)], "seq_len": 64, "max_windows": 4}))
     bundle = load_bundle(build(spec))
     manifest = bundle.manifest
-    record = next(p for p in manifest["passes"] if p["name"] == f"quant_{method}")
-    assert record["calibration_windows"] == [4, 64] and record["num_quantized"] == 2 * 7 + 1
+    record = manifest.pass_record(f"quant_{method}")
+    assert record.extra["calibration_windows"] == [4, 64] and record.num_quantized == 2 * 7 + 1
     report = json.loads((bundle.path / "report.json").read_text())
     layer_errors = report["passes"][0]["per_layer_output_error"]
     assert set(layer_errors) == {"layers.0", "layers.1"} and all(0 < e < 1 for e in layer_errors.values())
     assert len(report["passes"][0]["per_linear"]) == 15
-    quality = manifest["quality"]["eval"]
-    assert quality["windows"] == 4 and quality["kl_from_reference"] > 0
-    assert quality["perplexity"] != quality["reference_perplexity"]
+    quality = manifest.quality.eval
+    assert quality.windows == 4 and quality.kl_from_reference > 0
+    assert quality.perplexity != quality.reference_perplexity
 
     out = llmc("eval", bundle.path, "--text", held_out, "--seq-len", 64, "--max-windows", 4,
                "--reference", tiny_checkpoint, "--json")
     assert out.returncode == 0, out.stderr
     measured = json.loads(out.stdout)
-    assert measured["perplexity"] == pytest.approx(quality["perplexity"], rel=0.005)  # int4 engine = fake quant
-    assert measured["reference_perplexity"] == pytest.approx(quality["reference_perplexity"], rel=1e-4)
-    assert measured["kl_from_reference"] == pytest.approx(quality["kl_from_reference"], rel=0.05)
+    assert measured["perplexity"] == pytest.approx(quality.perplexity, rel=0.005)  # int4 engine = fake quant
+    assert measured["reference_perplexity"] == pytest.approx(quality.reference_perplexity, rel=1e-4)
+    assert measured["kl_from_reference"] == pytest.approx(quality.kl_from_reference, rel=0.05)
 
 
 def test_eval_errors_are_user_errors(tiny_bundle, tmp_path, texts):

@@ -154,11 +154,11 @@ def test_int4_bundle_perplexity_equals_fake_quant_reference(tmp_path_factory, sm
                            "eval": {"texts": held_out, "seq_len": 256, "max_windows": windows}},
                           Path(__file__).resolve().parents[1] / "examples")
         bundle = load_bundle(build(spec))
-        quality = bundle.manifest["quality"]["eval"]
+        quality = bundle.manifest.quality.eval
         engine = eval_bundle(bundle.path, [Path(p) for p in held_out], smol_bundle, 256, windows)
-        assert engine["perplexity"] == pytest.approx(quality["perplexity"], rel=0.005)
-        assert engine["reference_perplexity"] == pytest.approx(quality["reference_perplexity"], rel=1e-3)
-        perplexity[method] = quality["perplexity"]
+        assert engine["perplexity"] == pytest.approx(quality.perplexity, rel=0.005)
+        assert engine["reference_perplexity"] == pytest.approx(quality.reference_perplexity, rel=1e-3)
+        perplexity[method] = quality.perplexity
     assert perplexity["gptq"] < perplexity["rtn"]
 
 
@@ -254,8 +254,8 @@ def test_int4_decode_graph_within_half_a_percent_of_matmulnbits_and_fake_quant(t
                        "eval": {"texts": [str(p) for p in held_out], "seq_len": 256, "max_windows": 16},
                        "output": str(tmp_path_factory.mktemp("smol-int4-decode"))}, Path(__file__).resolve().parents[1])
     bundle = load_bundle(build(spec))
-    assert bundle.manifest["engines"]["onnxruntime"]["decode"]["linear_op"] == "llmc.Int4Linear"
-    fake_quant = bundle.manifest["quality"]["eval"]["perplexity"]
+    assert bundle.manifest.engines["onnxruntime"].decode.linear_op == "llmc.Int4Linear"
+    fake_quant = bundle.manifest.quality.eval.perplexity
     ids = calibration.token_stream(bundle.tokenizer_dir, held_out, [], bundle.geometry.vocab_size)
     windows = calibration.windows(ids, 256, None, None, "eval")[:16]
     assert len(windows) == 16

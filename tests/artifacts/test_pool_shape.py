@@ -33,8 +33,8 @@ def int4_int8_bundle(tmp_path_factory, tiny_checkpoint):
 
 def test_every_graph_takes_pools_of_the_one_shape(int4_int8_bundle):
     bundle = int4_int8_bundle
-    entry = bundle.manifest["engines"]["onnxruntime"]
-    graphs = [entry["graph"], entry["decode"]["graph"], entry["prefill"]["graph"]]
+    entry = bundle.manifest.engines["onnxruntime"]
+    graphs = [entry.graph, entry.decode.graph, entry.prefill.graph]
     expected = bundle.geometry.pool_shape("num_blocks", "block_size")
     for graph in graphs:
         inputs = _pool_inputs(bundle.engine_dir("onnxruntime") / graph)

@@ -26,13 +26,13 @@ def trt_bundle(tmp_path_factory, tiny_checkpoint):
 
 
 def test_qdq_graph_uses_standard_int4_dequantize(trt_bundle):
-    entry = trt_bundle.manifest["engines"]["tensorrt"]
-    graph = onnx.load(str(trt_bundle.engine_dir("tensorrt") / entry["graph"]), load_external_data=False)
+    entry = trt_bundle.manifest.engines["tensorrt"]
+    graph = onnx.load(str(trt_bundle.engine_dir("tensorrt") / entry.graph), load_external_data=False)
     ops = {node.op_type for node in graph.graph.node}
     assert "DequantizeLinear" in ops and "MatMulNBits" not in ops
     int4 = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT4]
     # per layer: q/k/v stacked, o, gate/up stacked, down; plus the LM head
-    assert len(int4) == 2 * 4 + 1 and entry["weight_format"] == "qdq"
+    assert len(int4) == 2 * 4 + 1 and entry.weight_format == "qdq"
 
 
 def test_qdq_graph_matches_fake_quant_in_onnxruntime(trt_bundle, tiny_checkpoint, tmp_path):
@@ -44,7 +44,7 @@ def test_qdq_graph_matches_fake_quant_in_onnxruntime(trt_bundle, tiny_checkpoint
                                 quantization={"method": "rtn", "symmetric": True, "group_size": 32,
                                               "lm_head_bits": 4}))
     run_passes(ir, build_passes(spec, ir))  # the same fake-quant weights the bundle was built from
-    path = trt_bundle.engine_dir("tensorrt") / trt_bundle.manifest["engines"]["tensorrt"]["graph"]
+    path = trt_bundle.engine_dir("tensorrt") / trt_bundle.manifest.engines["tensorrt"].graph
     exact = session_options()
     exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # plain DequantizeLinear + MatMul
     logits, expected = step_graph_vs_torch(path, ir.model, options=exact)
@@ -52,14 +52,14 @@ def test_qdq_graph_matches_fake_quant_in_onnxruntime(trt_bundle, tiny_checkpoint
 
 
 def test_engine_state_is_recorded(trt_bundle):
-    entry = trt_bundle.manifest["engines"]["tensorrt"]
+    entry = trt_bundle.manifest.engines["tensorrt"]
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        assert entry["plan"] is None and "not installed" in entry["skipped"]
+        assert entry.plan is None and "not installed" in entry.skipped
         assert not (trt_bundle.engine_dir("tensorrt") / "model.plan").exists()
         pytest.skip("TensorRT is not installed: the tensorrt engine build was not run (ONNX verified above)")
-    assert (trt_bundle.engine_dir("tensorrt") / entry["plan"]).stat().st_size > 0
+    assert (trt_bundle.engine_dir("tensorrt") / entry.plan).stat().st_size > 0
 
 
 def test_runtime_refuses_a_bundle_without_an_onnxruntime_engine(trt_bundle):
@@ -73,8 +73,8 @@ def test_optimization_profile_takes_the_graphs_pool_shape(trt_bundle):
     from llmc.compiler.emit_tensorrt import _profile_shapes
 
     geo, block = trt_bundle.geometry, trt_bundle.block_size
-    entry = trt_bundle.manifest["engines"]["tensorrt"]
-    graph = onnx.load(str(trt_bundle.engine_dir("tensorrt") / entry["graph"]), load_external_data=False).graph
+    entry = trt_bundle.manifest.engines["tensorrt"]
+    graph = onnx.load(str(trt_bundle.engine_dir("tensorrt") / entry.graph), load_external_data=False).graph
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
     shapes = _profile_shapes(geo, block, max_tokens=64, max_seqs=4, max_blocks=32)
     pools = [name for name in shapes if "_pool_" in name]

@@ -16,14 +16,14 @@ def test_draft_pair_bundle_records_pairing_and_both_engines(tmp_path, tiny_check
                                 kv_cache={"block_size": 4},
                                 speculative={"method": "draft", "draft": "draft.yaml", "num_tokens": 3}))
     bundle = load_bundle(build(spec))  # verifies every file, the draft engine's included
-    section = bundle.manifest["speculative"]
-    assert section["method"] == "draft" and section["num_tokens"] == 3
-    assert section["pairing"]["name"] == "spec_pairing" and section["pairing"]["tokens_compared"] > 300
-    assert section["draft"]["name"] == "tiny-int4"
-    assert [p["name"] for p in section["draft"]["passes"]] == ["quant_rtn"]  # compiled with its own passes
-    engine = section["draft"]["engine"]
-    assert engine["quantized_linears"] and f"{engine['dir']}/{engine['graph']}" in bundle.manifest["files"]
-    assert not any(name.startswith("draft-work") for name in bundle.manifest["files"])
+    section = bundle.manifest.speculative
+    assert section.method == "draft" and section.num_tokens == 3
+    assert section.pairing.name == "spec_pairing" and section.pairing.extra["tokens_compared"] > 300
+    assert section.draft.name == "tiny-int4"
+    assert [p.name for p in section.draft.passes] == ["quant_rtn"]  # compiled with its own passes
+    engine = section.draft.engine
+    assert engine.quantized_linears and f"{engine.dir}/{engine.graph}" in bundle.manifest.files
+    assert not any(name.startswith("draft-work") for name in bundle.manifest.files)
 
 
 def test_mismatched_tokenizers_are_refused_naming_the_tokens(tmp_path, tiny_checkpoint):
@@ -47,5 +47,6 @@ def test_missing_draft_fails_before_the_build(tmp_path, tiny_checkpoint):
 def test_ngram_bundle_needs_no_draft_engine(tmp_path, tiny_checkpoint):
     spec = load_spec(write_yaml(tmp_path / "model.yaml", name="ng", source=str(tiny_checkpoint), output="out",
                                 speculative={"method": "ngram", "num_tokens": 5, "ngram": {"max_n": 4}}))
-    section = load_bundle(build(spec)).manifest["speculative"]
-    assert section == {"method": "ngram", "num_tokens": 5, "adaptive": True, "ngram": {"min_n": 1, "max_n": 4}}
+    section = load_bundle(build(spec)).manifest.speculative
+    assert section.model_dump(exclude_none=True) == {"method": "ngram", "num_tokens": 5, "adaptive": True,
+                                                     "ngram": {"min_n": 1, "max_n": 4}}

@@ -1,19 +1,16 @@
 """The int4 decode graph of an int4 bundle: its linears as llmc.Int4Linear where the CPU runs the kernel
 (AVX-512 VNNI), the MatMulNBits graph elsewhere or when asked (runtime/engine_ort.py)."""
 
-import hashlib
-import json
-import shutil
 
 import pytest
 
-from llmc.artifacts.bundle import MANIFEST, MANIFEST_CHECKSUM, load_bundle
+from llmc.artifacts.bundle import load_bundle
 from llmc.errors import BundleError
 from llmc.kernels import fused_cpu
 from llmc.runtime import engine_ort
 from llmc.runtime.llm import LLM
 from llmc.runtime.sequence import SamplingParams
-from tests.helpers import write_yaml
+from tests.helpers import edit_manifest, write_yaml
 
 needs_int4 = pytest.mark.skipif(not fused_cpu.int4_available(), reason="this CPU has no AVX-512 VNNI")
 PROMPTS = [list(range(3, 40)), list(range(50, 60)), list(range(100, 107))]
@@ -80,21 +77,17 @@ def test_without_the_kernel_the_bundle_runs_the_matmulnbits_graph(int4_bundle, m
 
 
 def test_the_decode_graph_is_recorded_and_can_be_left_out(int4_bundle, tmp_path, tiny_checkpoint):
-    decode = load_bundle(int4_bundle).manifest["engines"]["onnxruntime"]["decode"]
-    assert decode["linear_op"] == "llmc.Int4Linear" and decode["linear_format"] == engine_ort.INT4_LINEAR_FORMAT
-    assert (int4_bundle / "engines" / "onnxruntime" / decode["graph"]).is_file()
+    decode = load_bundle(int4_bundle).manifest.engines["onnxruntime"].decode
+    assert decode.linear_op == "llmc.Int4Linear" and decode.linear_format == engine_ort.INT4_LINEAR_FORMAT
+    assert (int4_bundle / "engines" / "onnxruntime" / decode.graph).is_file()
     without = _build(tmp_path, tiny_checkpoint, "tiny-int4-plain", int4_decode=False)
-    assert load_bundle(without).manifest["engines"]["onnxruntime"]["decode"] is None
+    assert load_bundle(without).manifest.engines["onnxruntime"].decode is None
     level0 = _build(tmp_path, tiny_checkpoint, "tiny-int4-level0", accuracy_level=0)  # fp32 compute asked for
-    assert load_bundle(level0).manifest["engines"]["onnxruntime"]["decode"] is None
+    assert load_bundle(level0).manifest.engines["onnxruntime"].decode is None
 
 
 def test_a_decode_graph_of_another_format_is_refused(int4_bundle, tmp_path):
-    copy = shutil.copytree(int4_bundle, tmp_path / "other")
-    manifest = load_bundle(int4_bundle).manifest
-    manifest["engines"]["onnxruntime"]["decode"]["linear_format"] = "int4 groups, float32 scales"
-    body = json.dumps(manifest).encode()
-    (copy / MANIFEST).write_bytes(body)
-    (copy / MANIFEST_CHECKSUM).write_text(hashlib.sha256(body).hexdigest())
+    copy = edit_manifest(int4_bundle, tmp_path / "other", lambda m: m["engines"]["onnxruntime"]["decode"].update(
+        linear_format="int4 groups, float32 scales"))
     with pytest.raises(BundleError, match=r"int4 decode graph has a format this runtime does not read.*rebuild it"):
         engine_ort.OrtEngine(load_bundle(copy))

@@ -27,10 +27,10 @@ def kv8_bundle(tmp_path_factory, tiny_checkpoint):
 
 def test_the_bundle_records_int8_pools_and_their_scales_pass(kv8_bundle, tiny_bundle):
     manifest, fp32 = load_bundle(kv8_bundle).manifest, load_bundle(tiny_bundle).manifest
-    assert manifest["kv_cache"]["dtype"] == "int8"
-    assert manifest["kv_cache"]["bytes_per_token"] * 4 == fp32["kv_cache"]["bytes_per_token"]
-    scales = next(p for p in manifest["passes"] if p["name"] == "kv_scales")
-    assert scales["layers"] == manifest["model"]["num_layers"] and scales["key_range_max"] > 0
+    assert manifest.kv_cache.dtype == "int8"
+    assert manifest.kv_cache.bytes_per_token * 4 == fp32.kv_cache.bytes_per_token
+    scales = manifest.pass_record("kv_scales").extra
+    assert scales["layers"] == manifest.model.num_layers and scales["key_range_max"] > 0
 
 
 def test_decoding_from_int8_pools_stays_close_to_fp32(kv8_bundle, tiny_bundle):

@@ -7,7 +7,7 @@ from llmc.kernels import fused_cpu
 from llmc.runtime import engine_ort
 from llmc.runtime.llm import LLM
 from llmc.runtime.sequence import SamplingParams
-from tests.helpers import TEXT, write_yaml
+from tests.helpers import TEXT, edit_manifest, write_yaml
 
 needs_int8 = pytest.mark.skipif(not fused_cpu.int8_backend(), reason="this CPU has neither AMX nor AVX-512 VNNI + BF16")
 
@@ -101,21 +101,14 @@ def test_with_int8_from_one_token_every_step_runs_the_int8_graph(int8_bundle, ti
 def test_the_int8_graph_records_its_outlier_channels_and_old_formats_are_refused(int8_bundle, tmp_path):
     """The act_outliers pass is in the manifest; an int8 graph of the earlier format (activation scales
     per block of 64) is refused with a rebuild hint, not run through a mismatched kernel."""
-    import hashlib
-    import json
-    import shutil
-
-    from llmc.artifacts.bundle import MANIFEST, MANIFEST_CHECKSUM, load_bundle
+    from llmc.artifacts.bundle import load_bundle
     from llmc.errors import BundleError
 
     manifest = load_bundle(int8_bundle).manifest
-    record = next(p for p in manifest["passes"] if p["name"] == "act_outliers")
+    record = manifest.pass_record("act_outliers").extra
     assert record["channels"] == 128 and record["linears"] >= 1 and record["step_gain_max"] >= 1.0
-    assert manifest["engines"]["onnxruntime"]["prefill"]["linear_format"] == engine_ort.INT8_LINEAR_FORMAT
-    copy = shutil.copytree(int8_bundle, tmp_path / "old")
-    del manifest["engines"]["onnxruntime"]["prefill"]["linear_format"]
-    body = json.dumps(manifest).encode()
-    (copy / MANIFEST).write_bytes(body)
-    (copy / MANIFEST_CHECKSUM).write_text(hashlib.sha256(body).hexdigest())
+    assert manifest.engines["onnxruntime"].prefill.linear_format == engine_ort.INT8_LINEAR_FORMAT
+    copy = edit_manifest(int8_bundle, tmp_path / "old",
+                         lambda m: m["engines"]["onnxruntime"]["prefill"].pop("linear_format"))
     with pytest.raises(BundleError, match=r"int8 graph scaled activations per block of 64.*rebuild it"):
         engine_ort.OrtEngine(load_bundle(copy))
