@@ -47,7 +47,7 @@ def _windows(ir, names, seq_len, count, seed):
 def _bundle_mib(ir, cfg: GridConfig) -> float:
     """Size of the emitted engine (graph + weights) for this grid, with an fp32 LM head."""
     with tempfile.TemporaryDirectory() as tmp:
-        emit_onnx(ir.model, Path(tmp), ir.quantized, 4)
+        emit_onnx(ir.model, Path(tmp), ir.quantized)
         return sum(f.stat().st_size for f in Path(tmp).iterdir()) / 2**20
 
 

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from llmc.compiler.emit_onnx import GRAPH_FILE, emit_onnx
+from llmc.compiler.emit_onnx import GRAPH_FILE, EmitOptions, emit_onnx
 from llmc.errors import EmitError
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def build_plan(onnx_path: Path, plan_path: Path, geo, block_size: int, max_token
 
 def emit_tensorrt(model, out_dir: Path, quantized: dict, block_size: int, kv_dtype: str = "float32") -> dict:
     """Write the QDQ step graph and, where TensorRT is installed, its engine; returns the manifest entry."""
-    entry = emit_onnx(model, out_dir, quantized, weight_format="qdq", kv_dtype=kv_dtype)
+    entry = emit_onnx(model, out_dir, quantized, EmitOptions(weight_format="qdq", kv_dtype=kv_dtype))
     try:
         import tensorrt  # noqa: F401
     except ImportError:

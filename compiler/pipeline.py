@@ -21,11 +21,11 @@ from llmc.artifacts import manifest as mf
 from llmc.artifacts.geometry import KV_FORMULA, KV_LAYOUT, kv_bytes_per_token
 from llmc.artifacts.tokenizer_meta import tokenizer_manifest
 from llmc.compiler import calibration
-from llmc.compiler.emit_onnx import emit_onnx
+from llmc.compiler.emit_onnx import EmitOptions, emit_onnx
 from llmc.compiler.emit_tensorrt import emit_tensorrt
 from llmc.compiler.evaluate import evaluate, torch_scorer
 from llmc.compiler.importer import ModelIR, import_checkpoint
-from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec, QuantizationSpec, load_spec
+from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec, load_spec
 from llmc.errors import ConfigError
 from llmc.kernels.quant import GridConfig
 from llmc.passes.act_outliers import ActivationOutliers
@@ -113,9 +113,13 @@ def _pass_summaries(records: list[dict]) -> list[mf.PassRecord]:
     return [mf.PassRecord(**{k: v for k, v in r.items() if not k.startswith("per_")}) for r in records]
 
 
-def _onnx_options(q: QuantizationSpec | None) -> dict:
-    """emit_onnx's MatMulNBits settings for a quantization section."""
-    return {"accuracy_level": q.accuracy_level, "activation_block_size": q.activation_block_size} if q else {}
+def emit_options(spec: BuildSpec, kv_dtype: str, extra_graphs: bool = True) -> EmitOptions:
+    """emit_onnx's options for a spec: its MatMulNBits settings, the KV pools' dtype, and (extra_graphs) the
+    int8 prefill and int4 decode graphs it asks for."""
+    q = spec.quantization
+    nbits = {"accuracy_level": q.accuracy_level, "activation_block_size": q.activation_block_size} if q else {}
+    return EmitOptions(**nbits, kv_dtype=kv_dtype, int8_prefill=extra_graphs and spec.int8_prefill,
+                       int4_decode=extra_graphs and q is not None and q.int4_decode)
 
 
 @contextmanager
@@ -192,14 +196,12 @@ def emit_stage(b: Build) -> None:
         if target == "tensorrt":
             entry = emit_tensorrt(ir.model, engine_dir, ir.quantized, spec.kv_cache.block_size, spec.kv_cache.dtype)
         else:
-            entry = emit_onnx(ir.model, engine_dir, ir.quantized, **_onnx_options(spec.quantization),
-                              kv_dtype=spec.kv_cache.dtype, int8_prefill=spec.int8_prefill,
-                              outlier_channels=ir.outlier_channels, kv_scales=ir.kv_scales,
-                              int4_decode=spec.quantization is not None and spec.quantization.int4_decode)
+            entry = emit_onnx(ir.model, engine_dir, ir.quantized, emit_options(spec, spec.kv_cache.dtype),
+                              outlier_channels=ir.outlier_channels, kv_scales=ir.kv_scales)
         b.engines[target] = mf.Engine(dir=f"engines/{target}", **entry)
     if b.draft is not None:  # its pools share the target's block ids and budget, and its KV dtype
         entry = emit_onnx(b.draft.ir.model, b.staging / DRAFT_DIR, b.draft.ir.quantized,
-                          **_onnx_options(b.draft.spec.quantization), kv_dtype=spec.kv_cache.dtype)
+                          emit_options(b.draft.spec, spec.kv_cache.dtype, extra_graphs=False))
         b.draft.engine = mf.Engine(dir=DRAFT_DIR, **entry)
         shutil.rmtree(b.staging / "draft-work", ignore_errors=True)
 

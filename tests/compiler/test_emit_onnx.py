@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llmc.compiler.emit_onnx import emit_onnx
+from llmc.compiler.emit_onnx import EmitOptions, emit_onnx
 from llmc.compiler.importer import import_checkpoint
 from tests.helpers import ort_options, profiled_op_types
 
@@ -34,7 +34,7 @@ def test_onnxruntime_matches_torch_over_interleaved_blocks(tiny_checkpoint, tmp_
     """Two sequences prefill (one in two chunks) then decode, in interleaved blocks of the pool; attention
     as the op's ONNX function body and as llmc's fused CPU kernel, over float32 and float16 pools."""
     model = import_checkpoint(tiny_checkpoint, work_dir=tmp_path).model
-    entry = emit_onnx(model, tmp_path / "engine", kv_dtype=kv_dtype)
+    entry = emit_onnx(model, tmp_path / "engine", options=EmitOptions(kv_dtype=kv_dtype))
     session = ort.InferenceSession(str(tmp_path / "engine" / entry["graph"]), ort_options(fused, tmp_path / "prof"),
                                    providers=["CPUExecutionProvider"])
     block_size, num_blocks = 4, 16

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from llmc.compiler.emit_onnx import emit_onnx
+from llmc.compiler.emit_onnx import EmitOptions, emit_onnx
 from llmc.compiler.importer import import_checkpoint
 from llmc.kernels import fused_cpu
 from tests.helpers import ort_options, profiled_op_types, write_tiny_checkpoint
@@ -37,7 +37,7 @@ def engine(request, tiny_checkpoint, tmp_path_factory):
     geo, rng = model.geo, np.random.default_rng(2)
     scales = {i: tuple(rng.uniform(0.01, 0.03, geo.num_kv_heads * geo.head_dim).astype(np.float32) for _ in range(2))
               for i in range(geo.num_layers)} if kv_dtype == "int8" else None
-    entry = emit_onnx(model, work / "engine", kv_dtype=kv_dtype, kv_scales=scales)
+    entry = emit_onnx(model, work / "engine", options=EmitOptions(kv_dtype=kv_dtype), kv_scales=scales)
     return model, work / "engine" / entry["graph"], kv_dtype, scales
 
 

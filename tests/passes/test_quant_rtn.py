@@ -5,7 +5,7 @@ import onnx
 import pytest
 import torch
 
-from llmc.compiler.emit_onnx import emit_onnx
+from llmc.compiler.emit_onnx import EmitOptions, emit_onnx
 from llmc.compiler.importer import import_checkpoint
 from llmc.kernels.quant import GridConfig, fake_quantize, quantize_rtn
 from llmc.passes.base import run_passes
@@ -74,8 +74,8 @@ def test_int4_engine_matches_fake_quant_reference(tiny_checkpoint, tmp_path, cap
     records = run_passes(ir, [QuantRTN(GridConfig(4, 32, symmetric, zero_point), GridConfig(8, 32, symmetric))])
     assert records[0]["num_quantized"] == 2 * 7 + 1 and records[0]["mean_rel_weight_error"] > 0
     assert not torch.equal(ir.model.lm_head_weight(), reference_fp32)  # the torch model is now fake-quant
-    entry = emit_onnx(ir.model, tmp_path / "engine", ir.quantized, accuracy_level,
-                      activation_block_size=activation_block)
+    entry = emit_onnx(ir.model, tmp_path / "engine", ir.quantized,
+                      EmitOptions(accuracy_level=accuracy_level, activation_block_size=activation_block))
     slow_head = "no fp32 8-bit kernel" in caplog.text  # the 8-bit head at level 0 dequantizes every step
     assert slow_head == (accuracy_level == 0)
     graph = onnx.load(str(tmp_path / "engine" / entry["graph"]), load_external_data=False).graph
