@@ -28,7 +28,7 @@ class NgramDrafter:
 
     def __init__(self, min_n: int = 1, max_n: int = 3):
         self.min_n, self.max_n = min_n, max_n
-        self.timings: list[tuple[int, float]] = []  # (sequences, seconds) per proposal round
+        self.step_costs: list[tuple[int, float]] = []  # (tokens, seconds) per draft step: see ModelDrafter
 
     def propose(self, items: list[ScheduledSeq], rngs: dict) -> dict[Sequence, Draft]:
         start = time.perf_counter()
@@ -37,7 +37,9 @@ class NgramDrafter:
             tokens = self.lookup(item.seq.token_ids, item.spec_slots)
             if tokens:
                 drafts[item.seq] = Draft(tokens)
-        self.timings.append((len(items), time.perf_counter() - start))
+        # one lookup round drafts up to k tokens for every sequence: as k draft steps of one token per sequence
+        k = max(item.spec_slots for item in items)
+        self.step_costs.append((len(items), (time.perf_counter() - start) / k))
         return drafts
 
     def lookup(self, token_ids: list[int], k: int) -> list[int]:
@@ -69,7 +71,9 @@ class ModelDrafter:
     def __init__(self, engine: OrtEngine, pool: KVPool, vocab_size: int):
         self.engine, self.pool, self.vocab_size = engine, pool, vocab_size
         self._computed: dict[Sequence, tuple[int, int]] = {}  # seq -> (valid tokens, preemptions seen)
-        self.timings: list[tuple[int, float]] = []  # (tokens, seconds) per draft engine call
+        # (tokens, seconds) per draft engine call, for the policy's cost line (a draft step processes one token
+        # per sequence; a catch-up call, a sequence's lag)
+        self.step_costs: list[tuple[int, float]] = []
 
     def _valid(self, seq: Sequence) -> int:
         computed, preemptions = self._computed.get(seq, (0, seq.num_preemptions))
@@ -111,7 +115,7 @@ class ModelDrafter:
                 inputs = layout_step([chunks[s] for s in group], self.pool.block_size)
                 start = time.perf_counter()
                 logits = self.engine.step(inputs, self.pool)
-                self.timings.append((len(inputs.input_ids), time.perf_counter() - start))
+                self.step_costs.append((len(inputs.input_ids), time.perf_counter() - start))
                 out.update(zip(group, logits))
         return out
 

@@ -165,20 +165,20 @@ class LLM:
         formats and sends them while the engine runs instead of while the step loop waits for the GIL.
         """
         start = time.perf_counter()
-        draft_budget = self.speculation.plan(self.scheduler.running) if self.speculation is not None else None
-        plan = self.scheduler.schedule(draft_budget)
-        for seq in plan.out_of_memory:  # alone, it still outgrows the whole pool: end it with the reason
+        draft_budget = self.speculation.draft_budget(self.scheduler.running) if self.speculation is not None else None
+        work = self.scheduler.schedule(draft_budget)  # SchedulerOutput
+        for seq in work.out_of_memory:  # alone, it still outgrows the whole pool: end it with the reason
             log.warning("request %s ended: %d tokens do not fit in the KV cache (%d tokens); raise the KV "
                         "cache memory", seq.request_id, seq.num_tokens, self.pool.num_blocks * self.pool.block_size)
             self.scheduler.finish(seq, KV_CACHE_FULL)
-        if not plan.scheduled:
-            return list(plan.out_of_memory)
-        self.pool.copy_blocks(plan.block_copies)
+        if not work.scheduled:
+            return list(work.out_of_memory)
+        self.pool.copy_blocks(work.block_copies)
         if self.draft_pool is not None:
-            self.draft_pool.copy_blocks(plan.block_copies)
-        drafts = self._draft(plan.scheduled)
-        updated = list(plan.out_of_memory)
-        for group in self._engine_calls(plan.scheduled):
+            self.draft_pool.copy_blocks(work.block_copies)
+        drafts = self._draft(work.scheduled)
+        updated = list(work.out_of_memory)
+        for group in self._engine_calls(work.scheduled):
             inputs = build_step_inputs(group, self.pool.block_size)
             if before_engine is not None:
                 before_engine()
@@ -198,7 +198,7 @@ class LLM:
         seconds = time.perf_counter() - start
         self.timing.steps += 1
         self.timing.total_s += seconds
-        if all(item.num_new_tokens == 1 for item in plan.scheduled):
+        if all(item.num_new_tokens == 1 for item in work.scheduled):
             self.timing.decode_steps += 1
             self.timing.decode_s += seconds
         return updated

@@ -26,7 +26,7 @@ class Speculation:
         self.stats = SpecStats()
         self._speculating: dict[Sequence, bool] = {}  # admitted to speculation, per decoding sequence
 
-    def plan(self, running: list[Sequence]) -> Callable[[Sequence], int]:
+    def draft_budget(self, running: list[Sequence]) -> Callable[[Sequence], int]:
         """Admit new decodes to speculation and pick this step's k; returns the step's draft budget: each
         sequence's draft tokens (Scheduler.schedule reserves KV slots for them where blocks are free)."""
         decoding = [s for s in running if s.num_tokens - s.num_computed_tokens == 1 and s.output_ids]
@@ -63,9 +63,9 @@ class Speculation:
         for item in items:
             item.set_draft(drafts[item.seq].tokens if item.seq in drafts else [])
         self.stats.draft_s += time.perf_counter() - start
-        for tokens, seconds in self.drafter.timings:  # per draft call: the policy's cost model
+        for tokens, seconds in self.drafter.step_costs:  # the policy's cost line: seconds ~ tokens
             self.policy.draft.add(tokens, seconds)
-        self.drafter.timings.clear()
+        self.drafter.step_costs.clear()
         return drafts
 
     def record_target(self, tokens: int, seconds: float, verified: bool) -> None:

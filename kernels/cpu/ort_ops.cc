@@ -59,17 +59,17 @@ using llmc_ops::make_output;
 
 struct Work {
   const llmc::PagedAttentionArgs* args;
-  llmc::StepPlan* plan;
+  llmc::WorkSplit* split;
 };
 
 void run_item(void* data, size_t item) {
   const Work& work = *static_cast<Work*>(data);
-  llmc::run_item(*work.args, *work.plan, static_cast<int64_t>(item));
+  llmc::run_item(*work.args, *work.split, static_cast<int64_t>(item));
 }
 
 void pack_keys(void* data, size_t item) {
   const Work& work = *static_cast<Work*>(data);
-  llmc::pack_keys(*work.args, *work.plan, static_cast<int64_t>(item));
+  llmc::pack_keys(*work.args, *work.split, static_cast<int64_t>(item));
 }
 
 OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
@@ -144,23 +144,23 @@ OrtStatus* compute(void* kernel_ptr, OrtKernelContext* context) {
     a.q_scaled = q_scaled.data();
   }
   llmc::rotate_all(a);
-  llmc::StepPlan plan = llmc::plan_step(a);
-  Work work{&a, &plan};
-  const size_t packed = plan.packed_sequences.size();
+  llmc::WorkSplit split = llmc::split_work(a);
+  Work work{&a, &split};
+  const size_t packed = split.packed_sequences.size();
   if (packed > 1) {
     RETURN_IF_ERROR(api.KernelContextParallelFor(context, pack_keys, packed, packed, &work));
   } else if (packed == 1) {
-    llmc::pack_keys(a, plan, 0);
+    llmc::pack_keys(a, split, 0);
   }
-  const int64_t items = plan.num_items();
-  if (items > 1 && (!plan.tiles.empty() || items * llmc::kChunk * a.H * a.D >= kParallelWork)) {
+  const int64_t items = split.num_items();
+  if (items > 1 && (!split.tiles.empty() || items * llmc::kChunk * a.H * a.D >= kParallelWork)) {
     // Tiles differ in cost (causal): one task each, taken by whichever thread is free.
-    const size_t batches = static_cast<size_t>(plan.tiles.empty() ? std::min<int64_t>(items, 64) : items);
+    const size_t batches = static_cast<size_t>(split.tiles.empty() ? std::min<int64_t>(items, 64) : items);
     RETURN_IF_ERROR(api.KernelContextParallelFor(context, run_item, items, batches, &work));
   } else {
-    for (int64_t item = 0; item < items; ++item) llmc::run_item(a, plan, item);
+    for (int64_t item = 0; item < items; ++item) llmc::run_item(a, split, item);
   }
-  llmc::merge_chunks(a, plan);
+  llmc::merge_chunks(a, split);
   return nullptr;
 }
 

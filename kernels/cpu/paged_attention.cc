@@ -219,33 +219,33 @@ void rotate_all(const PagedAttentionArgs& a) {
   }
 }
 
-StepPlan plan_step(const PagedAttentionArgs& a) {
-  StepPlan plan;
+WorkSplit split_work(const PagedAttentionArgs& a) {
+  WorkSplit split;
   std::vector<int64_t> rows(a.S, 0);  // each sequence's rows in this step
   for (int64_t t = 0; t < a.T; ++t) ++rows[a.token_index[2 * t]];
   int64_t longest = 0;  // keys of the longest chunked token
   for (int64_t t = 0; t < a.T; ++t) {
     const int64_t s = a.token_index[2 * t];
     if (rows[s] >= kTile) continue;
-    plan.chunked_tokens.push_back(t);
+    split.chunked_tokens.push_back(t);
     longest = std::max(longest, a.query_positions[s * a.Qmax] + a.token_index[2 * t + 1] + 1);
   }
   for (int64_t s = 0; s < a.S; ++s) {
     for (int64_t r0 = 0; rows[s] >= kTile && r0 < rows[s]; r0 += kTile) {
-      plan.tiles.insert(plan.tiles.end(), {s, r0, std::min(kTile, rows[s] - r0)});
+      split.tiles.insert(split.tiles.end(), {s, r0, std::min(kTile, rows[s] - r0)});
     }
   }
-  const bool bf16 = a.bf16_tiles && !plan.tiles.empty() && a.D % 32 == 0;
-  plan.bf16_vectors = bf16 && !amx_usable() && avx512_bf16_usable();
-  plan.bf16_tiles = bf16 && (amx_usable() || plan.bf16_vectors);
-  for (int64_t s = 0; plan.bf16_tiles && s < a.S; ++s) {
-    if (rows[s] >= kTile) plan.packed_sequences.push_back(s);
+  const bool bf16 = a.bf16_tiles && !split.tiles.empty() && a.D % 32 == 0;
+  split.bf16_vectors = bf16 && !amx_usable() && avx512_bf16_usable();
+  split.bf16_tiles = bf16 && (amx_usable() || split.bf16_vectors);
+  for (int64_t s = 0; split.bf16_tiles && s < a.S; ++s) {
+    if (rows[s] >= kTile) split.packed_sequences.push_back(s);
   }
-  if (plan.bf16_tiles) plan.bf16_keys.resize(a.S);
-  plan.step_rows = std::move(rows);
-  plan.chunks = (longest + kChunk - 1) / kChunk;
-  plan.partials.resize(plan.chunked_tokens.size() * plan.chunks * a.H * (a.D + 2));
-  return plan;
+  if (split.bf16_tiles) split.bf16_keys.resize(a.S);
+  split.step_rows = std::move(rows);
+  split.chunks = (longest + kChunk - 1) / kChunk;
+  split.partials.resize(split.chunked_tokens.size() * split.chunks * a.H * (a.D + 2));
+  return split;
 }
 
 // kG > 0 (with kD > 0): the query heads per KV head as a constant, cached keys and values read once per group.
@@ -350,24 +350,24 @@ void attend_chunk_t(const PagedAttentionArgs& a, int64_t t, int64_t c, float* pa
   }
 }
 
-void run_item(const PagedAttentionArgs& a, StepPlan& plan, int64_t item) {
-  const int64_t chunk_items = int64_t(plan.chunked_tokens.size()) * plan.chunks;
+void run_item(const PagedAttentionArgs& a, WorkSplit& split, int64_t item) {
+  const int64_t chunk_items = int64_t(split.chunked_tokens.size()) * split.chunks;
   if (item >= chunk_items) {
-    const int64_t* tile = plan.tiles.data() + 3 * (item - chunk_items);
-    if (plan.bf16_tiles) return attend_tile_bf16(a, plan, tile[0], tile[1], tile[2]);
+    const int64_t* tile = split.tiles.data() + 3 * (item - chunk_items);
+    if (split.bf16_tiles) return attend_tile_bf16(a, split, tile[0], tile[1], tile[2]);
     return attend_tile(a, tile[0], tile[1], tile[2]);
   }
-  const int64_t t = plan.chunked_tokens[item / plan.chunks], c = item % plan.chunks;
-  float* partial = plan.partials.data() + item * a.H * (a.D + 2);
+  const int64_t t = split.chunked_tokens[item / split.chunks], c = item % split.chunks;
+  float* partial = split.partials.data() + item * a.H * (a.D + 2);
   return by_pool_type(a, [&](auto element) { attend_chunk_t<decltype(element)>(a, t, c, partial); });
 }
 
-void merge_chunks(const PagedAttentionArgs& a, const StepPlan& plan) {
-  const int64_t D = a.D, chunks = plan.chunks, stride = D + 2;
-  for (size_t index = 0; index < plan.chunked_tokens.size(); ++index) {
-    const int64_t t = plan.chunked_tokens[index];
+void merge_chunks(const PagedAttentionArgs& a, const WorkSplit& split) {
+  const int64_t D = a.D, chunks = split.chunks, stride = D + 2;
+  for (size_t index = 0; index < split.chunked_tokens.size(); ++index) {
+    const int64_t t = split.chunked_tokens[index];
     for (int64_t h = 0; h < a.H; ++h) {
-      const float* first = plan.partials.data() + (index * chunks * a.H + h) * stride;  // chunk c: + c * H * stride
+      const float* first = split.partials.data() + (index * chunks * a.H + h) * stride;  // chunk c: + c * H * stride
       float peak = -3.0e38f;
       for (int64_t c = 0; c < chunks; ++c) {
         const float* p = first + c * a.H * stride;

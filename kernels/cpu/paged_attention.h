@@ -27,7 +27,7 @@ struct PagedAttentionArgs {
   bool int8_pools = false;
   const float* k_scale = nullptr;  // [KVH*D] with int8_pools
   const float* v_scale = nullptr;  // [KVH*D] with int8_pools
-  // The step plan (compiler/onnx_paged_attention.py: build_plan).
+  // The attention plan (compiler/onnx_paged_attention.py: build_plan).
   const int64_t* query_index;      // [S, Qmax] token of each padded query row
   const int64_t* query_positions;  // [S, Qmax] its position; row 0 = the sequence's cached length
   const int32_t* cached_tables;    // [S, Mc] blocks holding each sequence's cached tokens
@@ -68,7 +68,7 @@ struct Bf16Keys {
 };
 constexpr int64_t kAmxKeys = 64;  // keys per chunk of an AMX tile
 
-struct StepPlan {
+struct WorkSplit {
   int64_t chunks = 0;                   // key chunks per chunked token
   std::vector<int64_t> chunked_tokens;  // tokens attended chunk by chunk
   std::vector<int64_t> tiles;           // (sequence, first row, rows) per tile
@@ -83,7 +83,7 @@ struct StepPlan {
   int64_t num_items() const { return int64_t(chunked_tokens.size()) * chunks + int64_t(tiles.size()) / 3; }
 };
 
-StepPlan plan_step(const PagedAttentionArgs& a);
+WorkSplit split_work(const PagedAttentionArgs& a);
 
 // Checks indices against the shapes; returns nullptr or a message naming what is out of range.
 const char* validate(const PagedAttentionArgs& a);
@@ -91,19 +91,19 @@ const char* validate(const PagedAttentionArgs& a);
 // RoPE of every token's queries and keys (into q_rotated and k_rotated; with int8 pools q_scaled too).
 void rotate_all(const PagedAttentionArgs& a);
 
-// Work item `item` in [0, plan.num_items()) (after rotate_all): a chunk of a chunked token's keys into
+// Work item `item` in [0, split.num_items()) (after rotate_all): a chunk of a chunked token's keys into
 // its partial, or a tile into out.
-void run_item(const PagedAttentionArgs& a, StepPlan& plan, int64_t item);
+void run_item(const PagedAttentionArgs& a, WorkSplit& split, int64_t item);
 
 // Combines each chunked token's partials into out (softmax over all its keys).
-void merge_chunks(const PagedAttentionArgs& a, const StepPlan& plan);
+void merge_chunks(const PagedAttentionArgs& a, const WorkSplit& split);
 
-// With plan.bf16_tiles: sequence packed_sequences[i]'s keys and values into plan.bf16_keys (after rotate_all,
+// With split.bf16_tiles: sequence packed_sequences[i]'s keys and values into split.bf16_keys (after rotate_all,
 // before the tiles run).
-void pack_keys(const PagedAttentionArgs& a, StepPlan& plan, int64_t i);
+void pack_keys(const PagedAttentionArgs& a, WorkSplit& split, int64_t i);
 
-// Rows [r0, r0 + rows) of sequence s in bf16, on AMX tiles or AVX-512 BF16 (from plan.bf16_keys).
-void attend_tile_bf16(const PagedAttentionArgs& a, const StepPlan& plan, int64_t s, int64_t r0, int64_t rows);
+// Rows [r0, r0 + rows) of sequence s in bf16, on AMX tiles or AVX-512 BF16 (from split.bf16_keys).
+void attend_tile_bf16(const PagedAttentionArgs& a, const WorkSplit& split, int64_t s, int64_t r0, int64_t rows);
 
 // Rows [r0, r0 + rows) of sequence s (rows <= kTile), all their keys, into out.
 void attend_tile(const PagedAttentionArgs& a, int64_t s, int64_t r0, int64_t rows);

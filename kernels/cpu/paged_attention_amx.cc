@@ -11,7 +11,7 @@
 // step into bf16 K [KVH, Lp, D] and V^T [KVH, D, Lp] (pack_keys), which all its tiles read. The queries
 // are scaled by scale * log2(e) before rounding, so the scores are base-2 logits and softmax is 2^x.
 // Without AMX (AVX-512 BF16: AMD Zen 4 and 5) the same chains of tile products run as VDPBF16PS, 16
-// accumulator registers for the 16 rows of a product tile (plan.bf16_vectors).
+// accumulator registers for the 16 rows of a product tile (split.bf16_vectors).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -220,10 +220,10 @@ __attribute__((target("avx512f"))) void attend_chunk(
 
 }  // namespace
 
-void pack_keys(const PagedAttentionArgs& a, StepPlan& plan, int64_t i) {
-  const int64_t s = plan.packed_sequences[i];
-  const int64_t total = a.query_positions[s * a.Qmax] + plan.step_rows[s];
-  Bf16Keys& out = plan.bf16_keys[s];
+void pack_keys(const PagedAttentionArgs& a, WorkSplit& split, int64_t i) {
+  const int64_t s = split.packed_sequences[i];
+  const int64_t total = a.query_positions[s * a.Qmax] + split.step_rows[s];
+  Bf16Keys& out = split.bf16_keys[s];
   out.padded = (total + kAmxKeys - 1) / kAmxKeys * kAmxKeys;
   out.k.assign(a.KVH * out.padded * a.D, 0);
   out.v_t.assign(a.KVH * a.D * out.padded, 0);
@@ -233,13 +233,13 @@ void pack_keys(const PagedAttentionArgs& a, StepPlan& plan, int64_t i) {
 namespace {
 
 template <bool kAmx>
-__attribute__((target("amx-tile,avx512f"))) void tile_in_bf16(const PagedAttentionArgs& a, const StepPlan& plan,
+__attribute__((target("amx-tile,avx512f"))) void tile_in_bf16(const PagedAttentionArgs& a, const WorkSplit& split,
                                                             int64_t s, int64_t r0, int64_t rows) {
   if constexpr (kAmx) _tile_loadconfig(&full_tiles());
   const int64_t H = a.H, D = a.D, group = a.H / a.KVH;
   const int64_t* tokens = a.query_index + s * a.Qmax;  // step token of each row
   const int64_t last_key_of_row0 = a.query_positions[s * a.Qmax] + r0, total = last_key_of_row0 + rows;
-  const Bf16Keys& keys = plan.bf16_keys[s];
+  const Bf16Keys& keys = split.bf16_keys[s];
   const float q_scale = a.scale * kLog2e;
   alignas(64) uint32_t q_t[kMaxHeadDim / 2][16];
   alignas(64) HeadState st;
@@ -269,9 +269,9 @@ __attribute__((target("amx-tile,avx512f"))) void tile_in_bf16(const PagedAttenti
 
 }  // namespace
 
-void attend_tile_bf16(const PagedAttentionArgs& a, const StepPlan& plan, int64_t s, int64_t r0, int64_t rows) {
-  if (plan.bf16_vectors) return tile_in_bf16<false>(a, plan, s, r0, rows);
-  tile_in_bf16<true>(a, plan, s, r0, rows);
+void attend_tile_bf16(const PagedAttentionArgs& a, const WorkSplit& split, int64_t s, int64_t r0, int64_t rows) {
+  if (split.bf16_vectors) return tile_in_bf16<false>(a, split, s, r0, rows);
+  tile_in_bf16<true>(a, split, s, r0, rows);
 }
 
 }  // namespace llmc
