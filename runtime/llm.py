@@ -22,13 +22,15 @@ from llmc.runtime.engine_config import EngineConfig
 from llmc.runtime.engine_ort import FUSED_ATTENTION, OrtEngine
 from llmc.runtime.engine_stats import EngineCalls, EngineStats, StepTiming
 from llmc.runtime.kv_pool import KVPool, plan_kv_budget
-from llmc.runtime.sampler import sample_token, top_logprobs
+from llmc.runtime.logits_processors import changes_logits, draft_rows, process
+from llmc.runtime.sampler import sample_token, token_logprob
 from llmc.runtime.scheduler import ScheduledSeq, Scheduler
 from llmc.runtime.sequence import RequestOutput, SamplingParams, Sequence
 from llmc.runtime.spec_policy import PRIOR_ACCEPTANCE, PRIOR_ACCEPTANCE_DRAFT, SpecPolicy
 from llmc.runtime.speculation import Speculation
 from llmc.runtime.speculative import Draft, verify
 from llmc.runtime.step_inputs import Chunk, build_step_inputs, layout_step
+from llmc.runtime.structured_output import GrammarCompiler, SequenceGrammar
 from llmc.runtime.tokenizer import BundleTokenizer, IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ class _SeqState:
     rng: np.random.Generator
     streamed_chars: int = 0
     reported_tokens: int = 0
+    reported_prompt: bool = False  # whether a delta carried the prompt's logprobs
+    grammar: SequenceGrammar | None = None  # structured output
 
 
 class LLM:
@@ -57,6 +61,8 @@ class LLM:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
         self.geometry = self.bundle.geometry
         self.tokenizer = BundleTokenizer(self.bundle)
+        self.grammars = GrammarCompiler(self.bundle.tokenizer_dir / "tokenizer.json", self.geometry.vocab_size,
+                                        self.tokenizer.eos_token_ids)
         budget = plan_kv_budget(config.kv_cache_memory, config.kv_cache_fraction)
         spec = self.bundle.manifest.speculative if config.speculation else None
         self.engine = OrtEngine(self.bundle, config.num_threads, profile_dir=profile_dir)
@@ -132,15 +138,17 @@ class LLM:
         """Validate and queue one request; it joins the batch at the next step."""
         params = params or SamplingParams()
         ids = self.validate_prompt(prompt)
+        grammar = (SequenceGrammar(self.grammars.matcher(params.structured), self.geometry.vocab_size)
+                   if params.structured is not None else None)
         seq = Sequence(request_id or f"req-{next(self._ids)}", ids, params, arrival=next(self._ids))
-        self._track(seq)
+        self._track(seq, grammar)
         self.scheduler.add(seq)
         return seq
 
-    def _track(self, seq: Sequence) -> None:
+    def _track(self, seq: Sequence, grammar: SequenceGrammar | None = None) -> None:
         seed = seq.params.seed
         rng = np.random.default_rng(None if seed is None else [seed % 2**64, seq.index])  # any int64 seed
-        self._state[seq] = _SeqState(IncrementalDetokenizer(self.tokenizer), rng)
+        self._state[seq] = _SeqState(IncrementalDetokenizer(self.tokenizer), rng, grammar=grammar)
 
     def abort(self, seq: Sequence) -> None:
         """Stop a request (all its samples) now and free its blocks."""
@@ -192,7 +200,7 @@ class LLM:
                                                any(item.spec_tokens for item in group))
             row = 0
             for item in group:
-                rows = len(item.spec_tokens) + 1 if item.completes else 0
+                rows = item.num_logits
                 updated.extend(self._finish_chunk_isolated(item, logits[row:row + rows], drafts.get(item.seq)))
                 row += rows
         seconds = time.perf_counter() - start
@@ -225,11 +233,20 @@ class LLM:
         """After the engine ran a chunk: advance its sequence, sample (or verify drafts), append tokens."""
         seq = item.seq
         if not item.spec_slots:  # a prefill chunk, or a decode without draft slots
+            if seq.wants_prompt_logprobs:
+                self._record_prompt_logprobs(seq, item.start, logits)
             self.scheduler.update_from_output(item)
-            return self._append_tokens(seq, logits[0]) if item.completes else []
-        proposed = item.spec_tokens
-        emitted = verify(logits, Draft(proposed, draft.probs[:len(proposed)] if draft and draft.probs is not None
-                                       else None), seq.params, self._state[seq].rng)
+            if not item.completes:
+                return []
+            if seq.params.max_tokens == 0:  # the prompt was scored: nothing to generate
+                self.scheduler.finish(seq, "length")
+                return [seq]
+            return self._append_tokens(seq, logits[-1])
+        proposed, params = item.spec_tokens, seq.params
+        rows = (draft_rows(logits, proposed, params, seq.prompt_ids, seq.output_ids, self._stop_ids(params),
+                           self._state[seq].grammar) if changes_logits(params) else logits)
+        emitted = verify(rows, Draft(proposed, draft.probs[:len(proposed)] if draft and draft.probs is not None
+                                     else None), params, self._state[seq].rng)
         accepted = len(emitted) - 1
         self.speculation.record_verification(seq, len(proposed), accepted)
         self.scheduler.update_from_output(item, accepted)  # the last token and the accepted drafts have KV
@@ -257,8 +274,10 @@ class LLM:
         if seq.params.n > 1 and not seq.output_ids and not seq.children:
             for index in range(1, seq.params.n):
                 child = Sequence(seq.request_id, seq.prompt_ids, seq.params, arrival=seq.arrival, index=index)
+                child.prompt_logprobs = seq.prompt_logprobs
                 self.block_manager.fork(seq, child)
-                self._track(child)
+                grammar = self._state[seq].grammar
+                self._track(child, grammar.fork() if grammar is not None else None)
                 self.scheduler.add_running(child)
                 seq.children.append(child)
                 targets.append(child)
@@ -270,10 +289,16 @@ class LLM:
         """Append one token (sampled from logits unless given) and apply the stop conditions."""
         params = seq.params
         state = self._state[seq]
-        token = sample_token(logits, params, state.rng) if token is None else token
+        if token is None:
+            allowed = state.grammar.allowed() if state.grammar is not None else None
+            sampled_from = (process(logits, params, seq.prompt_ids, seq.output_ids, self._stop_ids(params), allowed)
+                            if changes_logits(params) else logits)
+            token = sample_token(sampled_from, params, state.rng)
         if params.logprobs is not None:
-            seq.logprobs.append(top_logprobs(logits, max(params.logprobs, 1)))
+            seq.logprobs.append(token_logprob(logits, token, params.logprobs))
         seq.output_ids.append(token)
+        if state.grammar is not None:
+            state.grammar.accept(token)
         if token in params.stop_token_ids or (token in self.tokenizer.eos_token_ids and not params.ignore_eos):
             self.scheduler.finish(seq, "stop")
             return
@@ -284,8 +309,22 @@ class LLM:
                 seq.text = seq.text[:cut]
                 self.scheduler.finish(seq, "stop")
                 return
-        if len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.geometry.max_position:
+        if state.grammar is not None and state.grammar.done:  # the structured output is complete
+            self.scheduler.finish(seq, "stop")
+        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.geometry.max_position:
             self.scheduler.finish(seq, "length")
+
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        """The tokens that end a sequence (min_tokens bans them)."""
+        return list(params.stop_token_ids) + ([] if params.ignore_eos else self.tokenizer.eos_token_ids)
+
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, logits: np.ndarray) -> None:
+        """The logprobs of the prompt tokens this chunk's rows predict (row i, at position start + i, predicts
+        the token after it), in order: a recomputed chunk (after a preemption) adds none twice."""
+        k = seq.params.prompt_logprobs
+        for position, row in enumerate(logits, start):
+            if position == len(seq.prompt_logprobs) and position + 1 < len(seq.prompt_ids):
+                seq.prompt_logprobs.append(token_logprob(row, seq.prompt_ids[position + 1], k))
 
     # -- results ------------------------------------------------------------------------------
     def take_delta(self, seq: Sequence) -> RequestOutput:
@@ -300,16 +339,23 @@ class LLM:
                         break
         text = seq.text[state.streamed_chars:max(state.streamed_chars, end)]
         tokens = seq.output_ids[state.reported_tokens:]
+        logprobs = seq.logprobs[state.reported_tokens:] if seq.params.logprobs is not None else None
+        prompt_logprobs = None
+        if seq.params.prompt_logprobs is not None and not state.reported_prompt and not seq.wants_prompt_logprobs:
+            prompt_logprobs, state.reported_prompt = list(seq.prompt_logprobs), True
         state.streamed_chars = max(state.streamed_chars, end)
         state.reported_tokens = len(seq.output_ids)
-        return RequestOutput(seq.request_id, text, tokens, seq.is_finished, seq.finish_reason, index=seq.index)
+        return RequestOutput(seq.request_id, text, tokens, seq.is_finished, seq.finish_reason, logprobs=logprobs,
+                             index=seq.index, prompt_logprobs=prompt_logprobs)
 
     @staticmethod
     def output(seq: Sequence) -> RequestOutput:
         """The whole result of one sample so far."""
+        params = seq.params
         return RequestOutput(seq.request_id, seq.text, list(seq.output_ids), seq.is_finished, seq.finish_reason,
-                             list(seq.prompt_ids), list(seq.logprobs) if seq.params.logprobs is not None else None,
-                             index=seq.index)
+                             list(seq.prompt_ids), list(seq.logprobs) if params.logprobs is not None else None,
+                             index=seq.index,
+                             prompt_logprobs=list(seq.prompt_logprobs) if params.prompt_logprobs is not None else None)
 
     # -- user API -----------------------------------------------------------------------------
     def generate(self, prompts: str | list[str] | list[list[int]],

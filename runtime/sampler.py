@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc.runtime.sequence import GREEDY_TEMPERATURE, SamplingParams
+from llmc.runtime.sequence import GREEDY_TEMPERATURE, SamplingParams, TokenLogprob
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -39,6 +39,12 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
 
 def top_logprobs(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
     """The k most likely tokens and their log-probabilities, best first."""
+    return token_logprob(logits, 0, k).top
+
+
+def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+    """token's log-probability under logits [vocab] and the k most likely tokens', best first."""
     logp = log_softmax(logits)
-    ids = np.argsort(-logp, kind="stable")[:k]
-    return [(int(i), float(logp[i])) for i in ids]
+    ids = np.argpartition(-logp, k)[:k] if 0 < k < logp.shape[-1] else np.arange(logp.shape[-1] if k else 0)
+    ids = ids[np.lexsort((ids, -logp[ids]))]  # best first, ties by id
+    return TokenLogprob(int(token), float(logp[token]), [(int(i), float(logp[i])) for i in ids])

@@ -38,6 +38,14 @@ class ScheduledSeq:
         """Whether this chunk reaches the sequence's last token (so it needs logits)."""
         return self.start + self.num_new_tokens - len(self.spec_tokens) == self.seq.num_tokens
 
+    @property
+    def num_logits(self) -> int:
+        """Rows of logits this chunk needs: its last k + 1 where it completes its sequence (k drafts), and every
+        row of a prompt chunk whose prompt tokens' logprobs are asked for."""
+        if self.seq.wants_prompt_logprobs:
+            return self.num_new_tokens
+        return len(self.spec_tokens) + 1 if self.completes else 0
+
     def set_draft(self, tokens: list[int]) -> None:
         """Attach drafted tokens (at most spec_slots)."""
         self.spec_tokens = list(tokens[:self.spec_slots])
@@ -154,7 +162,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            hit = seq.num_computed_tokens = bm.claim_cached_prefix(seq)
+            # a prompt to score runs whole: cached blocks would skip its rows' logits
+            hit = seq.num_computed_tokens = 0 if seq.wants_prompt_logprobs else bm.claim_cached_prefix(seq)
             want = min(seq.num_tokens - seq.num_computed_tokens, budget)
             copies = bm.allocate(seq, seq.num_computed_tokens + want)
             if copies is None:

@@ -11,11 +11,41 @@ from llmc.errors import RequestError
 GREEDY_TEMPERATURE = 1e-5
 
 
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the generated text: kind (STRUCTURED_KINDS) and its spec — a JSON schema (json_schema,
+    json_object: {"type": "object"}), a regex, a JSON list of choices, or a Lark / GBNF grammar."""
+
+    kind: str
+    spec: str
+
+    def __post_init__(self):
+        if self.kind not in STRUCTURED_KINDS:
+            raise RequestError(f"structured output kind {self.kind!r}: use one of {', '.join(STRUCTURED_KINDS)}")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One position's log-probabilities under the model (before any sampling transform): the token there,
+    its log-probability, and the `top` most likely tokens, best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. temperature 0 (or below GREEDY_TEMPERATURE) means greedy."""
+    """How to pick tokens and when to stop. temperature 0 (or below GREEDY_TEMPERATURE) means greedy.
 
-    max_tokens: int = 64
+    Penalties, logit_bias, min_tokens and `structured` change the logits sampled from (in that order, then
+    temperature, top-k, top-p); logprobs and prompt_logprobs report the model's own distribution.
+    """
+
+    max_tokens: int = 64  # 0 with prompt_logprobs: score the prompt, generate nothing
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0
@@ -23,13 +53,31 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: int | None = None  # return the top-k log-probabilities of each generated step
+    logprobs: int | None = None  # each generated token's log-probability and the top-k (0: the token's only)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
     n: int = 1  # samples per prompt; they share the prompt's KV blocks (copy-on-write)
+    min_tokens: int = 0  # EOS and stop_token_ids are banned before this many tokens
+    presence_penalty: float = 0.0  # subtracted once from every token already generated (OpenAI)
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens (OpenAI)
+    repetition_penalty: float = 1.0  # > 1 divides positive / multiplies negative logits of prompt+output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    structured: StructuredOutput | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        checks = [(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
+        scoring = self.max_tokens == 0 and self.prompt_logprobs is not None
+        checks = [(self.max_tokens >= 1 or scoring, "max_tokens must be >= 1 (0 only to score the prompt, with "
+                   f"prompt_logprobs), got {self.max_tokens}"),
+                  (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                   "prompt_logprobs must be in [0, 20]"),
+                  (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
+                  (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+                  (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+                  (0 < self.repetition_penalty <= 2, "repetition_penalty must be in (0, 2]"),
+                  (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]"),
                   (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
                   (self.top_k >= 0, f"top_k must be >= 0 (0 disables it), got {self.top_k}"),
                   (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
@@ -70,7 +118,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     text: str = ""
-    logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, with params.logprobs
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. (params.prompt_logprobs)
     num_preemptions: int = 0
     children: list["Sequence"] = field(default_factory=list)  # the other n - 1 samples, once forked
 
@@ -83,6 +132,11 @@ class Sequence:
     def num_tokens(self) -> int:
         """Prompt plus output length."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Whether prompt tokens still need their log-probabilities (so every prompt row needs logits)."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
 
     @property
     def is_finished(self) -> bool:
@@ -100,5 +154,6 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     prompt_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[list[tuple[int, float]]] | None = None
+    logprobs: list[TokenLogprob] | None = None  # this delta's (or the whole output's) tokens
     index: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 1..; the first delta (or the whole output)

@@ -58,10 +58,11 @@ def layout_step(chunks: list[Chunk], block_size: int) -> StepInputs:
 
 def build_step_inputs(scheduled: list[ScheduledSeq], block_size: int) -> StepInputs:
     """A scheduler step: each chunk's tokens, then its drafted tokens; logits for chunks that reach
-    their sequence's end (the last one, or the last k+1 when verifying k drafts)."""
+    their sequence's end (the last one, or the last k+1 when verifying k drafts), and for every row of a
+    prompt being scored (ScheduledSeq.num_logits)."""
     chunks = []
     for item in scheduled:
         seq, end = item.seq, item.start + item.num_new_tokens - len(item.spec_tokens)
         chunks.append(Chunk(seq.token_ids[item.start:end] + item.spec_tokens, item.start, seq.block_table,
-                            len(item.spec_tokens) + 1 if item.completes else 0))
+                            item.num_logits))
     return layout_step(chunks, block_size)

@@ -97,7 +97,7 @@ def assert_same_or_near_tie(tokens: list[int], ref_tokens: list[int], ref_logpro
     if i is None:
         assert len(tokens) == len(ref_tokens), f"{len(tokens)} tokens vs {len(ref_tokens)}"
         return
-    (_, lp1), (_, lp2) = ref_logprobs[i][:2]
+    (_, lp1), (_, lp2) = ref_logprobs[i].top[:2]
     gap = lp1 - lp2
     assert gap < tol, f"outputs diverge at token {i} where the top-2 logit gap is {gap:.2e} (not a near-tie)"
 

@@ -39,13 +39,13 @@ def _assert_same_tokens(out, ref, near_tie: float):
     """Greedy tokens equal up to the first step whose reference top-2 log-probabilities are closer than
     near_tie (where the two computations may pick either); the first step's top-5 within 0.05."""
     for o, r in zip(out, ref):
-        first, ref_first = dict(o.logprobs[0]), dict(r.logprobs[0])
+        first, ref_first = dict(o.logprobs[0].top), dict(r.logprobs[0].top)
         shared = set(first) & set(ref_first)
         assert len(shared) >= 4 and max(abs(first[t] - ref_first[t]) for t in shared) < 0.05
         for step, (token, ref_token) in enumerate(zip(o.token_ids, r.token_ids)):
             if token != ref_token:
-                (best, best_lp), (second, second_lp) = r.logprobs[step][:2]
-                assert token == second and best_lp - second_lp < near_tie, (step, r.logprobs[step][:2])
+                (best, best_lp), (second, second_lp) = r.logprobs[step].top[:2]
+                assert token == second and best_lp - second_lp < near_tie, (step, r.logprobs[step].top[:2])
                 break
 
 

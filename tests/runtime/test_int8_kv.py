@@ -40,13 +40,13 @@ def test_decoding_from_int8_pools_stays_close_to_fp32(kv8_bundle, tiny_bundle):
     assert llm.pool.keys.dtype == np.int8 and np.count_nonzero(llm.pool.keys) > 0
     ref = LLM(tiny_bundle, max_num_batched_tokens=256).generate([PROMPT], params)[0]
     # The prefill step reads no pool (its own K/V stay float): the same distribution as fp32.
-    first, ref_first = dict(out.logprobs[0]), dict(ref.logprobs[0])
+    first, ref_first = dict(out.logprobs[0].top), dict(ref.logprobs[0].top)
     assert out.token_ids[0] == ref.token_ids[0]
     assert max(abs(first[t] - ref_first[t]) for t in set(first) & set(ref_first)) < 1e-4
     # Decodes read every earlier token from the int8 pools: close, not equal.
     gaps = []
     for step in range(1, 8):
-        got, want = dict(out.logprobs[step]), dict(ref.logprobs[step])
+        got, want = dict(out.logprobs[step].top), dict(ref.logprobs[step].top)
         shared = set(got) & set(want)
         assert len(shared) >= 3
         gaps.append(max(abs(got[t] - want[t]) for t in shared))

@@ -179,7 +179,7 @@ def _second_token_statistic(bundle) -> float:
     seconds = [s[1] for s in samples if s[0] == first]
     ids = llm.tokenizer.encode(prompt) + [first]
     reference = LLM(bundle, speculation=False).generate([ids], SamplingParams(max_tokens=1, logprobs=4))[0]
-    top = reference.logprobs[0]  # the 4 most likely next tokens, as top_k = 4 keeps them
+    top = reference.logprobs[0].top  # the 4 most likely next tokens, as top_k = 4 keeps them
     p = np.exp([lp for _, lp in top])
     p /= p.sum()
     counts = np.array([seconds.count(token) for token, _ in top], dtype=np.float64)
