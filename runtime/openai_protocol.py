@@ -15,11 +15,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmc.errors import RequestError
-from llmc.runtime.sequence import SamplingParams
+from llmc.runtime.sequence import SamplingParams, StructuredOutput
 
 MAX_JSON_DEPTH = 32  # no valid request nests deeper than ~6
 MAX_STOP_CHARS = 256  # stop strings are checked on every token: keep that cheap
 MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 20  # top logprobs per token (vLLM's default limit)
 INT64 = 2**63
 
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
@@ -82,11 +83,51 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: the schema the output must validate against."""
+
+    model_config = _STRICT
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """response_format: text, any JSON object, or JSON of a schema."""
+
+    model_config = _STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of json (a schema), regex, choice, grammar (Lark or GBNF)."""
+
+    model_config = _STRICT
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = Field(default=None, min_length=1)
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = Field(default=None, min_length=1)
+
+    def constraint(self) -> StructuredOutput:
+        given = {name: value for name, value in (("json", self.json_), ("regex", self.regex),
+                                                  ("choice", self.choice), ("grammar", self.grammar))
+                 if value is not None}
+        if len(given) != 1:
+            raise RequestError("structured_outputs: give exactly one of json, regex, choice, grammar",
+                               "structured_outputs")
+        (kind, value), = given.items()
+        if kind == "json":
+            return StructuredOutput("json_schema", value if isinstance(value, str) else json.dumps(value))
+        return StructuredOutput(kind, json.dumps(value) if kind == "choice" else value)
+
+
 class _SamplingRequest(BaseModel):
     model_config = _STRICT
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: completions with echo (score the prompt)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: no top-k cut (vLLM's -1 accepted)
@@ -97,6 +138,14 @@ class _SamplingRequest(BaseModel):
     seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     ignore_eos: bool | None = None
     return_token_ids: bool | None = None  # extension: each choice also carries its token ids
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)  # vLLM's extension
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    min_tokens: int | None = Field(default=None, ge=0)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # Accepted and ignored: they do not change what is generated.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -104,11 +153,6 @@ class _SamplingRequest(BaseModel):
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None
     # Not implemented: accepted at their neutral values only (see check_supported).
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     functions: list[dict[str, Any]] | None = None
@@ -127,13 +171,19 @@ class _SamplingRequest(BaseModel):
                              f"{MAX_STOP_CHARS} characters")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value):
+        for key, bias in (value or {}).items():
+            if not key.isdigit() or int(key) >= INT64:
+                raise ValueError(f"the key {key[:20]!r} is not a token id (send token ids as strings: {{\"42\": 5}})")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} is {bias}; allowed: -100 to 100")
+        return value
+
     def _neutral(self) -> dict[str, bool]:
         """Each unimplemented parameter: whether its value is neutral (the same as leaving it out)."""
-        return {"presence_penalty": not self.presence_penalty, "frequency_penalty": not self.frequency_penalty,
-                "logit_bias": not self.logit_bias,
-                "logprobs": self.logprobs is None or self.logprobs is False,  # 0 asks for the sampled token's
-                "response_format": self.response_format in (None, {"type": "text"}),
-                "tools": not self.tools, "tool_choice": self.tool_choice in (None, "none", "auto"),
+        return {"tools": not self.tools, "tool_choice": self.tool_choice in (None, "none", "auto"),
                 "functions": not self.functions, "function_call": self.function_call in (None, "none", "auto")}
 
     def check_supported(self) -> None:
@@ -143,13 +193,38 @@ class _SamplingRequest(BaseModel):
                 raise RequestError(f"{name}: this parameter is not supported by llmc (only its neutral value is "
                                    "accepted)", name)
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def structured(self) -> StructuredOutput | None:
+        """The output constraint asked for (response_format or structured_outputs, not both)."""
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text" and self.structured_outputs is not None:
+            raise RequestError("response_format and structured_outputs both constrain the output; send one",
+                               "structured_outputs")
+        if self.structured_outputs is not None:
+            return self.structured_outputs.constraint()
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutput("json_object", json.dumps({"type": "object"}))
+        if fmt.json_schema is None:
+            raise RequestError("response_format.json_schema: required with type json_schema ({\"name\": ..., "
+                               "\"schema\": {...}})", "response_format.json_schema")
+        return StructuredOutput("json_schema", json.dumps(fmt.json_schema.schema_))
+
+    def sampling_params(self, default_max_tokens: int, logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
         """The runtime's SamplingParams for this request."""
-        return SamplingParams(max_tokens=self.max_tokens or default_max_tokens,
+        max_tokens = default_max_tokens if self.max_tokens is None else self.max_tokens
+        return SamplingParams(max_tokens=max_tokens,
                               temperature=1.0 if self.temperature is None else self.temperature,
                               top_k=max(self.top_k or 0, 0), top_p=1.0 if self.top_p is None else self.top_p,
                               seed=self.seed, stop=tuple(self.stop or ()), ignore_eos=bool(self.ignore_eos),
-                              n=self.n or 1)
+                              n=self.n or 1, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                              min_tokens=self.min_tokens or 0, stop_token_ids=tuple(self.stop_token_ids or ()),
+                              presence_penalty=self.presence_penalty or 0.0,
+                              frequency_penalty=self.frequency_penalty or 0.0,
+                              repetition_penalty=self.repetition_penalty or 1.0,
+                              logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+                              structured=self.structured())
 
     @property
     def include_usage(self) -> bool:
@@ -163,7 +238,8 @@ class CompletionRequest(_SamplingRequest):
     prompt: Any
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
-    echo: bool | None = None
+    echo: bool | None = None  # the prompt before the completion (with logprobs: the prompt's own)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)  # the top k of each token
 
     @field_validator("prompt")
     @classmethod
@@ -179,8 +255,18 @@ class CompletionRequest(_SamplingRequest):
         raise ValueError("prompt must be a string, a list of token ids, or a list holding one of either")
 
     def _neutral(self) -> dict[str, bool]:
-        return {**super()._neutral(), "suffix": not self.suffix, "echo": not self.echo,
-                "best_of": self.best_of in (None, self.n or 1)}
+        return {**super()._neutral(), "suffix": not self.suffix, "best_of": self.best_of in (None, self.n or 1)}
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens: 0 generates nothing; it is allowed only with echo (to score the "
+                               "prompt), otherwise send max_tokens >= 1", "max_tokens")
+
+    def sampling_params(self, default_max_tokens: int, logprobs=None, prompt_logprobs=None) -> SamplingParams:
+        """logprobs: each token's top k; with echo, the prompt's too."""
+        return super().sampling_params(default_max_tokens, self.logprobs,
+                                       self.logprobs if self.echo and self.logprobs is not None else None)
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt of this request (batched prompts are refused)."""
@@ -228,15 +314,19 @@ class ChatRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
-    def _neutral(self) -> dict[str, bool]:
-        return {**super()._neutral(), "top_logprobs": not self.top_logprobs}
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs and not self.logprobs:
+            raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """max_completion_tokens is the newer name of max_tokens."""
-        params = super().sampling_params(default_max_tokens)
+    def sampling_params(self, default_max_tokens: int, logprobs=None, prompt_logprobs=None) -> SamplingParams:
+        """max_completion_tokens is the newer name of max_tokens; logprobs: true gives the top_logprobs."""
+        params = super().sampling_params(default_max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
         if self.max_completion_tokens and not self.max_tokens:
             params = dataclasses.replace(params, max_tokens=self.max_completion_tokens)
         return params

@@ -30,15 +30,15 @@ def completion_body(rid: str, model: str, choices: list[dict], usage: dict | Non
 
 
 def choice(index: int, text: str, finish_reason: str | None, chat: bool, chunk: bool, first: bool = False,
-           token_ids: list[int] | None = None, finish_detail: str | None = None) -> dict:
+           token_ids: list[int] | None = None, finish_detail: str | None = None, logprobs: dict | None = None) -> dict:
     """One choice of a response or a stream chunk; finish_detail (an llmc extension) says why it ended early."""
     if not chat:
-        body = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        body = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     elif chunk:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        body = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        body = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-        body = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        body = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                 "finish_reason": finish_reason}
     if token_ids is not None:
         body["token_ids"] = token_ids

@@ -33,6 +33,7 @@ from llmc.runtime import openai_responses as out
 from llmc.runtime.async_engine import AsyncEngine, Overloaded
 from llmc.runtime.http_guard import ClientError, HeaderTimeoutProtocol, HostPolicy, RequestGuard, read_body
 from llmc.runtime.llm import KV_CACHE_FULL
+from llmc.runtime.openai_logprobs import CompletionLogprobs, chat_logprobs
 from llmc.runtime.sequence import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class _Prepared:
     request: oa.CompletionRequest | oa.ChatRequest
     prompt_ids: list[int]
     params: SamplingParams
+    echo: str | None = None  # completions with echo: the prompt's text, before each choice's text
 
 
 class Handlers:
@@ -137,7 +139,25 @@ class Handlers:
                                f"{context} tokens can hold; shorten the prompt")
         prompt_ids = llm.validate_prompt(llm.tokenizer.encode_chat(messages) if chat else prompt)
         default_max_tokens = context - len(prompt_ids) if chat else self.config.default_max_tokens
-        return _Prepared(req, prompt_ids, req.sampling_params(default_max_tokens))
+        params = req.sampling_params(default_max_tokens)
+        self._check_token_ids(params)
+        if params.structured is not None:
+            field = "structured_outputs" if req.structured_outputs is not None else "response_format"
+            try:
+                llm.grammars.matcher(params.structured)  # compiled here, off the event loop; cached for the engine
+            except RequestError as err:
+                raise RequestError(f"{field}: {err}", field) from None
+        echo = None
+        if not chat and req.echo:
+            echo = prompt if isinstance(prompt, str) else llm.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        return _Prepared(req, prompt_ids, params, echo)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.engine.llm.geometry.vocab_size
+        biased = [t for t, _ in params.logit_bias]
+        for field, ids in (("logit_bias", biased), ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise RequestError(f"{field}: token ids must be in [0, {vocab})", field)
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         if denied := self._denied(request):
@@ -165,10 +185,10 @@ class Handlers:
         response_id = out.new_id("chatcmpl" if chat else "cmpl")
         self.num_in_flight += 1
         if req.stream:
-            return StreamingResponse(self._stream(request_id, response_id, deltas, len(prompt_ids), req, chat),
+            return StreamingResponse(self._stream(request_id, response_id, deltas, prepared, chat),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            return await self._collect(request, request_id, response_id, deltas, len(prompt_ids), req, chat)
+            return await self._collect(request, request_id, response_id, deltas, prepared, chat)
         finally:
             self.num_in_flight -= 1
 
@@ -179,20 +199,36 @@ class Handlers:
         return (f"the sequence outgrew the whole KV cache ({pool.num_blocks * pool.block_size:,} tokens); "
                 "the server needs a larger --kv-cache-memory")
 
-    def _choice(self, index, text, reason, chat, chunk, req, token_ids, first=False) -> dict:
+    def _choice(self, index, text, reason, chat, chunk, req, token_ids, first=False, logprobs=None) -> dict:
         return out.choice(index, text, reason, chat, chunk, first=first,
                           token_ids=token_ids if req.return_token_ids else None,
-                          finish_detail=self._finish_detail(reason))
+                          finish_detail=self._finish_detail(reason), logprobs=logprobs)
 
-    async def _collect(self, request, request_id, response_id, deltas, num_prompt, req, chat) -> Response:
-        texts: dict[int, str] = defaultdict(str)
+    def _logprobs(self, prepared: _Prepared, chat: bool, delta, completion: CompletionLogprobs | None) -> dict | None:
+        """One delta's (or a whole choice's) logprobs object, None where none were asked for."""
+        if delta.logprobs is None:
+            return None
+        if chat:
+            return chat_logprobs(self.engine.llm.tokenizer, delta.logprobs)
+        if delta.prompt_logprobs is not None:  # echo: the prompt's tokens first, the first one without a logprob
+            return completion.block(delta.prompt_logprobs + delta.logprobs, first_token=prepared.prompt_ids[0])
+        return completion.block(delta.logprobs)
+
+    async def _collect(self, request, request_id, response_id, deltas, prepared: _Prepared, chat) -> Response:
+        req = prepared.request
+        texts: dict[int, str] = defaultdict(lambda: prepared.echo or "")
         tokens: dict[int, list[int]] = defaultdict(list)
         reasons: dict[int, str | None] = {}
+        logprobs: dict[int, list] = defaultdict(list)
+        prompt_logprobs: dict[int, list] = {}
 
         async def gather() -> None:
             while (item := await deltas.get()) is not None:
                 texts[item.index] += item.text
                 tokens[item.index] += item.token_ids
+                logprobs[item.index] += item.logprobs or []
+                if item.prompt_logprobs is not None:
+                    prompt_logprobs[item.index] = item.prompt_logprobs
                 if item.finished:
                     reasons[item.index] = item.finish_reason
 
@@ -208,14 +244,21 @@ class Handlers:
             if reason in reasons.values():
                 return error_response(status, message, "server_error", "shutting_down" if reason == "abort" else None)
         num_choices = req.n or 1
-        choices = [self._choice(i, texts[i], reasons.get(i, reasons.get(0)), chat, False, req, tokens[i])
-                   for i in range(num_choices)]
+        wanted = prepared.params.logprobs is not None
+        choices = []
+        for i in range(num_choices):
+            whole = _Whole(logprobs[i] if wanted else None, prompt_logprobs.get(i, prompt_logprobs.get(0)))
+            lp = self._logprobs(prepared, chat, whole, CompletionLogprobs(self.engine.llm.tokenizer))
+            choices.append(self._choice(i, texts[i], reasons.get(i, reasons.get(0)), chat, False, req, tokens[i],
+                                        logprobs=lp))
         num_tokens = sum(len(t) for t in tokens.values())
         return JSONResponse(out.completion_body(response_id, self.model_name, choices,
-                                                out.usage(num_prompt, num_tokens), chat, chunk=False))
+                                                out.usage(len(prepared.prompt_ids), num_tokens), chat, chunk=False))
 
-    async def _stream(self, request_id, response_id, deltas, num_prompt, req, chat):
+    async def _stream(self, request_id, response_id, deltas, prepared: _Prepared, chat):
+        req, num_prompt = prepared.request, len(prepared.prompt_ids)
         completed, num_tokens, first = False, 0, defaultdict(lambda: True)
+        offsets = defaultdict(lambda: CompletionLogprobs(self.engine.llm.tokenizer))
         try:
             while (item := await deltas.get()) is not None:
                 if item.finish_reason in ENDED_BY_SERVER:
@@ -223,10 +266,12 @@ class Handlers:
                     yield f"data: {json.dumps(out.error_body(message, 'server_error', item.finish_reason))}\n\n"
                     break
                 num_tokens += len(item.token_ids)
-                if item.token_ids or item.finished or (chat and first[item.index]):
+                echo = prepared.echo if first[item.index] and prepared.echo is not None else ""
+                if item.token_ids or item.finished or (first[item.index] and (chat or echo)):
                     reason = item.finish_reason if item.finished else None
-                    choice = self._choice(item.index, item.text, reason, chat, True, req, item.token_ids,
-                                          first=first[item.index])
+                    logprobs = self._logprobs(prepared, chat, item, offsets[item.index])
+                    choice = self._choice(item.index, echo + item.text, reason, chat, True, req, item.token_ids,
+                                          first=first[item.index], logprobs=logprobs)
                     first[item.index] = False
                     body = out.completion_body(response_id, self.model_name, [choice], None, chat, chunk=True)
                     yield f"data: {json.dumps(body)}\n\n"
@@ -240,6 +285,14 @@ class Handlers:
             self.num_in_flight -= 1
             if not completed:  # the client disconnected mid-stream: abort and free its blocks
                 self.engine.abort(request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class _Whole:
+    """A whole choice's logprobs, shaped as a delta for Handlers._logprobs."""
+
+    logprobs: list | None
+    prompt_logprobs: list | None
 
 
 def create_app(engine: AsyncEngine, model_name: str, config: ServerConfig | None = None,

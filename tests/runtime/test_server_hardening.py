@@ -184,7 +184,7 @@ def test_body_limit_is_configurable(tiny_bundle):
     ('{"prompt": "x", "a": ' + "[" * 40 + "]" * 40 + "}", "nested more than"),
     ('{"prompt": "x", "max_tokns": 5}', "max_tokns: unknown parameter"),
     ('{"prompt": "x", "stop": "' + "s" * 300 + '"}', "stop:"),
-    ('{"prompt": "x", "logprobs": 0}', "logprobs: this parameter is not supported"),
+    ('{"prompt": "x", "tools": [{"type": "function"}]}', "tools: this parameter is not supported"),
     ('{"prompt": "x", "best_of": 2}', "best_of: this parameter is not supported"),
     ('"just a string"', "must be a JSON object"),
     ('{"prompt": "x"', "not valid JSON"),
