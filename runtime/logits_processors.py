@@ -9,6 +9,8 @@ import numpy as np
 from llmc.runtime.sequence import SamplingParams
 from llmc.runtime.structured_output import SequenceGrammar
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 def changes_logits(params: SamplingParams) -> bool:
     """Whether anything but temperature / top-k / top-p shapes this request's distribution."""
@@ -27,7 +29,9 @@ def process(logits: np.ndarray, params: SamplingParams, prompt_ids: list[int], o
         seen = np.unique(np.asarray(prompt_ids + output_ids, dtype=np.int64))
         seen = seen[seen < vocab]
         values = out[seen]
-        out[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+        with np.errstate(over="ignore", divide="ignore"):  # a tiny penalty overflows: clipped to float32's range
+            scaled = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+        out[seen] = np.clip(scaled, -FLOAT32_MAX, FLOAT32_MAX)
     if (params.presence_penalty or params.frequency_penalty) and output_ids:
         counts = np.bincount(np.asarray(output_ids, dtype=np.int64), minlength=vocab)[:vocab]
         out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)

@@ -134,7 +134,9 @@ class _SamplingRequest(BaseModel):
     n: int | None = Field(default=None, ge=1, le=16)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    stop: Any = None
+    stop: Any = Field(default=None, json_schema_extra={"anyOf": [  # the schema /openapi.json shows
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOP_STRINGS},
+        {"type": "null"}]})
     seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     ignore_eos: bool | None = None
     return_token_ids: bool | None = None  # extension: each choice also carries its token ids
@@ -235,7 +237,12 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
-    prompt: Any
+    prompt: Any = Field(json_schema_extra={"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+         "minItems": 1, "maxItems": 1}]})
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
     echo: bool | None = None  # the prompt before the completion (with logprobs: the prompt's own)
@@ -284,7 +291,10 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Any = None
+    content: Any = Field(default=None, json_schema_extra={"anyOf": [
+        {"type": "string"}, {"type": "null"},
+        {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                    "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]})
     name: str | None = None
 
     @field_validator("content")
@@ -340,13 +350,18 @@ def _error(err: ValidationError) -> RequestError:
     return RequestError(f"{path}: {first['msg'].removeprefix('Value error, ')}", path)
 
 
-def parse_request(model: type[_SamplingRequest], body: Any) -> _SamplingRequest:
-    """Validate a JSON body; RequestError with the field path otherwise."""
+def validate(model: type[BaseModel], body: Any) -> BaseModel:
+    """A JSON body as `model`; RequestError with the field path otherwise."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     try:
-        request = model.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as err:
         raise _error(err) from None
+
+
+def parse_request(model: type[_SamplingRequest], body: Any) -> _SamplingRequest:
+    """A generate request, validated, with the parameters llmc does not implement refused."""
+    request = validate(model, body)
     request.check_supported()
     return request

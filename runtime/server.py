@@ -1,8 +1,9 @@
 """`llmc serve`: an OpenAI-compatible HTTP server over the async engine (starlette + uvicorn).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with SSE streaming), GET /v1/models,
-GET /health, GET /metrics. Every error is OpenAI-style JSON; a full waiting queue answers 429 with
-Retry-After; a client that disconnects aborts its request; SIGTERM drains (see DrainingServer).
+POST /tokenize, POST /detokenize (vLLM's), GET /health, GET /metrics, GET /openapi.json. Every error is
+OpenAI-style JSON; a full waiting queue answers 429 with Retry-After; a client that disconnects aborts its
+request; SIGTERM drains (see DrainingServer).
 Requests are parsed, templated and tokenized off the event loop, so a large one never stalls others.
 """
 
@@ -30,11 +31,13 @@ from starlette.routing import Route
 from llmc.errors import RequestError
 from llmc.runtime import openai_protocol as oa
 from llmc.runtime import openai_responses as out
+from llmc.runtime import tokenize_protocol as tp
 from llmc.runtime.async_engine import AsyncEngine, Overloaded
 from llmc.runtime.http_guard import ClientError, HeaderTimeoutProtocol, HostPolicy, RequestGuard, read_body
 from llmc.runtime.llm import KV_CACHE_FULL
 from llmc.runtime.openai_logprobs import CompletionLogprobs, chat_logprobs
-from llmc.runtime.sequence import SamplingParams
+from llmc.runtime.openapi import openapi_spec
+from llmc.runtime.request_prep import Prepared, check_model, prepare
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +75,6 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-@dataclass(slots=True)
-class _Prepared:
-    request: oa.CompletionRequest | oa.ChatRequest
-    prompt_ids: list[int]
-    params: SamplingParams
-    echo: str | None = None  # completions with echo: the prompt's text, before each choice's text
-
-
 class Handlers:
     """The route handlers, sharing the engine and the server's settings."""
 
@@ -107,7 +102,47 @@ class Handlers:
         if denied := self._denied(request):
             return denied
         return JSONResponse({"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmc"}]})
+            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmc",
+             "root": self.model_name, "parent": None, "max_model_len": self.engine.llm.geometry.max_position}]})
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_spec())
+
+    async def tokenize(self, request: Request) -> Response:
+        return await self._auxiliary(request, self._tokenize)
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._auxiliary(request, self._detokenize)
+
+    async def _auxiliary(self, request: Request, handle) -> Response:
+        """A request that does not generate: read, handled on a worker thread, answered as JSON."""
+        if denied := self._denied(request):
+            return denied
+        try:
+            raw = await read_body(request, self.config.max_request_bytes)
+            return JSONResponse(await asyncio.to_thread(handle, oa.parse_json(raw)))
+        except ClientError as err:
+            return err.response()
+        except RequestError as err:
+            return error_response(400, str(err), param=err.param)
+
+    def _tokenize(self, body) -> dict:
+        chat = isinstance(body, dict) and "messages" in body
+        req = oa.validate(tp.TokenizeChatRequest if chat else tp.TokenizeCompletionRequest, body)
+        check_model(req.model, self.model_name)
+        tokenizer = self.engine.llm.tokenizer
+        ids = (tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages]) if chat
+               else tokenizer.encode(req.prompt))
+        return {"count": len(ids), "max_model_len": self.engine.llm.geometry.max_position, "tokens": ids,
+                "token_strs": None}
+
+    def _detokenize(self, body) -> dict:
+        req = oa.validate(tp.DetokenizeRequest, body)
+        check_model(req.model, self.model_name)
+        vocab = self.engine.llm.geometry.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise RequestError(f"tokens: token ids must be in [0, {vocab})", "tokens")
+        return {"prompt": self.engine.llm.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     async def metrics(self, request: Request) -> Response:
         if denied := self._denied(request):
@@ -120,45 +155,6 @@ class Handlers:
     async def chat(self, request: Request) -> Response:
         return await self._generate(request, chat=True)
 
-    def _prepare(self, raw: bytes, chat: bool) -> _Prepared:
-        """Parse, validate, template and tokenize one request (runs on a worker thread)."""
-        req = oa.parse_request(oa.ChatRequest if chat else oa.CompletionRequest, oa.parse_json(raw))
-        if req.model and req.model != self.model_name:
-            raise ClientError(404, f"model '{req.model}' does not exist; this server serves '{self.model_name}'",
-                              "model_not_found")
-        llm = self.engine.llm
-        context = llm.geometry.max_position
-        if chat:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            num_chars = sum(len(m["content"]) for m in messages)
-        else:
-            prompt = req.single_prompt()
-            num_chars = len(prompt) if isinstance(prompt, str) else 0  # token ids: validate_prompt counts them
-        if num_chars > 2 * context * llm.tokenizer.max_chars_per_token:  # refuse before tokenizing all of it
-            raise RequestError(f"the prompt has {num_chars:,} characters, far more than the model's context of "
-                               f"{context} tokens can hold; shorten the prompt")
-        prompt_ids = llm.validate_prompt(llm.tokenizer.encode_chat(messages) if chat else prompt)
-        default_max_tokens = context - len(prompt_ids) if chat else self.config.default_max_tokens
-        params = req.sampling_params(default_max_tokens)
-        self._check_token_ids(params)
-        if params.structured is not None:
-            field = "structured_outputs" if req.structured_outputs is not None else "response_format"
-            try:
-                llm.grammars.matcher(params.structured)  # compiled here, off the event loop; cached for the engine
-            except RequestError as err:
-                raise RequestError(f"{field}: {err}", field) from None
-        echo = None
-        if not chat and req.echo:
-            echo = prompt if isinstance(prompt, str) else llm.tokenizer.decode(prompt_ids, skip_special_tokens=False)
-        return _Prepared(req, prompt_ids, params, echo)
-
-    def _check_token_ids(self, params: SamplingParams) -> None:
-        vocab = self.engine.llm.geometry.vocab_size
-        biased = [t for t, _ in params.logit_bias]
-        for field, ids in (("logit_bias", biased), ("stop_token_ids", params.stop_token_ids)):
-            if any(not 0 <= t < vocab for t in ids):
-                raise RequestError(f"{field}: token ids must be in [0, {vocab})", field)
-
     async def _generate(self, request: Request, chat: bool) -> Response:
         if denied := self._denied(request):
             return denied
@@ -166,7 +162,8 @@ class Handlers:
             return _draining_response()
         try:
             raw = await read_body(request, self.config.max_request_bytes)
-            prepared = await asyncio.to_thread(self._prepare, raw, chat)
+            prepared = await asyncio.to_thread(prepare, self.engine.llm, raw, chat, self.model_name,
+                                               self.config.default_max_tokens)
         except ClientError as err:
             self.engine.metrics.count_request("invalid")
             return err.response()
@@ -204,7 +201,7 @@ class Handlers:
                           token_ids=token_ids if req.return_token_ids else None,
                           finish_detail=self._finish_detail(reason), logprobs=logprobs)
 
-    def _logprobs(self, prepared: _Prepared, chat: bool, delta, completion: CompletionLogprobs | None) -> dict | None:
+    def _logprobs(self, prepared: Prepared, chat: bool, delta, completion: CompletionLogprobs | None) -> dict | None:
         """One delta's (or a whole choice's) logprobs object, None where none were asked for."""
         if delta.logprobs is None:
             return None
@@ -214,7 +211,7 @@ class Handlers:
             return completion.block(delta.prompt_logprobs + delta.logprobs, first_token=prepared.prompt_ids[0])
         return completion.block(delta.logprobs)
 
-    async def _collect(self, request, request_id, response_id, deltas, prepared: _Prepared, chat) -> Response:
+    async def _collect(self, request, request_id, response_id, deltas, prepared: Prepared, chat) -> Response:
         req = prepared.request
         texts: dict[int, str] = defaultdict(lambda: prepared.echo or "")
         tokens: dict[int, list[int]] = defaultdict(list)
@@ -255,7 +252,7 @@ class Handlers:
         return JSONResponse(out.completion_body(response_id, self.model_name, choices,
                                                 out.usage(len(prepared.prompt_ids), num_tokens), chat, chunk=False))
 
-    async def _stream(self, request_id, response_id, deltas, prepared: _Prepared, chat):
+    async def _stream(self, request_id, response_id, deltas, prepared: Prepared, chat):
         req, num_prompt = prepared.request, len(prepared.prompt_ids)
         completed, num_tokens, first = False, 0, defaultdict(lambda: True)
         offsets = defaultdict(lambda: CompletionLogprobs(self.engine.llm.tokenizer))
@@ -311,7 +308,9 @@ def create_app(engine: AsyncEngine, model_name: str, config: ServerConfig | None
 
     routes = [Route("/health", h.health), Route("/v1/models", h.models), Route("/metrics", h.metrics),
               Route("/v1/completions", h.completions, methods=["POST"]),
-              Route("/v1/chat/completions", h.chat, methods=["POST"])]
+              Route("/v1/chat/completions", h.chat, methods=["POST"]),
+              Route("/tokenize", h.tokenize, methods=["POST"]), Route("/detokenize", h.detokenize, methods=["POST"]),
+              Route("/openapi.json", h.openapi)]
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
     app.router.redirect_slashes = False  # a redirect would echo the client's Host header into Location
     inner = app

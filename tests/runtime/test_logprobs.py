@@ -103,3 +103,10 @@ def test_min_tokens_holds_off_a_stop_token(llm):
     held = llm.generate([[11, 12, 13]], SamplingParams(max_tokens=5, stop_token_ids=(first,), min_tokens=3,
                                                        ignore_eos=True))[0]
     assert first not in held.token_ids[:3] and len(held.token_ids) >= 3
+
+
+def test_a_tiny_repetition_penalty_keeps_the_logits_finite():
+    """A penalty near 0 divides positive logits into overflow (a fuzzed request found it): clipped, not NaN."""
+    logits = np.array([2.0, -1.0, 0.5, 3.0], dtype=np.float32)
+    out = process(logits, SamplingParams(repetition_penalty=5e-324), [0, 1], [], stop_ids=[])
+    assert np.isfinite(out).all() and out.argmax() == 0
