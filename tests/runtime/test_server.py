@@ -127,9 +127,16 @@ def test_metrics_exposition(server):
 
     def finished(exposition: str) -> int:
         prefix = 'llmc_requests_total{status="finished"}'
-        return int(next(line for line in exposition.splitlines() if line.startswith(prefix)).split()[-1])
+        return int(float(next(line for line in exposition.splitlines() if line.startswith(prefix)).split()[-1]))
 
     assert finished(text) == finished(before) + 3
+    # the exposition parses as Prometheus text, and every documented metric is in it
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmc.runtime.metrics import COUNTERS, GAUGES
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {name.removesuffix("_total") for name in COUNTERS} | set(GAUGES) <= set(families)
+    assert families["llmc_generation_tokens"].samples[0].value >= 6
 
 
 def test_concurrent_streams_each_get_every_token_before_their_end(server, tiny_bundle):
