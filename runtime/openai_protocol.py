@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llmc.errors import RequestError
 from llmc.runtime.sequence import SamplingParams, StructuredOutput
+from llmc.runtime.tool_protocol import Tool, ToolCall, ToolChoice
 
 MAX_JSON_DEPTH = 32  # no valid request nests deeper than ~6
 MAX_STOP_CHARS = 256  # stop strings are checked on every token: keep that cheap
@@ -296,6 +297,8 @@ class ChatMessage(BaseModel):
         {"type": "array", "items": {"type": "object", "required": ["type", "text"],
                                     "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}}]})
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -319,6 +322,15 @@ class ChatMessage(BaseModel):
             return "".join(part["text"] for part in self.content)
         return self.content or ""
 
+    def turn(self) -> dict:
+        """The message as the chat template takes it."""
+        turn = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            turn["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            turn["tool_call_id"] = self.tool_call_id
+        return turn
+
 
 class ChatRequest(_SamplingRequest):
     """POST /v1/chat/completions."""
@@ -328,11 +340,31 @@ class ChatRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: ToolChoice | None = None
+
+    def _neutral(self) -> dict[str, bool]:
+        neutral = super()._neutral()
+        del neutral["tools"], neutral["tool_choice"]  # implemented for chat
+        return neutral
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.top_logprobs and not self.logprobs:
             raise RequestError("top_logprobs: needs logprobs: true", "top_logprobs")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise RequestError("tool_choice: a required or named tool choice needs tools", "tool_choice")
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether tools are offered to the model (given, and tool_choice is not none)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def forced_tool(self) -> tuple[bool, str | None]:
+        """(whether a call is forced, the function named or None for any): tool_choice required or named."""
+        if isinstance(self.tool_choice, BaseModel):
+            return True, self.tool_choice.function.name
+        return self.tool_choice == "required" and bool(self.tools), None
 
     def sampling_params(self, default_max_tokens: int, logprobs=None, prompt_logprobs=None) -> SamplingParams:
         """max_completion_tokens is the newer name of max_tokens; logprobs: true gives the top_logprobs."""

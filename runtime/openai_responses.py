@@ -29,17 +29,25 @@ def completion_body(rid: str, model: str, choices: list[dict], usage: dict | Non
     return body
 
 
-def choice(index: int, text: str, finish_reason: str | None, chat: bool, chunk: bool, first: bool = False,
-           token_ids: list[int] | None = None, finish_detail: str | None = None, logprobs: dict | None = None) -> dict:
-    """One choice of a response or a stream chunk; finish_detail (an llmc extension) says why it ended early."""
+def choice(index: int, text: str | None, finish_reason: str | None, chat: bool, chunk: bool, first: bool = False,
+           token_ids: list[int] | None = None, finish_detail: str | None = None, logprobs: dict | None = None,
+           tool_calls: list[dict] | None = None) -> dict:
+    """One choice of a response or a stream chunk; finish_detail (an llmc extension) says why it ended early.
+    With tool_calls, a chat choice's finish reason "stop" is "tool_calls"."""
+    if tool_calls and finish_reason == "stop":
+        finish_reason = "tool_calls"
     if not chat:
         body = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     elif chunk:
         delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         body = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     else:
-        body = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        body = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     if token_ids is not None:
         body["token_ids"] = token_ids
     if finish_detail is not None:

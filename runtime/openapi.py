@@ -9,7 +9,7 @@ from pydantic.json_schema import models_json_schema
 
 from llmc import __version__
 from llmc.runtime import openai_protocol as oa
-from llmc.runtime import tokenize_protocol as tp
+from llmc.runtime import tokenize_api as tp
 
 _REF = "#/components/schemas/{model}"
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {

@@ -31,13 +31,14 @@ from starlette.routing import Route
 from llmc.errors import RequestError
 from llmc.runtime import openai_protocol as oa
 from llmc.runtime import openai_responses as out
-from llmc.runtime import tokenize_protocol as tp
+from llmc.runtime import tokenize_api as tk
+from llmc.runtime import tool_calls
 from llmc.runtime.async_engine import AsyncEngine, Overloaded
 from llmc.runtime.http_guard import ClientError, HeaderTimeoutProtocol, HostPolicy, RequestGuard, read_body
 from llmc.runtime.llm import KV_CACHE_FULL
 from llmc.runtime.openai_logprobs import CompletionLogprobs, chat_logprobs
 from llmc.runtime.openapi import openapi_spec
-from llmc.runtime.request_prep import Prepared, check_model, prepare
+from llmc.runtime.request_prep import Prepared, prepare
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,10 @@ class Handlers:
         return JSONResponse(openapi_spec())
 
     async def tokenize(self, request: Request) -> Response:
-        return await self._auxiliary(request, self._tokenize)
+        return await self._auxiliary(request, lambda body: tk.tokenize(self.engine.llm, body, self.model_name))
 
     async def detokenize(self, request: Request) -> Response:
-        return await self._auxiliary(request, self._detokenize)
+        return await self._auxiliary(request, lambda body: tk.detokenize(self.engine.llm, body, self.model_name))
 
     async def _auxiliary(self, request: Request, handle) -> Response:
         """A request that does not generate: read, handled on a worker thread, answered as JSON."""
@@ -125,24 +126,6 @@ class Handlers:
             return err.response()
         except RequestError as err:
             return error_response(400, str(err), param=err.param)
-
-    def _tokenize(self, body) -> dict:
-        chat = isinstance(body, dict) and "messages" in body
-        req = oa.validate(tp.TokenizeChatRequest if chat else tp.TokenizeCompletionRequest, body)
-        check_model(req.model, self.model_name)
-        tokenizer = self.engine.llm.tokenizer
-        ids = (tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages]) if chat
-               else tokenizer.encode(req.prompt))
-        return {"count": len(ids), "max_model_len": self.engine.llm.geometry.max_position, "tokens": ids,
-                "token_strs": None}
-
-    def _detokenize(self, body) -> dict:
-        req = oa.validate(tp.DetokenizeRequest, body)
-        check_model(req.model, self.model_name)
-        vocab = self.engine.llm.geometry.vocab_size
-        if any(not 0 <= t < vocab for t in req.tokens):
-            raise RequestError(f"tokens: token ids must be in [0, {vocab})", "tokens")
-        return {"prompt": self.engine.llm.tokenizer.decode(req.tokens, skip_special_tokens=False)}
 
     async def metrics(self, request: Request) -> Response:
         if denied := self._denied(request):
@@ -196,10 +179,11 @@ class Handlers:
         return (f"the sequence outgrew the whole KV cache ({pool.num_blocks * pool.block_size:,} tokens); "
                 "the server needs a larger --kv-cache-memory")
 
-    def _choice(self, index, text, reason, chat, chunk, req, token_ids, first=False, logprobs=None) -> dict:
+    def _choice(self, index, text, reason, chat, chunk, req, token_ids, first=False, logprobs=None,
+                tool_calls=None) -> dict:
         return out.choice(index, text, reason, chat, chunk, first=first,
                           token_ids=token_ids if req.return_token_ids else None,
-                          finish_detail=self._finish_detail(reason), logprobs=logprobs)
+                          finish_detail=self._finish_detail(reason), logprobs=logprobs, tool_calls=tool_calls)
 
     def _logprobs(self, prepared: Prepared, chat: bool, delta, completion: CompletionLogprobs | None) -> dict | None:
         """One delta's (or a whole choice's) logprobs object, None where none were asked for."""
@@ -246,8 +230,9 @@ class Handlers:
         for i in range(num_choices):
             whole = _Whole(logprobs[i] if wanted else None, prompt_logprobs.get(i, prompt_logprobs.get(0)))
             lp = self._logprobs(prepared, chat, whole, CompletionLogprobs(self.engine.llm.tokenizer))
-            choices.append(self._choice(i, texts[i], reasons.get(i, reasons.get(0)), chat, False, req, tokens[i],
-                                        logprobs=lp))
+            text, calls = tool_calls.parse(texts[i]) if prepared.tools else (texts[i], None)
+            choices.append(self._choice(i, text, reasons.get(i, reasons.get(0)), chat, False, req, tokens[i],
+                                        logprobs=lp, tool_calls=calls or None))
         num_tokens = sum(len(t) for t in tokens.values())
         return JSONResponse(out.completion_body(response_id, self.model_name, choices,
                                                 out.usage(len(prepared.prompt_ids), num_tokens), chat, chunk=False))
@@ -256,6 +241,7 @@ class Handlers:
         req, num_prompt = prepared.request, len(prepared.prompt_ids)
         completed, num_tokens, first = False, 0, defaultdict(lambda: True)
         offsets = defaultdict(lambda: CompletionLogprobs(self.engine.llm.tokenizer))
+        parsers = defaultdict(tool_calls.StreamParser)  # with tools: calls out of each choice's text
         try:
             while (item := await deltas.get()) is not None:
                 if item.finish_reason in ENDED_BY_SERVER:
@@ -267,8 +253,13 @@ class Handlers:
                 if item.token_ids or item.finished or (first[item.index] and (chat or echo)):
                     reason = item.finish_reason if item.finished else None
                     logprobs = self._logprobs(prepared, chat, item, offsets[item.index])
-                    choice = self._choice(item.index, echo + item.text, reason, chat, True, req, item.token_ids,
-                                          first=first[item.index], logprobs=logprobs)
+                    text, calls = echo + item.text, None
+                    if prepared.tools:
+                        text, calls = parsers[item.index].feed(item.text, item.finished)
+                        if reason == "stop" and parsers[item.index].num_calls:
+                            reason = "tool_calls"
+                    choice = self._choice(item.index, text, reason, chat, True, req, item.token_ids,
+                                          first=first[item.index], logprobs=logprobs, tool_calls=calls or None)
                     first[item.index] = False
                     body = out.completion_body(response_id, self.model_name, [choice], None, chat, chunk=True)
                     yield f"data: {json.dumps(body)}\n\n"

@@ -43,13 +43,15 @@ class BundleTokenizer:
         """Token ids of text, with the tokenizer's own special-token rules."""
         return _encode(self._tok, text).ids
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """Token ids of the rendered conversation, where text inside message content that spells a
-        special token ("<|im_start|>") stays plain text: a user cannot forge roles or turns."""
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of the rendered conversation (with tools, for a template that reads them), where text
+        inside message content that spells a special token ("<|im_start|>") stays plain text: a user cannot
+        forge roles or turns."""
+        messages = [{**m, "content": m.get("content") or ""} for m in messages]
         if not any(special in m["content"] for m in messages for special in self._special_texts):
-            return self.encode(self.apply_chat_template(messages))
+            return self.encode(self.apply_chat_template(messages, tools=tools))
         marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        pieces = _MARK.split(self.apply_chat_template(marked))  # template text, message index, template text...
+        pieces = _MARK.split(self.apply_chat_template(marked, tools=tools))  # template text, index, text...
         if sorted(int(i) for i in pieces[1::2]) != list(range(len(messages))):
             raise RequestError("a message spells a special token (such as '<|im_start|>') and this bundle's chat "
                                "template does not place each message's content once, so that text cannot be kept "
@@ -78,12 +80,18 @@ class BundleTokenizer:
         """Whether the bundle ships a chat template."""
         return self._template is not None
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_reads_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list itself (otherwise llmc's default rendering does)."""
+        return self._template is not None and "tools" in (self._meta.chat_template or "")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         """Render messages [{role, content}] into the prompt text the model was trained on."""
         if self._template is None:
             raise RequestError("this bundle has no chat template; send a plain prompt instead")
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                          bos_token=self._meta.bos_token or "",
                                          eos_token=self._meta.eos_token or "")
         except (TemplateError, TypeError, ValueError, KeyError) as err:  # the messages do not fit the template
