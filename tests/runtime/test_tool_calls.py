@@ -116,9 +116,9 @@ def test_stream_parser_holds_back_a_call_until_it_is_whole():
 
 
 def test_default_rendering_puts_tools_and_tool_turns_in_the_template_s_roles():
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "weather?"},
-             {"role": "assistant", "content": "", "tool_calls": [{
-                 "id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+             {"role": "assistant", "content": "", "tool_calls": [call]},
              {"role": "tool", "tool_call_id": "c1", "content": "21 C"}]
     rendered = tool_calls.default_rendering(turns, [WEATHER])
     assert [t["role"] for t in rendered] == ["system", "user", "assistant", "user"]
