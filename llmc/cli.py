@@ -232,8 +232,12 @@ def _range(text: str) -> tuple[int, int]:
 @click.option("--profile", is_flag=True,
               help="Offline: profile every step with onnxruntime's profiler and report where step time goes "
                    "(GEMMs, attention, the rest, outside the graph, host).")
+@click.option("--structured", default=None, metavar="json_object|SCHEMA.json",
+              help="Offline: constrain every request (any JSON object, or a JSON schema file) and report the "
+                   "constraints' cost per token.")
 def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_len: str, rate: str, url: str | None,
-          engine: EngineConfig, sweep: str | None, seed: int, out_path: Path, profile: bool) -> None:
+          engine: EngineConfig, sweep: str | None, seed: int, out_path: Path, profile: bool,
+          structured: str | None) -> None:
     """Benchmark BUNDLE: tokens/s, TTFT, TPOT, inter-token latency, KV usage and waste."""
     _setup_logging(1)
     from llmc.artifacts.bundle import load_bundle
@@ -260,12 +264,27 @@ def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_le
     elif mode == "offline":
         with tempfile.TemporaryDirectory(prefix="llmc-profile-") as traces:
             llm = make(profile_dir=traces if profile else None)
-            report = {"mode": "offline", **settings, "policy": engine.policy, **b.run_offline(llm, workload)}
+            report = {"mode": "offline", **settings, "policy": engine.policy,
+                      **b.run_offline(llm, workload, _structured(structured))}
     else:
         report = {"mode": "online", **_online(b, make, workload, url, float(rate), loaded.manifest.name, seed)}
     out_path.write_text(b.to_json(report))
     click.echo(b.to_json(report))
     click.echo(f"wrote {out_path}", err=True)
+
+
+def _structured(option: str | None):
+    """--structured as a StructuredOutput."""
+    from llmc.runtime.sequence import StructuredOutput
+
+    if option is None:
+        return None
+    if option == "json_object":
+        return StructuredOutput("json_object", '{"type": "object"}')
+    path = Path(option)
+    if not path.is_file():
+        raise click.BadParameter(f"{option}: give json_object or a JSON schema file", param_hint="--structured")
+    return StructuredOutput("json_schema", path.read_text())
 
 
 def _online(b, make, workload, url, rate, name, seed) -> dict:

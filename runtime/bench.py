@@ -67,9 +67,10 @@ def summarize(traces: list[RequestTrace], duration: float, extra: dict | None = 
             **(extra or {})}
 
 
-def run_offline(llm, workload: list[BenchRequest]) -> dict:
+def run_offline(llm, workload: list[BenchRequest], structured=None) -> dict:
     """All requests queued at once through the Python API; per-token times taken after each step. An LLM
-    made with profile_dir also reports `step_time` (runtime/step_profile.py)."""
+    made with profile_dir also reports `step_time` (runtime/step_profile.py). structured (a StructuredOutput)
+    constrains every request: the report then has the constraints' cost per token."""
     from llmc.runtime.engine_stats import EngineCalls
     from llmc.runtime.sequence import SamplingParams
     from llmc.runtime.step_profile import step_time_report
@@ -77,7 +78,8 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
     start = time.perf_counter()
     seqs, traces = [], []
     for req in workload:
-        seqs.append(llm.add_request(req.prompt_ids, SamplingParams(max_tokens=req.max_tokens, ignore_eos=True)))
+        seqs.append(llm.add_request(req.prompt_ids, SamplingParams(max_tokens=req.max_tokens, ignore_eos=True,
+                                                                   structured=structured)))
         traces.append(RequestTrace(start, num_prompt=len(req.prompt_ids)))
     index = {seq: i for i, seq in enumerate(seqs)}
     usage, waste = [], []
@@ -100,13 +102,18 @@ def run_offline(llm, workload: list[BenchRequest]) -> dict:
     for seq in seqs:
         llm.release(seq)
     after = llm.stats()
+    timing = after.timing.since(before.timing)
     calls = {path: EngineCalls(c.calls - before.engine_calls[path].calls, c.tokens - before.engine_calls[path].tokens,
                                c.seconds - before.engine_calls[path].seconds) for path, c in after.engine_calls.items()}
     path_seconds = {path: c.seconds for path, c in calls.items()}
     return summarize(traces, duration, {
         "kv_usage_peak": max(usage, default=0.0), "kv_usage_mean": float(np.mean(usage)) if usage else 0.0,
         "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
-        "host_overhead_fraction": after.timing.since(before.timing).host_fraction, "attention": llm.engine.attention,
+        "host_overhead_fraction": timing.host_fraction, "attention": llm.engine.attention,
+        "constraint": None if structured is None else {
+            "kind": structured.kind, "tokens": timing.constrained_tokens,
+            "ms_per_token": 1e3 * timing.constraint_s / max(timing.constrained_tokens, 1),
+            "fraction_of_step_time": timing.constraint_s / timing.total_s if timing.total_s else 0.0},
         "gemm_path": llm.engine.gemm_path,
         "engine_calls_by_path": {path: {"calls": c.calls, "tokens": c.tokens, "seconds": c.seconds}
                                  for path, c in calls.items()},

@@ -18,6 +18,8 @@ class StepTiming:
     engine_s: float = 0.0
     decode_steps: int = 0  # steps of one new token per sequence (no prompt chunk, no drafts)
     decode_s: float = 0.0
+    constraint_s: float = 0.0  # grammar masks, penalties and bias applied to logits (and the grammar's advance)
+    constrained_tokens: int = 0  # tokens sampled from logits so processed
 
     @property
     def host_fraction(self) -> float:
@@ -27,7 +29,9 @@ class StepTiming:
     def since(self, before: StepTiming) -> StepTiming:
         """The counts and seconds after `before` was taken."""
         return StepTiming(self.steps - before.steps, self.total_s - before.total_s, self.engine_s - before.engine_s,
-                          self.decode_steps - before.decode_steps, self.decode_s - before.decode_s)
+                          self.decode_steps - before.decode_steps, self.decode_s - before.decode_s,
+                          self.constraint_s - before.constraint_s,
+                          self.constrained_tokens - before.constrained_tokens)
 
 
 @dataclass(frozen=True, slots=True)

@@ -243,8 +243,12 @@ class LLM:
                 return [seq]
             return self._append_tokens(seq, logits[-1])
         proposed, params = item.spec_tokens, seq.params
-        rows = (draft_rows(logits, proposed, params, seq.prompt_ids, seq.output_ids, self._stop_ids(params),
-                           self._state[seq].grammar) if changes_logits(params) else logits)
+        rows = logits
+        if changes_logits(params):
+            start = time.perf_counter()
+            rows = draft_rows(logits, proposed, params, seq.prompt_ids, seq.output_ids, self._stop_ids(params),
+                              self._state[seq].grammar)
+            self.timing.constraint_s += time.perf_counter() - start
         emitted = verify(rows, Draft(proposed, draft.probs[:len(proposed)] if draft and draft.probs is not None
                                      else None), params, self._state[seq].rng)
         accepted = len(emitted) - 1
@@ -289,16 +293,21 @@ class LLM:
         """Append one token (sampled from logits unless given) and apply the stop conditions."""
         params = seq.params
         state = self._state[seq]
+        constrained = changes_logits(params)
+        start = time.perf_counter() if constrained else 0.0
         if token is None:
             allowed = state.grammar.allowed() if state.grammar is not None else None
             sampled_from = (process(logits, params, seq.prompt_ids, seq.output_ids, self._stop_ids(params), allowed)
-                            if changes_logits(params) else logits)
+                            if constrained else logits)
             token = sample_token(sampled_from, params, state.rng)
         if params.logprobs is not None:
             seq.logprobs.append(token_logprob(logits, token, params.logprobs))
         seq.output_ids.append(token)
         if state.grammar is not None:
             state.grammar.accept(token)
+        if constrained:  # sampling itself included: it is what an unconstrained token costs too, and small
+            self.timing.constraint_s += time.perf_counter() - start
+            self.timing.constrained_tokens += 1
         if token in params.stop_token_ids or (token in self.tokenizer.eos_token_ids and not params.ignore_eos):
             self.scheduler.finish(seq, "stop")
             return

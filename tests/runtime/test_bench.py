@@ -89,3 +89,20 @@ def test_profile_categories_and_skipped_runs(tmp_path):
     assert whole["runs"] == 2 and whole["fraction"]["gemm"] == pytest.approx(60 / 90)
     assert later["runs"] == 1 and later["graph_ms_per_run"] == pytest.approx(0.04)
     assert later["fraction"] == {"gemm": 0.25, "attention": 0.75, "other": 0.0}
+
+
+def test_constrained_offline_report_has_the_constraint_cost(tiny_bundle, workload):
+    """--structured json_object: every output is JSON, and the report counts the constrained tokens."""
+    import json as json_lib
+
+    from llmc.runtime.sequence import StructuredOutput
+
+    llm = LLM(tiny_bundle, max_num_seqs=4)
+    bias_free = StructuredOutput("json_schema", json_lib.dumps(
+        {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+         "required": ["n"], "additionalProperties": False}))
+    report = b.run_offline(llm, workload, bias_free)
+    constraint = report["constraint"]
+    assert constraint["kind"] == "json_schema" and constraint["tokens"] == report["output_tokens"] > 0
+    assert 0 < constraint["fraction_of_step_time"] < 1 and constraint["ms_per_token"] > 0
+    assert b.run_offline(llm, workload)["constraint"] is None
