@@ -117,3 +117,25 @@ def test_a_constraint_that_cannot_compile_is_a_request_error(llm, so, message):
     with pytest.raises(RequestError, match=message):
         llm.add_request([1, 2, 3], SamplingParams(structured=so))
     assert not llm.scheduler.has_unfinished()
+
+
+def test_a_constraint_failing_mid_generation_ends_its_request_alone(llm):
+    """The grammar refuses a token on the third step (as a matcher in an error state would): that request ends
+    with finish reason 'error', the other one runs to its end, and every KV block is free again."""
+    constrained = llm.add_request([1, 2, 3], SamplingParams(max_tokens=20, ignore_eos=True,
+                                                            structured=_json(SCHEMAS[0])))
+    other = llm.add_request([4, 5, 6], SamplingParams(max_tokens=10, ignore_eos=True))
+    grammar = llm._state[constrained].grammar
+    accept, steps = grammar.accept, []
+
+    def refuse_third(token):
+        steps.append(token)
+        accept(token if len(steps) < 3 else llm.tokenizer.encode("]")[0])  # ']' cannot follow '{"'
+    grammar.accept = refuse_third
+    while llm.scheduler.has_unfinished():
+        llm.step()
+    assert constrained.finish_reason == "error" and len(constrained.output_ids) == 3
+    assert other.finish_reason == "length" and len(other.output_ids) == 10
+    for seq in (constrained, other):
+        llm.release(seq)
+    assert llm.block_manager.usage() == 0
