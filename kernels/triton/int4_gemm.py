@@ -1,0 +1,61 @@
+"""Int4 weight-only GEMM / GEMV in Triton over llmc's packing (kernels/quant.py: QuantizedWeight.packed()).
+
+The weight W [N, K] is packed uint8 [N, blocks, block_size / 2], low nibble first, with a scale per (row,
+block) and an integer zero point (uint8 codes) or none (symmetric: 8). Each program computes a
+[BLOCK_M, BLOCK_N] tile of y = x @ W^T: it streams BLOCK_K columns of codes at a time, dequantizes them in
+registers ((code - zero) * scale) and multiplies on the tensor cores (tl.dot). Batch 1 pads its one row to
+BLOCK_M = 16 (tl.dot's least); the weight bytes, what a GEMV is bound by, are read once.
+Signature: reference.int4_matmul_ref.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _int4_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, num_blocks,
+                      HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features: rows of W
+    row_ok, col_ok = rows < M, cols < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    row_bytes = num_blocks * (GROUP_SIZE // 2)  # packed bytes per row of W
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # [BLOCK_M, BLOCK_K]
+        byte = tl.load(packed_ptr + cols[None, :].to(tl.int64) * row_bytes + ks[:, None] // 2,
+                       mask=col_ok[None, :] & k_ok[:, None], other=0)  # [BLOCK_K, BLOCK_N]: each byte twice
+        codes = ((byte >> ((ks[:, None] % 2) * 4)) & 0x0F).to(tl.float32)
+        group = cols[None, :].to(tl.int64) * num_blocks + ks[:, None] // GROUP_SIZE
+        scale = tl.load(scale_ptr + group, mask=col_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zero = tl.load(zero_ptr + group, mask=col_ok[None, :] & k_ok[:, None], other=8).to(tl.float32)
+        else:
+            zero = 8.0
+        w = ((codes - zero) * scale).to(x.dtype)  # [BLOCK_K, BLOCK_N]
+        acc += tl.dot(x, w).to(tl.float32)
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                block_size: int, in_features: int, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N] for the packed int4 W (reference.int4_matmul_ref)."""
+    m, n = x.shape[0], packed.shape[0]
+    if block_size % 2 or (block_k % block_size and block_size % block_k):
+        raise ValueError(f"block_size {block_size} and block_k {block_k}: one must divide the other")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = 16 if m <= 16 else 32
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _int4_gemm_kernel[grid](x.contiguous(), packed.contiguous(), scale.contiguous(),
+                            zero.contiguous() if zero is not None else scale, y, m, n, in_features,
+                            packed.shape[1], HAS_ZERO=zero is not None, GROUP_SIZE=block_size, BLOCK_M=block_m,
+                            BLOCK_N=block_n, BLOCK_K=block_k)
+    return y
