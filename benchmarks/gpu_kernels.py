@@ -1,0 +1,140 @@
+"""The Triton kernels on a GPU: each against its torch reference at real model shapes, decode attention's
+bandwidth against the device's copy bandwidth, and the int4 GEMV against torch's fp16 matmul. One JSON file.
+
+    python benchmarks/gpu_kernels.py --out gpu_kernels.json          # on the GPU machine (gpu_check.sh)
+    TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --dry-run    # here: every step on tiny shapes, CPU
+
+Targets (issue 16): decode attention >= 60% of copy bandwidth at >= 1k tokens of context; int4 GEMV >= 2x the
+fp16 matmul at batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+# (name, heads, kv_heads, head_dim, hidden, intermediate): SmolLM2-135M and a ~1B Llama (TinyLlama / Llama-3.2-1B)
+MODELS = [("smollm2-135m", 9, 3, 64, 576, 1536), ("llama-1b", 32, 8, 64, 2048, 8192)]
+
+
+def _timer(device: str):
+    """Median milliseconds of fn (triton's do_bench on a GPU; wall time of a few runs on the CPU)."""
+    if device == "cuda":
+        import triton.testing
+
+        return lambda fn: float(triton.testing.do_bench(fn, warmup=25, rep=100))
+
+    def wall(fn):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - start))
+        return float(np.median(times))
+    return wall
+
+
+def _attention_case(rng, heads, kv_heads, head_dim, seqs, context, block_size, dtype, device):
+    blocks_per_seq = -(-context // block_size)
+    num_blocks = seqs * blocks_per_seq + 1
+    pools = [torch.randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(2)]
+    tables = torch.from_numpy(rng.permutation(num_blocks - 1)[:seqs * blocks_per_seq].reshape(seqs, -1)
+                              .astype(np.int32)).to(device)
+    lens = torch.full((seqs,), context, dtype=torch.int32, device=device)
+    q = torch.randn(seqs, heads, head_dim, dtype=dtype, device=device)
+    return q, pools[0], pools[1], tables, lens
+
+
+def check_attention(device, dtype, timer, sizes) -> list[dict]:
+    """Correctness at each model's shapes, then decode bandwidth at batch x context."""
+    from llmc.kernels.triton import reference
+    from llmc.kernels.triton.paged_attention import paged_decode, paged_prefill
+
+    rng, results = np.random.default_rng(0), []
+    for name, heads, kv_heads, head_dim, _, _ in MODELS:
+        q, kp, vp, tables, lens = _attention_case(rng, heads, kv_heads, head_dim, 4, sizes["check_context"], 16,
+                                                  dtype, device)
+        starts = torch.arange(5, dtype=torch.int32, device=device)
+        expected = reference.paged_attention_ref(q.cpu().float(), kp.cpu().float(), vp.cpu().float(), tables.cpu(),
+                                                 lens.cpu(), starts.cpu(), head_dim ** -0.5)
+        decode = paged_decode(q, kp, vp, tables, lens, head_dim ** -0.5).cpu().float()
+        prefill = paged_prefill(q, kp, vp, tables, lens, starts, head_dim ** -0.5, 1).cpu().float()
+        entry = {"model": name, "decode_max_abs_err": float((decode - expected).abs().max()),
+                 "prefill_max_abs_err": float((prefill - expected).abs().max())}
+        for seqs, context in sizes["bandwidth"]:
+            q, kp, vp, tables, lens = _attention_case(rng, heads, kv_heads, head_dim, seqs, context, 16, dtype,
+                                                      device)
+            ms = timer(lambda: paged_decode(q, kp, vp, tables, lens, head_dim ** -0.5))
+            kv_bytes = 2 * seqs * context * kv_heads * head_dim * kp.element_size()
+            entry[f"decode_b{seqs}_ctx{context}"] = {"ms": ms, "kv_gb_s": kv_bytes / ms / 1e6}
+        results.append(entry)
+    return results
+
+
+def copy_bandwidth(device, timer, size_mb) -> float:
+    """GB/s of a device-to-device copy (bytes read + written)."""
+    src = torch.empty(size_mb * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def check_int4(device, dtype, timer, sizes) -> list[dict]:
+    """int4 GEMV / GEMM vs the reference and vs torch's fp16 matmul of the same (dequantized) weight."""
+    from llmc.kernels.triton import reference
+    from llmc.kernels.triton.int4_gemm import int4_matmul
+
+    rng, results = np.random.default_rng(1), []
+    for name, _, _, _, hidden, intermediate in MODELS:
+        for n, k in ((intermediate, hidden), (hidden, intermediate)):
+            n, k = n // sizes["shrink"], k // sizes["shrink"]
+            group = 128 if k % 128 == 0 else 32
+            blocks = -(-k // group)
+            packed = torch.from_numpy(rng.integers(0, 256, (n, blocks, group // 2), dtype=np.uint8)).to(device)
+            scale = torch.rand(n, blocks, dtype=dtype, device=device) * 0.02
+            zero = torch.from_numpy(rng.integers(0, 16, (n, blocks), dtype=np.uint8)).to(device)
+            weight = reference.dequantize_int4(packed, scale, zero, group, k).to(dtype)  # [N, K]
+            for m in sizes["batches"]:
+                x = torch.randn(m, k, dtype=dtype, device=device)
+                got = int4_matmul(x, packed, scale, zero, group, k)
+                err = float((got.float() - (x.float() @ weight.float().T)).abs().max())
+                int4_ms = timer(lambda x=x: int4_matmul(x, packed, scale, zero, group, k))
+                fp16_ms = timer(lambda x=x: x @ weight.T)
+                results.append({"model": name, "m": m, "n": n, "k": k, "max_abs_err": err, "int4_ms": int4_ms,
+                                "fp16_matmul_ms": fp16_ms, "speedup_vs_fp16": fp16_ms / int4_ms})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu_kernels.json")
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    args = parser.parse_args()
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry-run (and TRITON_INTERPRET=1) to check the steps here")
+    dtype = torch.float32 if args.dry_run else torch.float16
+    sizes = ({"check_context": 37, "bandwidth": [(2, 64)], "batches": [1], "shrink": 16, "copy_mb": 8}
+             if args.dry_run else
+             {"check_context": 1037, "bandwidth": [(1, 1024), (16, 1024), (64, 1024), (16, 4096), (64, 4096)],
+              "batches": [1, 16, 64], "shrink": 1, "copy_mb": 1024})
+    timer = _timer(device)
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
+              "torch": torch.__version__, "dtype": str(dtype)}
+    report["copy_gb_s"] = copy_bandwidth(device, timer, sizes["copy_mb"])
+    report["attention"] = check_attention(device, dtype, timer, sizes)
+    report["int4"] = check_int4(device, dtype, timer, sizes)
+    best = max(v["kv_gb_s"] for e in report["attention"] for key, v in e.items() if key.startswith("decode_b"))
+    report["summary"] = {"decode_attention_best_fraction_of_copy": best / report["copy_gb_s"],
+                         "int4_gemv_best_speedup": max(r["speedup_vs_fp16"] for r in report["int4"] if r["m"] == 1)}
+    with open(args.out, "w") as fh:
+        json.dump(report, fh, indent=2)
+    print(json.dumps(report["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
