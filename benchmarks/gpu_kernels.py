@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ def check_attention(device, dtype, timer, sizes) -> list[dict]:
         for seqs, context in sizes["bandwidth"]:
             q, kp, vp, tables, lens = _attention_case(rng, heads, kv_heads, head_dim, seqs, context, 16, dtype,
                                                       device)
-            ms = timer(lambda: paged_decode(q, kp, vp, tables, lens, head_dim ** -0.5))
+            ms = timer(partial(paged_decode, q, kp, vp, tables, lens, head_dim ** -0.5))
             kv_bytes = 2 * seqs * context * kv_heads * head_dim * kp.element_size()
             entry[f"decode_b{seqs}_ctx{context}"] = {"ms": ms, "kv_gb_s": kv_bytes / ms / 1e6}
         results.append(entry)
@@ -102,8 +103,8 @@ def check_int4(device, dtype, timer, sizes) -> list[dict]:
                 x = torch.randn(m, k, dtype=dtype, device=device)
                 got = int4_matmul(x, packed, scale, zero, group, k)
                 err = float((got.float() - (x.float() @ weight.float().T)).abs().max())
-                int4_ms = timer(lambda x=x: int4_matmul(x, packed, scale, zero, group, k))
-                fp16_ms = timer(lambda x=x: x @ weight.T)
+                int4_ms = timer(partial(int4_matmul, x, packed, scale, zero, group, k))
+                fp16_ms = timer(partial(torch.matmul, x, weight.T))
                 results.append({"model": name, "m": m, "n": n, "k": k, "max_abs_err": err, "int4_ms": int4_ms,
                                 "fp16_matmul_ms": fp16_ms, "speedup_vs_fp16": fp16_ms / int4_ms})
     return results
