@@ -93,10 +93,10 @@ class Engine(Section):
     """One target's engine: its step graph (and extra graphs), the ops and kernels it was built with."""
 
     dir: str
-    format: str
-    graph: str
+    format: str  # onnx, or safetensors (the cuda target: weights for the torch + Triton engine)
+    graph: str | None  # the step graph (onnx); None for the cuda target, whose engine is llmc's code
     weights: str
-    opset: int
+    opset: int | None
     attention_op: str
     attention_plan: str | None = None  # None: an earlier plan (a padded mask) the runtime refuses
     kv_update: str

@@ -23,6 +23,7 @@ from llmc.artifacts.tokenizer_meta import tokenizer_manifest
 from llmc.compiler import calibration
 from llmc.compiler.emit_onnx import EmitOptions, emit_onnx
 from llmc.compiler.emit_tensorrt import emit_tensorrt
+from llmc.compiler.emit_torch import emit_torch
 from llmc.compiler.evaluate import evaluate, torch_scorer
 from llmc.compiler.importer import ModelIR, import_checkpoint
 from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec, load_spec
@@ -195,6 +196,8 @@ def emit_stage(b: Build) -> None:
         engine_dir = b.staging / "engines" / target
         if target == "tensorrt":
             entry = emit_tensorrt(ir.model, engine_dir, ir.quantized, spec.kv_cache.block_size, spec.kv_cache.dtype)
+        elif target == "cuda":
+            entry = emit_torch(ir.model, engine_dir, ir.quantized)
         else:
             entry = emit_onnx(ir.model, engine_dir, ir.quantized, emit_options(spec, spec.kv_cache.dtype),
                               outlier_channels=ir.outlier_channels, kv_scales=ir.kv_scales)

@@ -186,7 +186,7 @@ class BuildSpec(_Strict):
     source: str = Field(min_length=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     kv_cache: KVCacheSpec = KVCacheSpec()
-    targets: list[Literal["onnxruntime", "tensorrt"]] = Field(default=["onnxruntime"], min_length=1)
+    targets: list[Literal["onnxruntime", "tensorrt", "cuda"]] = Field(default=["onnxruntime"], min_length=1)
     output: str = "out"
     max_context: int | None = Field(default=None, ge=16, le=1 << 20)
     allow_pickle: bool = False
@@ -235,9 +235,9 @@ class BuildSpec(_Strict):
     def _int8_kv_targets(self):
         if self.kv_cache.dtype != "int8":
             return self
-        if "tensorrt" in self.targets:
+        if "tensorrt" in self.targets or "cuda" in self.targets:
             raise ValueError("kv_cache.dtype: int8 pools run on onnxruntime only (llmc's CPU kernels); use float16 "
-                             "for the tensorrt target")
+                             "for the tensorrt and cuda targets")
         if self.speculative is not None and self.speculative.method == "draft":
             raise ValueError("kv_cache.dtype: int8 pools are not built for a draft model (its pools share the "
                              "target's dtype); use float16, or speculative.method: ngram")

@@ -31,6 +31,9 @@ def engine_options(**defaults):
                      help="k, the most tokens drafted per step, 1..16 (default: the bundle's)."),
         click.option("--fixed-speculation", is_flag=True,
                      help="Always draft k tokens (no adaptive k / switching off)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default=base.device, show_default=True,
+                     help="cpu: the onnxruntime engine; cuda: the torch + Triton engine (a bundle built with "
+                          "targets: [.., cuda])."),
     ]
 
     def decorate(command):
@@ -42,7 +45,7 @@ def engine_options(**defaults):
                 policy=kwargs.pop("policy"), enable_prefix_caching=not kwargs.pop("no_prefix_caching"),
                 num_threads=base.num_threads, speculation=not kwargs.pop("no_speculation"),
                 num_spec_tokens=kwargs.pop("num_spec_tokens"),
-                adaptive_speculation=False if kwargs.pop("fixed_speculation") else None)
+                adaptive_speculation=False if kwargs.pop("fixed_speculation") else None, device=kwargs.pop("device"))
             return command(engine=engine, **kwargs)
 
         for option in reversed(options):

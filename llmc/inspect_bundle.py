@@ -12,7 +12,8 @@ def _engine_lines(target: str, engine: Engine) -> list[str]:
     level, block = engine.accuracy_level, engine.activation_block_size
     kernels = (f"; MatMulNBits accuracy level {level}" if level is not None else "") + (
         f", int8 activation blocks of {block}" if block else "")
-    lines = [f"engine    {target}: {engine.dir}/{engine.graph} (attention op {engine.attention_op}{kernels}){skipped}"]
+    lines = [f"engine    {target}: {engine.dir}/{engine.graph or engine.weights} (attention {engine.attention_op}"
+             f"{kernels}){skipped}"]
     if engine.prefill:
         p = engine.prefill
         lines.append(f"          + {engine.dir}/{p.graph} for steps of many tokens ({p.linear_op}: weights "

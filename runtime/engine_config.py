@@ -21,3 +21,4 @@ class EngineConfig:
     speculation: bool = True  # False: ignore the bundle's speculative section
     num_spec_tokens: int | None = None  # k, the most tokens drafted per step (default: the bundle's)
     adaptive_speculation: bool | None = None  # None: the bundle's choice; False: always k tokens
+    device: str = "cpu"  # cpu: the onnxruntime engine; cuda: the torch + Triton engine (the bundle's cuda target)

@@ -55,6 +55,19 @@ def plan_kv_budget(memory: str | int | None, fraction: float | None) -> int:
 DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 
 
+def blocks_in_budget(geos: list[ModelGeometry], block_size: int, budget_bytes: int, dtype: str) -> int:
+    """How many blocks of every model's pools fit in budget_bytes (the formula of `llmc kv-size`)."""
+    per_block = block_size * sum(kv_bytes_per_token(g.num_layers, g.num_kv_heads, g.head_dim, dtype) for g in geos)
+    num_blocks = budget_bytes // per_block
+    if num_blocks < 1:
+        raise ConfigError(f"KV-cache budget {budget_bytes} bytes holds no block of {block_size} tokens "
+                          f"({per_block} bytes); raise --kv-cache-memory")
+    log.info("KV cache: %d blocks x %d tokens = %d tokens in %.1f MiB, %s%s", num_blocks, block_size,
+             num_blocks * block_size, num_blocks * per_block / (1 << 20), dtype,
+             " (target and draft pools)" if len(geos) > 1 else "")
+    return int(num_blocks)
+
+
 class KVPool:
     """Per-layer K and V pools, [layers, num_blocks, block_size, kv_heads, head_dim] (KV_LAYOUT), float32,
     float16 or int8 codes (the bundle's kv_cache dtype; the engine quantizes what it returns)."""
@@ -76,16 +89,8 @@ class KVPool:
         `llmc kv-size`). With a draft model the budget holds each block twice, once per model (the two pools
         share block ids)."""
         geos = [geo] if draft is None else [geo, draft]
-        per_block = sum(kv_bytes_per_token(g.num_layers, g.num_kv_heads, g.head_dim, dtype) for g in geos)
-        per_block *= block_size
-        num_blocks = budget_bytes // per_block
-        if num_blocks < 1:
-            raise ConfigError(f"KV-cache budget {budget_bytes} bytes holds no block of {block_size} tokens "
-                              f"({per_block} bytes); raise --kv-cache-memory")
-        log.info("KV cache: %d blocks x %d tokens = %d tokens in %.1f MiB, %s%s", num_blocks, block_size,
-                 num_blocks * block_size, num_blocks * per_block / (1 << 20), dtype,
-                 " (target and draft pools)" if draft else "")
-        pools = [cls(g, int(num_blocks), block_size, dtype) for g in geos]
+        num_blocks = blocks_in_budget(geos, block_size, budget_bytes, dtype)
+        pools = [cls(g, num_blocks, block_size, dtype) for g in geos]
         return pools[0], (pools[1] if draft is not None else None)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

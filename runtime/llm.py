@@ -21,6 +21,7 @@ from llmc.runtime.drafters import ModelDrafter, NgramDrafter
 from llmc.runtime.engine_config import EngineConfig
 from llmc.runtime.engine_ort import FUSED_ATTENTION, OrtEngine
 from llmc.runtime.engine_stats import EngineCalls, EngineStats, StepTiming
+from llmc.runtime.engine_torch_loader import cuda_engine
 from llmc.runtime.kv_pool import KVPool, plan_kv_budget
 from llmc.runtime.logits_processors import changes_logits, draft_rows, process
 from llmc.runtime.sampler import sample_token, token_logprob
@@ -65,12 +66,16 @@ class LLM:
                                         self.tokenizer.eos_token_ids)
         budget = plan_kv_budget(config.kv_cache_memory, config.kv_cache_fraction)
         spec = self.bundle.manifest.speculative if config.speculation else None
-        self.engine = OrtEngine(self.bundle, config.num_threads, profile_dir=profile_dir)
         drafts_with_model = spec is not None and spec.method == "draft"
-        draft_engine = OrtEngine(self.bundle, config.num_threads, draft=True) if drafts_with_model else None
-        self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
-                                                        draft=draft_engine and draft_engine.geometry,
-                                                        dtype=self.bundle.kv_dtype)
+        draft_engine = None
+        if config.device == "cuda":
+            self.engine, self.pool, self.draft_pool = cuda_engine(self.bundle, budget, drafts_with_model)
+        else:
+            self.engine = OrtEngine(self.bundle, config.num_threads, profile_dir=profile_dir)
+            draft_engine = OrtEngine(self.bundle, config.num_threads, draft=True) if drafts_with_model else None
+            self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
+                                                            draft=draft_engine and draft_engine.geometry,
+                                                            dtype=self.bundle.kv_dtype)
         self.speculation: Speculation | None = None
         if spec:
             drafter = (ModelDrafter(draft_engine, self.draft_pool, self.geometry.vocab_size) if draft_engine
