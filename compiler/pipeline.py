@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llmc import __version__
 from llmc.artifacts import bundle as bundle_io
@@ -21,21 +22,21 @@ from llmc.artifacts import manifest as mf
 from llmc.artifacts.geometry import KV_FORMULA, KV_LAYOUT, kv_bytes_per_token
 from llmc.artifacts.tokenizer_meta import tokenizer_manifest
 from llmc.compiler import calibration
-from llmc.compiler.emit_onnx import EmitOptions, emit_onnx
-from llmc.compiler.emit_tensorrt import emit_tensorrt
 from llmc.compiler.emit_torch import emit_torch
 from llmc.compiler.evaluate import evaluate, torch_scorer
 from llmc.compiler.importer import ModelIR, import_checkpoint
 from llmc.compiler.spec import AWQSpec, BuildSpec, GPTQSpec, load_spec
 from llmc.errors import ConfigError
 from llmc.kernels.quant import GridConfig
-from llmc.passes.act_outliers import ActivationOutliers
 from llmc.passes.base import run_passes
 from llmc.passes.kv_scales import KVScales
 from llmc.passes.quant_awq import QuantAWQ
 from llmc.passes.quant_gptq import QuantGPTQ
 from llmc.passes.quant_rtn import QuantRTN
 from llmc.passes.spec_pairing import SpecPairing
+
+if TYPE_CHECKING:
+    from llmc.compiler.emit_onnx import EmitOptions
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ def build_passes(spec: BuildSpec, ir) -> list:
                 passes.append(QuantGPTQ(cfg, head, windows, g.damp, g.block_size, g.act_order, g.mse))
     # -- the int8 graph's activation outliers (after quantization: found on the weights it runs) -------
     if spec.int8_prefill:
+        from llmc.passes.act_outliers import ActivationOutliers  # onnx only where a spec needs it
+
         passes.append(ActivationOutliers(calibration_windows(), spec.int8_outlier_channels))
     # -- int8 KV pools' static scales (on the weights the engines run) --------------------------------
     if spec.kv_cache.dtype == "int8":
@@ -117,6 +120,7 @@ def _pass_summaries(records: list[dict]) -> list[mf.PassRecord]:
 def emit_options(spec: BuildSpec, kv_dtype: str, extra_graphs: bool = True) -> EmitOptions:
     """emit_onnx's options for a spec: its MatMulNBits settings, the KV pools' dtype, and (extra_graphs) the
     int8 prefill and int4 decode graphs it asks for."""
+    from llmc.compiler.emit_onnx import EmitOptions
     q = spec.quantization
     nbits = {"accuracy_level": q.accuracy_level, "activation_block_size": q.activation_block_size} if q else {}
     return EmitOptions(**nbits, kv_dtype=kv_dtype, int8_prefill=extra_graphs and spec.int8_prefill,
@@ -190,7 +194,10 @@ def evaluate_stage(b: Build) -> None:
 
 
 def emit_stage(b: Build) -> None:
-    """Engine files per target, and the draft's onnxruntime engine."""
+    """Engine files per target, and the draft's onnxruntime engine. The ONNX emitters are imported only where a
+    target needs them: a cuda-only build runs without the onnx package (the GPU machines' images lack it)."""
+    from llmc.compiler.emit_onnx import emit_onnx
+    from llmc.compiler.emit_tensorrt import emit_tensorrt
     spec, ir = b.spec, b.ir
     for target in spec.targets:
         engine_dir = b.staging / "engines" / target
