@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The prepared check for a lent GPU machine (issue 16): the Triton kernels against their torch references on the
-# GPU, decode attention bandwidth vs the device's copy bandwidth, the int4 GEMV vs torch's fp16 matmul. Needs only
-# torch and triton (the device image has both; nothing is installed). Writes $OUT/gpu_kernels.json; a few minutes.
-#   device run:  bash benchmarks/gpu_check.sh           (timeout_s 480)
+# The prepared check for a lent GPU machine (issue 16), at most ~8 minutes, nothing installed:
+#   1. gpu_kernels.py: the Triton kernels against their torch references, decode attention bandwidth vs the device's
+#      copy bandwidth, the int4 GEMV vs torch's fp16 matmul -> $OUT/gpu_kernels.json
+#   2. gpu_e2e.py: llmc's CUDA engine (LLM, device cuda) vs transformers generate (static cache, torch.compile) on
+#      the same random weights of SmolLM2's and a 1B Llama's shapes, batch 1/16/64 -> $OUT/gpu_e2e.json
+# The image lacks pydantic: `bash benchmarks/gpu_deps.sh` here first, and run with carry: ["gpu-deps"].
+#   device run:  bash benchmarks/gpu_check.sh           (timeout_s 540)
 #   dry run here: DRY_RUN=1 bash benchmarks/gpu_check.sh (TRITON_INTERPRET=1, tiny shapes, on the CPU)
-# Not in it yet: llmc's CUDA engine end to end vs transformers + torch.compile (that engine is not written yet).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"
@@ -15,6 +17,10 @@ mkdir "$SHIM/llmc"
 cp llmc/*.py "$SHIM/llmc/"
 for pkg in compiler passes kernels artifacts runtime; do ln -s "$PWD/$pkg" "$SHIM/llmc/$pkg"; done
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+if ! python -c "import pydantic" 2>/dev/null; then
+  [[ -d gpu-deps ]] || { echo "pydantic is missing and gpu-deps/ was not carried (bash benchmarks/gpu_deps.sh)"; exit 2; }
+  export PYTHONPATH="$PYTHONPATH:$PWD/gpu-deps"
+fi
 python - <<'PY' | tee "$OUT/environment.txt"
 import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)
@@ -23,7 +29,9 @@ PY
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   export TRITON_INTERPRET=1
   timeout 600 python benchmarks/gpu_kernels.py --dry-run --out "$OUT/gpu_kernels.json"
+  timeout 900 python benchmarks/gpu_e2e.py --dry-run --out "$OUT/gpu_e2e.json"
 else
-  timeout 420 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json"
+  timeout 150 python benchmarks/gpu_kernels.py --out "$OUT/gpu_kernels.json" || echo "gpu_kernels.py failed ($?)"
+  timeout 360 python benchmarks/gpu_e2e.py --budget-s 300 --out "$OUT/gpu_e2e.json" || echo "gpu_e2e.py failed ($?)"
 fi
-echo "wrote $OUT/gpu_kernels.json"
+ls -l "$OUT"

@@ -129,7 +129,7 @@ class TorchEngine:
         lens = torch.from_numpy(inputs.context_lens).to(dev)
         starts = torch.from_numpy(inputs.query_start).to(dev)
         query_lens = np.diff(inputs.query_start)
-        decode = bool((query_lens == 1).all())
+        decode, max_context = bool((query_lens == 1).all()), int(inputs.context_lens.max())
         cos, sin = w["rope.cos"][positions][:, None], w["rope.sin"][positions][:, None]  # [T, 1, D/2]
         x = w["embed"][ids]  # [T, hidden]
         num_tokens, scale = len(ids), geo.head_dim ** -0.5
@@ -143,7 +143,7 @@ class TorchEngine:
             v = self._linear(h, f"{p}.v_proj").view(num_tokens, geo.num_kv_heads, geo.head_dim)
             keys[i, slots], values[i, slots] = k.to(keys.dtype), v.to(values.dtype)
             if decode:
-                attn = paged_decode(q, pool.keys[i], pool.values[i], tables, lens, scale)
+                attn = paged_decode(q, pool.keys[i], pool.values[i], tables, lens, scale, max_context=max_context)
             else:
                 attn = paged_prefill(q, pool.keys[i], pool.values[i], tables, lens, starts, scale,
                                      int(query_lens.max()))

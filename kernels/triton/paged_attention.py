@@ -71,12 +71,14 @@ def _decode_merge_kernel(acc_ptr, stats_ptr, out_ptr, num_splits, HEAD_DIM: tl.c
 
 
 def paged_decode(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, tokens_per_split: int = 256,
-                 block_n: int = 32) -> torch.Tensor:
-    """One query per sequence: q [S, H, D] -> [S, H, D] (reference.paged_attention_ref with one query each)."""
+                 context_lens: torch.Tensor, scale: float, tokens_per_split: int = 256, block_n: int = 32,
+                 max_context: int | None = None) -> torch.Tensor:
+    """One query per sequence: q [S, H, D] -> [S, H, D] (reference.paged_attention_ref with one query each).
+    max_context: the longest context, known on the host (else read from context_lens: a device sync)."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = key_pool.shape
-    num_splits = max(1, -(-int(context_lens.max()) // tokens_per_split))
+    max_context = int(context_lens.max()) if max_context is None else max_context
+    num_splits = max(1, -(-max_context // tokens_per_split))
     acc = torch.empty(seqs, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     stats = torch.empty(seqs, heads, num_splits, 2, dtype=torch.float32, device=q.device)
     group = max(16, triton.next_power_of_2(heads // kv_heads))  # tl.dot takes at least 16 rows
