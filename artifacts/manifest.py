@@ -109,7 +109,8 @@ class Engine(Section):
     decode: DecodeGraph | None = None
     plan: str | None = None  # tensorrt: the serialized engine, None when it was not built
     skipped: str | None = None  # why the engine file was not built
-    tensorrt: str | None = None  # the TensorRT version that built `plan`
+    tensorrt: str | None = None  # the TensorRT version that built `plan` (a plan loads only in that version)
+    compute_capability: str | None = None  # the GPU `plan` was built for ("9.0"), where it could be read
     build_seconds: float | None = None
     profile: TensorRTProfile | None = None
 

@@ -25,6 +25,20 @@ def _engine_lines(target: str, engine: Engine) -> list[str]:
     return lines
 
 
+def _plan_here(bundle: Bundle) -> str:
+    """Whether the TensorRT plan loads on this machine (its TensorRT version and GPU)."""
+    from llmc.artifacts.tensorrt_plan import check_plan, this_machine
+    from llmc.errors import BundleError
+
+    engine = bundle.manifest.engines["tensorrt"]
+    built = f"TensorRT {engine.tensorrt}, compute capability {engine.compute_capability or '?'}"
+    try:
+        check_plan(bundle, *this_machine())
+    except BundleError as err:
+        return f"plan built with {built}; not loadable here: {str(err).split(': ', 1)[-1]}"
+    return f"plan built with {built}; loads here"
+
+
 def _speculative_line(spec: Speculative) -> str:
     if spec.method == "draft":
         draft = spec.draft
@@ -50,6 +64,8 @@ def describe(bundle: Bundle) -> list[str]:
     lines.append(f"kv cache  block {kv.block_size} tokens, {kv.dtype}, {kv.bytes_per_token:,} bytes/token")
     for target, engine in m.engines.items():
         lines += _engine_lines(target, engine)
+        if target == "tensorrt" and engine.plan:
+            lines.append(f"          {_plan_here(bundle)}")
     lines.append(f"passes    {', '.join(p.name for p in m.passes) or 'none'}")
     lines += [f"          {p.name}: {p.num_quantized} linears, {p.bits}-bit groups of {p.group_size}, "
               f"mean relative weight error {p.mean_rel_weight_error:.4f}"

@@ -85,3 +85,24 @@ def test_optimization_profile_takes_the_graphs_pool_shape(trt_bundle):
             assert len(low) == len(inputs[name])
             assert all(dim == static for dim, static in zip(low, inputs[name]) if isinstance(static, int) and static)
     assert all(name in inputs for name in shapes)
+
+
+def test_a_plan_loads_only_with_its_tensorrt_and_gpu(trt_bundle, tmp_path):
+    """Engine files record the TensorRT version and compute capability they were built with; any other is refused
+    before TensorRT sees the plan, with the rebuild command."""
+    from llmc.artifacts.tensorrt_plan import check_plan
+    from tests.helpers import edit_manifest
+
+    with pytest.raises(BundleError, match="TensorRT engine was not built .*rebuild it on this server with `llmc build"):
+        check_plan(trt_bundle, "10.7.0", "9.0")
+    copy = edit_manifest(trt_bundle.path, tmp_path / "built", lambda m: m["engines"]["tensorrt"].update(
+        plan="model.plan", skipped=None, tensorrt="10.7.0", compute_capability="9.0"))
+    (copy / "engines" / "tensorrt" / "model.plan").write_bytes(b"serialized engine")
+    built = load_bundle(copy, verify=False)
+    assert check_plan(built, "10.7.0", "9.0") == copy / "engines" / "tensorrt" / "model.plan"
+    with pytest.raises(BundleError, match="built by TensorRT 10.7.0 and this server has TensorRT 10.8.1.*llmc build"):
+        check_plan(built, "10.8.1", "9.0")
+    with pytest.raises(BundleError, match="compute capability 9.0 and this one is 8.9.*llmc build"):
+        check_plan(built, "10.7.0", "8.9")
+    with pytest.raises(BundleError, match="TensorRT is not installed here"):
+        check_plan(built, None, "9.0")
