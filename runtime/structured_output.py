@@ -43,8 +43,11 @@ def _grammar_text(so: StructuredOutput) -> str:
             raise GrammarError("the JSON schema must be a JSON object")
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     if so.kind == "choice":
-        choices = json.loads(so.spec)
-        if not choices or not all(isinstance(c, str) and c for c in choices):
+        try:
+            choices = json.loads(so.spec)
+        except ValueError as err:
+            raise GrammarError(f"choice must be a JSON list of strings: {err}") from None
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
             raise GrammarError("choice must be a non-empty list of non-empty strings")
         return llguidance.grammar_from("choice", so.spec)
     try:

@@ -112,6 +112,7 @@ def test_json_object_regex_choice_and_grammar(llm):
     (StructuredOutput("regex", "(unclosed"), "cannot be compiled"),
     (StructuredOutput("grammar", "start: undefined_rule"), "cannot be compiled"),
     (StructuredOutput("choice", "[]"), "non-empty list"),
+    (StructuredOutput("choice", "yes|no"), "JSON list of strings"),
 ])
 def test_a_constraint_that_cannot_compile_is_a_request_error(llm, so, message):
     with pytest.raises(RequestError, match=message):
