@@ -248,6 +248,8 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, options: EmitO
     x = g.op("Gather", embed, "input_ids", axis=0)  # [T, hidden]
     new_keys, new_values = [], []
     bf16_tiles = {"bf16_tiles": 1} if int8_linears else {}  # the int8 graph: prefill attention in bf16 too
+    if options.weight_format == "qdq":  # the tensorrt target: TensorRT's parser builds the node from llmc's plugin
+        bf16_tiles["plugin_namespace"] = pa.DOMAIN
     if kv_dtype == "int8" and len(kv_scales or {}) != geo.num_layers:
         raise ValueError("int8 KV pools need kv_scales for every layer (passes/kv_scales)")
     fused_norms = options.weight_format != "qdq"  # the TensorRT target's graph keeps standard ops
@@ -263,7 +265,7 @@ def build_graph(model: LlamaModel, quantized: dict | None = None, options: EmitO
         attn, k_rotated = g.op(pa.OP_TYPE, q, k, v, f"key_pool_{i}", f"value_pool_{i}", *plan.values(),
                                rope["rope_cos"], rope["rope_sin"], *scales, domain=pa.DOMAIN,
                                name=f"{p}.paged_attention", outputs=2, scale=float(geo.head_dim ** -0.5),
-                               num_heads=geo.num_heads, kv_num_heads=geo.num_kv_heads, **bf16_tiles)
+                               num_heads=geo.num_heads, kv_num_heads=geo.num_kv_heads, **bf16_tiles)  # extra attrs
         h, x = _add_rms_norm(g, x, _linear(g, attn, f"{p}.o_proj", layer.o_proj, src),
                              g.weight(f"{p}.mlp_norm", _np(layer.mlp_norm)), geo.rms_norm_eps, fused_norms)
         mlp_out = _int8_mlp(g, h, p, layer, src) or _int4_mlp(g, h, p, layer, src) or _mlp(g, h, p, layer, src)

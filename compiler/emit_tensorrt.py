@@ -47,6 +47,12 @@ def build_plan(onnx_path: Path, plan_path: Path, geo, block_size: int, max_token
     """Parse the ONNX with TensorRT and serialize an engine (needs an NVIDIA GPU and the tensorrt package)."""
     import tensorrt as trt
 
+    from llmc.compiler import trt_plugin
+
+    missing = trt_plugin.register()  # llmc.PagedAttention nodes then build from the plugin, not their ONNX body
+    if missing:
+        log.warning("the llmc::PagedAttention plugin is not registered (%s): TensorRT builds the nodes' ONNX "
+                    "function bodies", missing)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
