@@ -23,7 +23,9 @@ def process(logits: np.ndarray, params: SamplingParams, prompt_ids: list[int], o
     """logits [vocab] as sampled from. output_ids: the tokens generated so far (those of this row's
     position); stop_ids: EOS and stop_token_ids (banned before min_tokens); allowed: bool [vocab] of the
     grammar, or None."""
-    out = logits.astype(np.float32, copy=True)
+    edits = (params.repetition_penalty != 1.0 or params.logit_bias or len(output_ids) < params.min_tokens
+             or ((params.presence_penalty or params.frequency_penalty) and output_ids))
+    out = logits.astype(np.float32, copy=True) if edits else logits  # a grammar alone: one pass below
     vocab = out.shape[-1]
     if params.repetition_penalty != 1.0:
         seen = np.unique(np.asarray(prompt_ids + output_ids, dtype=np.int64))
@@ -41,7 +43,7 @@ def process(logits: np.ndarray, params: SamplingParams, prompt_ids: list[int], o
     if len(output_ids) < params.min_tokens:
         out[[t for t in stop_ids if t < vocab]] = -np.inf
     if allowed is not None:
-        out[~allowed[:vocab]] = -np.inf
+        out = np.where(allowed[:vocab], out, np.float32(-np.inf))  # a new array: logits stay as they are
     return out
 
 

@@ -107,8 +107,7 @@ class SequenceGrammar:
         """bool [vocab]: the tokens the grammar allows next."""
         self.matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
         self._check()
-        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")[:self.vocab_size]
-        return bits.astype(bool)
+        return np.unpackbits(self._bitmask.view(np.uint8), count=self.vocab_size, bitorder="little").view(bool)
 
     def accept(self, token: int) -> None:
         """Advance past a sampled token."""
