@@ -78,6 +78,7 @@ class TorchEngine:
         tensors = load_file(str(bundle.path / entry.dir / entry.weights), device=device)
         self.w = {name: t if t.dtype == torch.uint8 or name.startswith("rope.") else t.to(self.dtype)
                   for name, t in tensors.items()}
+        self.untied_head = any(name.startswith("lm_head.") for name in self.w)  # else the embedding is the head
         self.path_counts = {"main": [0, 0]}  # [engine calls, tokens], as OrtEngine's
         self.path_seconds = {"main": 0.0}
         self.calibration_runs = {"main": 0}
@@ -152,7 +153,7 @@ class TorchEngine:
             gate, up = self._linear(h, f"{p}.gate_proj"), self._linear(h, f"{p}.up_proj")
             x = x + self._linear(torch.nn.functional.silu(gate) * up, f"{p}.down_proj")
         h = self._norm(x[torch.from_numpy(inputs.logits_index).to(dev)], w["norm"])
-        logits = self._linear(h, "lm_head") if any(n.startswith("lm_head.") for n in w) else h @ w["embed"].T
+        logits = self._linear(h, "lm_head") if self.untied_head else h @ w["embed"].T
         out = logits.float().cpu().numpy()
         self.path_counts["main"][0] += 1
         self.path_counts["main"][1] += num_tokens

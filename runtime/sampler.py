@@ -37,11 +37,6 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
     return int(rng.choice(probs.shape[-1], p=probs))
 
 
-def top_logprobs(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The k most likely tokens and their log-probabilities, best first."""
-    return token_logprob(logits, 0, k).top
-
-
 def token_logprob(logits: np.ndarray, token: int, k: int) -> TokenLogprob:
     """token's log-probability under logits [vocab] and the k most likely tokens', best first."""
     logp = log_softmax(logits)

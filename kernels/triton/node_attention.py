@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmc.kernels.triton.paged_attention import online_softmax_step
+
 
 @triton.jit
 def _rotate(x1, x2, cos, sin):
@@ -66,13 +68,7 @@ def node_kernel(q_ptr, k_ptr, v_ptr, key_pool_ptr, value_pool_ptr, query_index_p
         scores = tl.dot(q1, tl.trans(kc1.to(tl.float32))) + tl.dot(q2, tl.trans(kc2.to(tl.float32)))
         scores = tl.where(valid[None, :], scores, float("-inf"))
         vc = tl.load(value_pool_ptr + slot[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, vc.to(tl.float32))
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(scores, vc.to(tl.float32), m_i, l_i, acc)
     for first in range(0, tl.minimum(num_new, (tile + 1) * BLOCK_M), BLOCK_N):  # the step's keys, causal
         keys = first + tl.arange(0, BLOCK_N)
         valid = keys < num_new
@@ -88,13 +84,7 @@ def node_kernel(q_ptr, k_ptr, v_ptr, key_pool_ptr, value_pool_ptr, query_index_p
         scores = tl.where(visible, scores, float("-inf"))
         vn = tl.load(v_ptr + key_tokens[:, None] * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + dims[None, :],
                      mask=valid[:, None], other=0.0)
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, vn.to(tl.float32))
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(scores, vn.to(tl.float32), m_i, l_i, acc)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tokens[:, None] * (HEADS * HEAD_DIM) + head * HEAD_DIM + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

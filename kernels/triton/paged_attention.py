@@ -17,6 +17,20 @@ import triton.language as tl
 
 
 @triton.jit
+def online_softmax_step(scores, v, m_i, l_i, acc):
+    """One block of keys into a running softmax: scores [rows, keys] (float32, -inf where not visible), v
+    [keys, D]; returns the updated (max, sum, unnormalized output). A row that has seen nothing yet stays
+    finite (its max is taken as 0 until a visible key arrives)."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(scores - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(q_ptr, key_ptr, value_ptr, tables_ptr, lens_ptr, acc_ptr, stats_ptr, scale,
                          table_stride, tokens_per_split, num_splits,
                          HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -41,13 +55,8 @@ def _decode_split_kernel(q_ptr, key_ptr, value_ptr, tables_ptr, lens_ptr, acc_pt
         k = tl.load(key_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k)).to(tl.float32)  # [GROUP, BLOCK_N]
         scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(value_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc)
     part = (seq * HEADS + heads) * num_splits + split  # [GROUP]: partials [S, H, splits, ...]
     tl.store(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None])
     tl.store(stats_ptr + part * 2, m_i, mask=head_ok)
@@ -121,14 +130,8 @@ def _prefill_kernel(q_ptr, key_ptr, value_ptr, out_ptr, tables_ptr, lens_ptr, st
         scores = tl.dot(q, tl.trans(k)).to(tl.float32)  # [BLOCK_M, BLOCK_N]
         visible = valid[None, :] & (tokens[None, :] <= positions[:, None])
         scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)  # a padded row sees nothing: keep it finite
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(value_ptr + slots[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + (tokens_q[:, None] * HEADS + head) * HEAD_DIM + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from llmc.runtime.sampler import filtered_probs, sample_token, top_logprobs
+from llmc.runtime.sampler import filtered_probs, sample_token, token_logprob
 from llmc.runtime.sequence import SamplingParams
 
 
@@ -41,5 +41,5 @@ def test_sampling_frequencies_follow_the_distribution():
 
 def test_top_logprobs():
     logits = np.array([1.0, 3.0, 2.0])
-    (i1, lp1), (i2, lp2) = top_logprobs(logits, 2)
+    (i1, lp1), (i2, lp2) = token_logprob(logits, 0, 2).top
     assert (i1, i2) == (1, 2) and abs((lp1 - lp2) - 1.0) < 1e-12
