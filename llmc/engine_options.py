@@ -34,6 +34,8 @@ def engine_options(**defaults):
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default=base.device, show_default=True,
                      help="cpu: the onnxruntime engine; cuda: the torch + Triton engine (a bundle built with "
                           "targets: [.., cuda])."),
+        click.option("--enforce-eager", is_flag=True,
+                     help="--device cuda: run decode steps eagerly, without CUDA graphs."),
     ]
 
     def decorate(command):
@@ -45,7 +47,8 @@ def engine_options(**defaults):
                 policy=kwargs.pop("policy"), enable_prefix_caching=not kwargs.pop("no_prefix_caching"),
                 num_threads=base.num_threads, speculation=not kwargs.pop("no_speculation"),
                 num_spec_tokens=kwargs.pop("num_spec_tokens"),
-                adaptive_speculation=False if kwargs.pop("fixed_speculation") else None, device=kwargs.pop("device"))
+                adaptive_speculation=False if kwargs.pop("fixed_speculation") else None, device=kwargs.pop("device"),
+                cuda_graphs=not kwargs.pop("enforce_eager"))
             return command(engine=engine, **kwargs)
 
         for option in reversed(options):

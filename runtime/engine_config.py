@@ -22,3 +22,4 @@ class EngineConfig:
     num_spec_tokens: int | None = None  # k, the most tokens drafted per step (default: the bundle's)
     adaptive_speculation: bool | None = None  # None: the bundle's choice; False: always k tokens
     device: str = "cpu"  # cpu: the onnxruntime engine; cuda: the torch + Triton engine (the bundle's cuda target)
+    cuda_graphs: bool = True  # device cuda: replay decode steps from CUDA graphs (False: vLLM's --enforce-eager)

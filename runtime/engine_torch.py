@@ -59,13 +59,15 @@ class TorchKVPool:
 
 
 class TorchEngine:
-    """One step: embed, per layer (norm, q/k/v, rotary, write K/V, paged attention, o, norm, SwiGLU MLP), the
-    final norm and the LM head at logits_index."""
+    """One step: embed, per layer (add + norm, fused q/k/v, rotary + K/V write, paged attention, o, add + norm,
+    fused gate/up, SwiGLU, down), the final norm and the LM head at logits_index. Ten kernel launches a layer;
+    decode steps replay CUDA graphs (runtime/cuda_graphs.py) unless cuda_graphs is False."""
 
     attention = ATTENTION
     profiling = False
 
-    def __init__(self, bundle: Bundle, device: str = "cuda", dtype: str | None = None):
+    def __init__(self, bundle: Bundle, device: str = "cuda", dtype: str | None = None, cuda_graphs: bool = True,
+                 max_num_seqs: int = 64):
         from safetensors.torch import load_file
 
         if "cuda" not in bundle.manifest.engines:
@@ -76,13 +78,19 @@ class TorchEngine:
         self.num_layers = self.geometry.num_layers
         self.dtype = TORCH_DTYPES[dtype or ("float16" if device == "cuda" else "float32")]
         tensors = load_file(str(bundle.path / entry.dir / entry.weights), device=device)
-        self.w = {name: t if t.dtype == torch.uint8 or name.startswith("rope.") else t.to(self.dtype)
-                  for name, t in tensors.items()}
+        self.w = fuse_projections({name: t if t.dtype == torch.uint8 or name.startswith("rope.") else t.to(self.dtype)
+                                   for name, t in tensors.items()}, self.num_layers)
         self.untied_head = any(name.startswith("lm_head.") for name in self.w)  # else the embedding is the head
+        self.graphs = None
+        if cuda_graphs:  # without CUDA (the tests) its static buffers and padding run eagerly
+            from llmc.runtime.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, max_num_seqs)
         self.path_counts = {"main": [0, 0]}  # [engine calls, tokens], as OrtEngine's
         self.path_seconds = {"main": 0.0}
         self.calibration_runs = {"main": 0}
-        log.info("cuda engine loaded from %s on %s (%s; attention: %s)", entry.dir, device, self.dtype, ATTENTION)
+        log.info("cuda engine loaded from %s on %s (%s; attention: %s; decode CUDA graphs: %s)", entry.dir, device,
+                 self.dtype, ATTENTION, "on" if self.graphs else "off")
 
     @property
     def gemm_path(self) -> str:
@@ -94,7 +102,8 @@ class TorchEngine:
     def end_profiling(self) -> dict[str, str]:
         return {}
 
-    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x [T, K] @ W^T (+ bias) -> [T, N], W int4-packed or float."""
         from llmc.kernels.triton.int4_gemm import int4_matmul
 
         w = self.w
@@ -106,56 +115,82 @@ class TorchEngine:
         bias = w.get(f"{name}.bias")
         return y if bias is None else y + bias
 
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.geometry.rms_norm_eps)).to(x.dtype) * weight
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                lens: torch.Tensor, starts: torch.Tensor, logits_index: torch.Tensor, pool: TorchKVPool,
+                max_query_len: int, max_context: int) -> torch.Tensor:
+        """The step on device tensors (no host sync: a CUDA graph captures it as is); logits [N, vocab] on the
+        device. max_query_len 1: every sequence decodes one token."""
+        from llmc.kernels.triton.layer_ops import add_rms_norm, rope_write_kv, silu_mul
+        from llmc.kernels.triton.paged_attention import paged_decode, paged_prefill
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Half rotation (Llama's): [T, heads, D] with cos / sin [T, 1, D / 2]."""
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half].float(), x[..., half:].float()
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        geo, w = self.geometry, self.w
+        eps, scale = geo.rms_norm_eps, geo.head_dim ** -0.5
+        x = w["embed"][ids]  # [T, hidden]: the residual stream, updated in place by add_rms_norm
+        h = add_rms_norm(x, w["layers.0.attn_norm"], eps)
+        for i in range(geo.num_layers):
+            p = f"layers.{i}"
+            qkv = self.linear(h, f"{p}.qkv_proj")  # [T, (H + 2 KVH) * D]
+            q = rope_write_kv(qkv, w["rope.cos"], w["rope.sin"], positions, slots, pool.keys[i], pool.values[i],
+                              geo.num_heads, geo.num_kv_heads)  # [T, H, D]
+            if max_query_len == 1:
+                attn = paged_decode(q, pool.keys[i], pool.values[i], tables, lens, scale, max_context=max_context)
+            else:
+                attn = paged_prefill(q, pool.keys[i], pool.values[i], tables, lens, starts, scale, max_query_len)
+            h = add_rms_norm(self.linear(attn.view(len(ids), -1), f"{p}.o_proj"), w[f"{p}.mlp_norm"], eps, x)
+            down = self.linear(silu_mul(self.linear(h, f"{p}.gate_up_proj")), f"{p}.down_proj")
+            last = i == geo.num_layers - 1
+            h = add_rms_norm(down, w["norm"] if last else w[f"layers.{i + 1}.attn_norm"], eps, x)
+        h = h[logits_index]
+        return self.linear(h, "lm_head") if self.untied_head else h @ w["embed"].T
 
     @torch.no_grad()
     def step(self, inputs: StepInputs, pool: TorchKVPool) -> np.ndarray:
         """Run one step; returns logits [N, vocab] (float32, on the host) and writes K/V into the pools."""
-        from llmc.kernels.triton.paged_attention import paged_decode, paged_prefill
-
         start = time.perf_counter()
-        geo, w, dev = self.geometry, self.w, self.device
-        ids = torch.from_numpy(inputs.input_ids).to(dev)
-        positions = torch.from_numpy(inputs.positions).to(dev)
-        slots = torch.from_numpy(inputs.slot_mapping).to(dev)
-        tables = torch.from_numpy(inputs.block_tables).to(dev)
-        lens = torch.from_numpy(inputs.context_lens).to(dev)
-        starts = torch.from_numpy(inputs.query_start).to(dev)
-        query_lens = np.diff(inputs.query_start)
-        decode, max_context = bool((query_lens == 1).all()), int(inputs.context_lens.max())
-        cos, sin = w["rope.cos"][positions][:, None], w["rope.sin"][positions][:, None]  # [T, 1, D/2]
-        x = w["embed"][ids]  # [T, hidden]
-        num_tokens, scale = len(ids), geo.head_dim ** -0.5
-        flat = (geo.num_layers, -1, geo.num_kv_heads, geo.head_dim)  # one row per slot
-        keys, values = pool.keys.view(flat), pool.values.view(flat)
-        for i in range(geo.num_layers):
-            p = f"layers.{i}"
-            h = self._norm(x, w[f"{p}.attn_norm"])
-            q = self._rope(self._linear(h, f"{p}.q_proj").view(num_tokens, geo.num_heads, geo.head_dim), cos, sin)
-            k = self._rope(self._linear(h, f"{p}.k_proj").view(num_tokens, geo.num_kv_heads, geo.head_dim), cos, sin)
-            v = self._linear(h, f"{p}.v_proj").view(num_tokens, geo.num_kv_heads, geo.head_dim)
-            keys[i, slots], values[i, slots] = k.to(keys.dtype), v.to(values.dtype)
-            if decode:
-                attn = paged_decode(q, pool.keys[i], pool.values[i], tables, lens, scale, max_context=max_context)
-            else:
-                attn = paged_prefill(q, pool.keys[i], pool.values[i], tables, lens, starts, scale,
-                                     int(query_lens.max()))
-            x = x + self._linear(attn.reshape(num_tokens, -1), f"{p}.o_proj")
-            h = self._norm(x, w[f"{p}.mlp_norm"])
-            gate, up = self._linear(h, f"{p}.gate_proj"), self._linear(h, f"{p}.up_proj")
-            x = x + self._linear(torch.nn.functional.silu(gate) * up, f"{p}.down_proj")
-        h = self._norm(x[torch.from_numpy(inputs.logits_index).to(dev)], w["norm"])
-        logits = self._linear(h, "lm_head") if self.untied_head else h @ w["embed"].T
+        max_query_len = int(np.diff(inputs.query_start).max())
+        max_context = int(inputs.context_lens.max())
+        if self.graphs is not None and max_query_len == 1 and self.graphs.serves(len(inputs.input_ids), max_context):
+            logits = self.graphs.run(inputs, pool)
+        else:
+            dev = self.device
+            args = [torch.from_numpy(a).to(dev) for a in (inputs.input_ids, inputs.positions, inputs.slot_mapping,
+                                                          inputs.block_tables, inputs.context_lens,
+                                                          inputs.query_start, inputs.logits_index)]
+            logits = self.forward(*args, pool, max_query_len, max_context)
         out = logits.float().cpu().numpy()
         self.path_counts["main"][0] += 1
-        self.path_counts["main"][1] += num_tokens
+        self.path_counts["main"][1] += len(inputs.input_ids)
         self.path_seconds["main"] += time.perf_counter() - start
         return out
+
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _stored_as(w: dict[str, torch.Tensor], name: str) -> tuple:
+    """How a linear is stored: its tensor suffixes (less the bias) and their shapes past the output rows."""
+    return tuple(sorted((key[len(name) + 1:], tuple(t.shape[1:])) for key, t in w.items()
+                        if key.startswith(name + ".") and key != f"{name}.bias"))
+
+
+def fuse_projections(w: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Concatenate each layer's q/k/v and gate/up weights along their output rows, so each group is one GEMM.
+    The parts must be stored alike (all int4 with the same groups and zero-point kind, or all float), as llmc's
+    quantization leaves them; a bundle where they differ is refused with a rebuild message."""
+    for i in range(num_layers):
+        for fused, parts in FUSED.items():
+            names = [f"layers.{i}.{part}" for part in parts]
+            stored = {_stored_as(w, name) for name in names}
+            if len(stored) != 1:
+                raise BundleError(f"layers.{i}: {', '.join(parts)} are stored in different formats, so the cuda "
+                                  "engine cannot fuse them; rebuild the bundle with one quantization for them")
+            suffixes = [suffix for suffix, _ in stored.pop()]
+            rows = [w[f"{name}.{suffixes[0]}"].shape[0] for name in names]  # each part's output features
+            for suffix in suffixes:
+                w[f"layers.{i}.{fused}.{suffix}"] = torch.cat([w.pop(f"{name}.{suffix}") for name in names])
+            biases = [w.pop(f"{name}.bias", None) for name in names]
+            if any(b is not None for b in biases):  # a part without one adds zeros
+                w[f"layers.{i}.{fused}.bias"] = torch.cat([
+                    b if b is not None else torch.zeros(n, dtype=w["norm"].dtype, device=w["norm"].device)
+                    for b, n in zip(biases, rows)])
+    return w

@@ -69,7 +69,7 @@ class LLM:
         drafts_with_model = spec is not None and spec.method == "draft"
         draft_engine = None
         if config.device == "cuda":
-            self.engine, self.pool, self.draft_pool = cuda_engine(self.bundle, budget, drafts_with_model)
+            self.engine, self.pool, self.draft_pool = cuda_engine(self.bundle, budget, drafts_with_model, config)
         else:
             self.engine = OrtEngine(self.bundle, config.num_threads, profile_dir=profile_dir)
             draft_engine = OrtEngine(self.bundle, config.num_threads, draft=True) if drafts_with_model else None

@@ -71,11 +71,13 @@ def _decode_merge_kernel(acc_ptr, stats_ptr, out_ptr, num_splits, HEAD_DIM: tl.c
     m = tl.load(stats_ptr + (row * num_splits + splits) * 2, mask=used, other=float("-inf"))
     l_i = tl.load(stats_ptr + (row * num_splits + splits) * 2 + 1, mask=used, other=0.0)
     top = tl.max(m, 0)
+    top = tl.where(top > float("-inf"), top, 0.0)  # every split empty: a context of 0
     weight = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)  # empty splits (past the context) weigh 0
     dims = tl.arange(0, HEAD_DIM)
     acc = tl.load(acc_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None],
                   other=0.0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_i * weight, 0)
+    total = tl.sum(l_i * weight, 0)  # 0 for an empty context (a CUDA graph's padding row): its output is 0
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
 
@@ -83,7 +85,8 @@ def paged_decode(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tens
                  context_lens: torch.Tensor, scale: float, tokens_per_split: int = 256, block_n: int = 32,
                  max_context: int | None = None) -> torch.Tensor:
     """One query per sequence: q [S, H, D] -> [S, H, D] (reference.paged_attention_ref with one query each).
-    max_context: the longest context, known on the host (else read from context_lens: a device sync)."""
+    max_context: the longest context, known on the host (else read from context_lens: a device sync); a CUDA
+    graph passes the longest it serves, so the launch grid stays fixed. A context of 0 gives zeros."""
     seqs, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = key_pool.shape
     max_context = int(context_lens.max()) if max_context is None else max_context

@@ -50,3 +50,41 @@ def int4_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
                     block_size: int, in_features: int) -> torch.Tensor:
     """x [M, K] @ W^T for the packed int4 weight W [N, K]; float32 accumulation, x's dtype out."""
     return (x.float() @ dequantize_int4(packed, scale, zero, block_size, in_features).T).to(x.dtype)
+
+
+def add_rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm of x, or of residual + x with the sum written into residual; float32 inside, x's dtype out."""
+    if residual is not None:
+        residual.copy_((residual.float() + x.float()).to(residual.dtype))
+        x = residual
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def rope_write_kv_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                      slots: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, heads: int,
+                      kv_heads: int) -> torch.Tensor:
+    """Rotate q and k of the fused projection [T, (H + 2 KVH) * D] (half rotation), write k and v into the pools at
+    the non-negative slots; returns q [T, H, D]."""
+    tokens = qkv.shape[0]
+    head_dim = 2 * cos.shape[1]
+    q, k, v = qkv.view(tokens, heads + 2 * kv_heads, head_dim).split([heads, kv_heads, kv_heads], dim=1)
+    c, s = cos[positions.long()][:, None], sin[positions.long()][:, None]  # [T, 1, D / 2]
+
+    def rotate(x):
+        x1, x2 = x[..., :head_dim // 2].float(), x[..., head_dim // 2:].float()
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+    keep = slots >= 0
+    block_size = key_pool.shape[1]
+    blocks, offsets = slots[keep].long() // block_size, slots[keep].long() % block_size
+    key_pool[blocks, offsets] = rotate(k)[keep].to(key_pool.dtype)
+    value_pool[blocks, offsets] = v[keep].to(value_pool.dtype)
+    return rotate(q).to(qkv.dtype)
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate, then up) -> silu(gate) * up [T, I]."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)

@@ -42,28 +42,84 @@ def test_the_cuda_target_is_recorded_with_int4_linears(bundle):
     assert (bundle.engine_dir("cuda") / entry.weights).is_file()
 
 
-def test_steps_match_the_onnxruntime_engine(bundle):
-    geo, block_size = bundle.geometry, bundle.block_size
-    ort_engine, torch_engine = OrtEngine(bundle), TorchEngine(bundle, device=DEVICE)
-    ort_pool = KVPool(geo, 40, block_size)
-    torch_pool = TorchKVPool(geo, 40, block_size, "float32" if DEVICE == "cpu" else "float16", device=DEVICE)
-    rng = np.random.default_rng(0)
+def _steps(rng):
+    """Prefill chunks (one after cached tokens, ending inside a block), then decodes of both sequences."""
     prompts = [rng.integers(3, 300, 9).tolist(), rng.integers(3, 300, 13).tolist()]
     tables = [[7, 2, 30, 11, 25, 3], [19, 0, 33, 8, 14, 27, 5]]  # holes, any order
-    steps = [[Chunk(prompts[0], 0, tables[0], 1), Chunk(prompts[1][:8], 0, tables[1], 1)],  # prefill chunks
-             [Chunk(prompts[1][8:], 8, tables[1], 1)]]  # a chunk after cached tokens, ending inside a block
+    steps = [[Chunk(prompts[0], 0, tables[0], 1), Chunk(prompts[1][:8], 0, tables[1], 1)],
+             [Chunk(prompts[1][8:], 8, tables[1], 1)]]
     tokens = [prompts[0] + [5], prompts[1] + [6]]
-    for n in range(4):  # decodes of both
+    for n in range(4):
         steps.append([Chunk([tokens[0][-1]], len(tokens[0]) - 1, tables[0], 1),
                       Chunk([tokens[1][-1]], len(tokens[1]) - 1, tables[1], 1)])
         tokens = [t + [40 + n] for t in tokens]
-    for chunks in steps:
+    steps.append([Chunk([tokens[1][-1]], len(tokens[1]) - 1, tables[1], 1)])  # one sequence alone
+    return steps
+
+
+def _torch_pool(geo, block_size):
+    return TorchKVPool(geo, 40, block_size, "float32" if DEVICE == "cpu" else "float16", device=DEVICE)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "graphs"])
+def test_steps_match_the_onnxruntime_engine(bundle, cuda_graphs):
+    geo, block_size = bundle.geometry, bundle.block_size
+    ort_engine = OrtEngine(bundle)
+    torch_engine = TorchEngine(bundle, device=DEVICE, cuda_graphs=cuda_graphs, max_num_seqs=5)
+    ort_pool, torch_pool = KVPool(geo, 40, block_size), _torch_pool(geo, block_size)
+    for chunks in _steps(np.random.default_rng(0)):
         inputs = layout_step(chunks, block_size)
         expected = ort_engine.step(inputs, ort_pool)
         got = torch_engine.step(inputs, torch_pool)
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() < 2e-2 * max(1.0, np.abs(expected).max())  # float16 weights
         assert (got.argmax(-1) == expected.argmax(-1)).all()
+    assert (torch_engine.graphs is not None) == cuda_graphs
+    if cuda_graphs:
+        assert sorted(torch_engine.graphs._replays) == [1, 2]  # decodes of two and of one ran as replays
+
+
+def test_graph_padding_rows_write_and_read_nothing(bundle):
+    """Decodes of 3 sequences padded to 4 rows: the same logits and the same pools, slot for slot, as eager."""
+    geo, block_size = bundle.geometry, bundle.block_size
+    eager = TorchEngine(bundle, device=DEVICE, cuda_graphs=False)
+    graphs = TorchEngine(bundle, device=DEVICE, cuda_graphs=True, max_num_seqs=4)
+    pools = [_torch_pool(geo, block_size) for _ in range(2)]
+    tables = [[3, 9, 1], [20, 4], [12, 30, 31, 2]]
+    prompts = [list(range(10, 19)), [7, 8, 9, 10, 11], list(range(40, 53))]
+    steps = [[Chunk(p, 0, t, 1) for p, t in zip(prompts, tables)]]
+    steps += [[Chunk([60 + n], len(p) + n, t, 1) for p, t in zip(prompts, tables)] for n in range(2)]
+    for chunks in steps:
+        inputs = layout_step(chunks, block_size)
+        np.testing.assert_allclose(graphs.step(inputs, pools[1]), eager.step(inputs, pools[0]), rtol=1e-5, atol=1e-5)
+    assert list(graphs.graphs._replays) == [4]
+    for name in ("keys", "values"):
+        torch.testing.assert_close(getattr(pools[1], name), getattr(pools[0], name), rtol=0, atol=0)
+
+
+def test_projections_stored_differently_are_refused():
+    from llmc.errors import BundleError
+    from llmc.runtime.engine_torch import fuse_projections
+
+    w = {"norm": torch.ones(4), "layers.0.q_proj.weight": torch.ones(4, 4), "layers.0.k_proj.weight": torch.ones(2, 4),
+         "layers.0.v_proj.packed": torch.ones(2, 1, 2, dtype=torch.uint8), "layers.0.v_proj.scale": torch.ones(2, 1)}
+    with pytest.raises(BundleError, match="q_proj, k_proj, v_proj are stored in different formats"):
+        fuse_projections(w, 1)
+
+
+def test_fused_projections_keep_each_part_and_its_bias():
+    from llmc.runtime.engine_torch import fuse_projections
+
+    q, k, v, bias_k = torch.randn(4, 3), torch.randn(2, 3), torch.randn(2, 3), torch.randn(2)
+    gate, up = torch.randn(5, 3), torch.randn(5, 3)
+    w = fuse_projections({"norm": torch.ones(3), "layers.0.q_proj.weight": q, "layers.0.k_proj.weight": k,
+                          "layers.0.k_proj.bias": bias_k, "layers.0.v_proj.weight": v,
+                          "layers.0.gate_proj.weight": gate, "layers.0.up_proj.weight": up}, 1)
+    x = torch.randn(1, 3)
+    fused = x @ w["layers.0.qkv_proj.weight"].T + w["layers.0.qkv_proj.bias"]
+    torch.testing.assert_close(fused, torch.cat([x @ q.T, x @ k.T + bias_k, x @ v.T], dim=1))
+    torch.testing.assert_close(x @ w["layers.0.gate_up_proj.weight"].T, torch.cat([x @ gate.T, x @ up.T], dim=1))
+    assert not any(name.startswith(("layers.0.q_proj", "layers.0.gate_proj")) for name in w)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -1,0 +1,72 @@
+"""The CUDA engine's fused elementwise kernels (add + RMSNorm, rotary + KV write, SwiGLU) against their torch
+references, under TRITON_INTERPRET=1 on the CPU (on a GPU where there is one), with fresh random inputs."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on numpy
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested here")
+
+from llmc.kernels.triton import reference  # noqa: E402
+from llmc.kernels.triton.layer_ops import add_rms_norm, rope_write_kv, silu_mul  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+TOL = 2e-2 if DTYPE == torch.float16 else 1e-5
+
+
+@pytest.fixture
+def rng():
+    seed = random.randrange(2**31)
+    return np.random.default_rng(seed)
+
+
+def _tensor(rng, *shape, scale=1.0):
+    return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * scale).to(DEVICE, DTYPE)
+
+
+@pytest.mark.parametrize("hidden", [64, 96])  # 96: not a power of two, the row is masked
+def test_add_rms_norm_matches_the_reference_and_updates_the_residual(rng, hidden):
+    x, weight = _tensor(rng, 5, hidden), _tensor(rng, hidden)
+    torch.testing.assert_close(add_rms_norm(x, weight, 1e-5), reference.add_rms_norm_ref(x, weight, 1e-5),
+                               atol=TOL, rtol=TOL)
+    residual = _tensor(rng, 5, hidden, scale=3.0)
+    residual_ref = residual.clone()
+    got = add_rms_norm(x, weight, 1e-5, residual=residual)
+    expected = reference.add_rms_norm_ref(x, weight, 1e-5, residual=residual_ref)
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(residual, residual_ref, atol=TOL, rtol=TOL)  # the sum, written back
+
+
+def test_rope_write_kv_rotates_and_writes_only_real_slots(rng):
+    heads, kv_heads, head_dim, block_size, num_blocks, tokens = 6, 2, 16, 4, 10, 5
+    qkv = _tensor(rng, tokens, (heads + 2 * kv_heads) * head_dim)
+    angles = rng.uniform(0, 6.3, (64, head_dim // 2)).astype(np.float32)
+    cos, sin = (torch.from_numpy(f(angles)).to(DEVICE) for f in (np.cos, np.sin))
+    positions = torch.tensor(rng.integers(0, 64, tokens), dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor(rng.permutation(num_blocks * block_size)[:tokens], dtype=torch.int32, device=DEVICE)
+    slots[2] = -1  # a padding row: writes nothing
+    pools = [_tensor(rng, num_blocks, block_size, kv_heads, head_dim) for _ in range(2)]
+    pools_ref = [p.clone() for p in pools]
+    got = rope_write_kv(qkv, cos, sin, positions, slots, *pools, heads, kv_heads)
+    expected = reference.rope_write_kv_ref(qkv, cos, sin, positions, slots, *pools_ref, heads, kv_heads)
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=TOL)
+    for pool, pool_ref in zip(pools, pools_ref):
+        torch.testing.assert_close(pool, pool_ref, atol=TOL, rtol=TOL)
+    # the reference itself: position 0 is no rotation, and a norm-preserving one elsewhere
+    q0 = reference.rope_write_kv_ref(qkv[:1], cos * 0 + 1, sin * 0, positions[:1], slots[:1] * 0 - 1,
+                                     *pools_ref, heads, kv_heads)
+    torch.testing.assert_close(q0.reshape(1, -1), qkv[:1, :heads * head_dim])
+    torch.testing.assert_close(expected.float().norm(dim=-1), qkv[:, :heads * head_dim].float()
+                               .view(tokens, heads, head_dim).norm(dim=-1), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("inter", [48, 1500])  # 1500: two tiles, the second masked
+def test_silu_mul_matches_the_reference(rng, inter):
+    gate_up = _tensor(rng, 3, 2 * inter, scale=2.0)
+    torch.testing.assert_close(silu_mul(gate_up), reference.silu_mul_ref(gate_up), atol=TOL, rtol=TOL)
