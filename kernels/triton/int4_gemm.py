@@ -4,7 +4,8 @@ The weight W [N, K] is packed uint8 [N, blocks, block_size / 2], low nibble firs
 block) and an integer zero point (uint8 codes) or none (symmetric: 8). Each program computes a
 [BLOCK_M, BLOCK_N] tile of y = x @ W^T: it streams BLOCK_K columns of codes at a time, dequantizes them in
 registers ((code - zero) * scale) and multiplies on the tensor cores (tl.dot). Batch 1 pads its one row to
-BLOCK_M = 16 (tl.dot's least); the weight bytes, what a GEMV is bound by, are read once.
+BLOCK_M = 16 (tl.dot's least); the weight bytes, what a GEMV is bound by, are read once. A grid of few tiles
+(a GEMV) splits K over more programs, so enough weight bytes are in flight to fill the memory bus.
 Signature: reference.int4_matmul_ref.
 """
 
@@ -16,16 +17,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _int4_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, num_blocks,
+def _int4_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, num_blocks, k_per_split,
                       HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features: rows of W
     row_ok, col_ok = rows < M, cols < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     row_bytes = num_blocks * (GROUP_SIZE // 2)  # packed bytes per row of W
-    for k0 in range(0, K, BLOCK_K):
+    k_first = pid_k * k_per_split
+    for k0 in range(k_first, tl.minimum(k_first + k_per_split, K), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
@@ -41,21 +43,46 @@ def _int4_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, nu
             zero = 8.0
         w = ((codes - zero) * scale).to(x.dtype)  # [BLOCK_K, BLOCK_N]
         acc += tl.dot(x, w).to(tl.float32)
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    out = y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    else:  # y is a float32 buffer of zeros: the K slices add up
+        tl.atomic_add(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors (the CPU interpreter: a stand-in of 8, so the tests take the split-K path)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def split_k_for(tiles: int, k: int, block_k: int, num_sms: int) -> int:
+    """K slices for a grid of `tiles` output tiles: enough programs for two waves of the SMs (a batch-1 GEMV has
+    few tiles and is bound by how many weight bytes are in flight), at most one slice per BLOCK_K columns."""
+    if tiles >= num_sms:
+        return 1
+    return max(1, min(-(-2 * num_sms // tiles), -(-k // block_k)))
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                block_size: int, in_features: int, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
-    """x [M, K] @ W^T -> [M, N] for the packed int4 W (reference.int4_matmul_ref)."""
+                block_size: int, in_features: int, block_n: int = 64, block_k: int = 64,
+                split_k: int | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N] for the packed int4 W (reference.int4_matmul_ref). split_k: K slices summed
+    with float32 atomics (default: split_k_for the grid)."""
     m, n = x.shape[0], packed.shape[0]
     if block_size % 2 or (block_k % block_size and block_size % block_k):
         raise ValueError(f"block_size {block_size} and block_k {block_k}: one must divide the other")
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = 16 if m <= 16 else 32
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    split_k = split_k or split_k_for(tiles, in_features, block_k, _num_sms(x.device))
+    k_per_split = triton.cdiv(triton.cdiv(in_features, split_k), block_k) * block_k  # whole BLOCK_K steps
+    split_k = triton.cdiv(in_features, k_per_split)
+    y = (torch.empty(m, n, dtype=x.dtype, device=x.device) if split_k == 1
+         else torch.zeros(m, n, dtype=torch.float32, device=x.device))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     _int4_gemm_kernel[grid](x.contiguous(), packed.contiguous(), scale.contiguous(),
                             zero.contiguous() if zero is not None else scale, y, m, n, in_features,
-                            packed.shape[1], HAS_ZERO=zero is not None, GROUP_SIZE=block_size, BLOCK_M=block_m,
-                            BLOCK_N=block_n, BLOCK_K=block_k)
-    return y
+                            packed.shape[1], k_per_split, HAS_ZERO=zero is not None, GROUP_SIZE=block_size,
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
+    return y if split_k == 1 else y.to(x.dtype)

@@ -106,7 +106,8 @@ def _quantized(rng, n, k, group, zero_points) -> QuantizedWeight:
 
 @pytest.mark.parametrize("m", [1, 5, 33])
 @pytest.mark.parametrize("zero_points", [True, False], ids=["zero-points", "symmetric"])
-def test_int4_matmul_matches_the_reference(seed, m, zero_points):
+@pytest.mark.parametrize("split_k", [1, None, 3], ids=["whole-k", "split-k-auto", "split-k-3"])
+def test_int4_matmul_matches_the_reference(seed, m, zero_points, split_k):
     rng = np.random.default_rng(seed)
     n, k, group = 80, 100, 32  # N not a tile multiple, K not a group multiple
     qw = _quantized(rng, n, k, group, zero_points)
@@ -120,6 +121,15 @@ def test_int4_matmul_matches_the_reference(seed, m, zero_points):
     x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32)).to(DEVICE, DTYPE)
     expected = reference.int4_matmul_ref(x.cpu(), packed.cpu(), scale.cpu(), None if zero is None else zero.cpu(),
                                          group, k)
-    got = int4_matmul(x, packed, scale, zero, group, k, block_n=32, block_k=32)
+    got = int4_matmul(x, packed, scale, zero, group, k, block_n=32, block_k=32, split_k=split_k)
+    assert got.dtype == x.dtype
     torch.testing.assert_close(got.cpu().float(), expected.float(), atol=TOL * 10, rtol=TOL,
                                msg=lambda msg: f"seed {seed}: {msg}")
+
+
+def test_split_k_fills_the_sms_only_when_the_grid_is_small():
+    from llmc.kernels.triton.int4_gemm import split_k_for
+
+    assert split_k_for(tiles=24, k=576, block_k=64, num_sms=132) == 9  # SmolLM2's up projection at batch 1
+    assert split_k_for(tiles=128, k=2048, block_k=64, num_sms=132) == 3  # a 1B model's
+    assert split_k_for(tiles=264, k=2048, block_k=64, num_sms=132) == 1
