@@ -11,6 +11,8 @@ Signature: reference.int4_matmul_ref.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -50,6 +52,7 @@ def _int4_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, nu
         tl.atomic_add(out, acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     """Streaming multiprocessors (the CPU interpreter: a stand-in of 8, so the tests take the split-K path)."""
     if device.type == "cuda":
