@@ -12,8 +12,8 @@ Target (issue 16): >= 1.5x transformers + torch.compile at batch 1 and 64.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import sys
 import tempfile
 import time
 import traceback
@@ -36,10 +36,12 @@ def write_checkpoint(directory: Path, shape: dict) -> Path:
     """A random Llama checkpoint (float16, transformers' initialization) with a small BPE tokenizer."""
     import transformers
 
-    sys.path.insert(0, str(ROOT))
-    from tests.helpers import write_tiny_tokenizer
-
-    write_tiny_tokenizer(directory)  # 320 tokens: prompts are token ids, the model's vocabulary is its own
+    # tests/helpers.py by its path: the repository root on sys.path would shadow the `kernels` package that
+    # transformers >= 5.25 imports with llmc's kernels/ directory
+    spec = importlib.util.spec_from_file_location("llmc_test_helpers", ROOT / "tests" / "helpers.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    helpers.write_tiny_tokenizer(directory)  # 320 tokens: prompts are token ids, the model's vocabulary is its own
     config = transformers.LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=True,
                                       rms_norm_eps=1e-5, eos_token_id=0)
     torch.manual_seed(0)

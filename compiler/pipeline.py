@@ -196,20 +196,24 @@ def evaluate_stage(b: Build) -> None:
 def emit_stage(b: Build) -> None:
     """Engine files per target, and the draft's onnxruntime engine. The ONNX emitters are imported only where a
     target needs them: a cuda-only build runs without the onnx package (the GPU machines' images lack it)."""
-    from llmc.compiler.emit_onnx import emit_onnx
-    from llmc.compiler.emit_tensorrt import emit_tensorrt
     spec, ir = b.spec, b.ir
     for target in spec.targets:
         engine_dir = b.staging / "engines" / target
         if target == "tensorrt":
+            from llmc.compiler.emit_tensorrt import emit_tensorrt
+
             entry = emit_tensorrt(ir.model, engine_dir, ir.quantized, spec.kv_cache.block_size, spec.kv_cache.dtype)
         elif target == "cuda":
             entry = emit_torch(ir.model, engine_dir, ir.quantized)
         else:
+            from llmc.compiler.emit_onnx import emit_onnx
+
             entry = emit_onnx(ir.model, engine_dir, ir.quantized, emit_options(spec, spec.kv_cache.dtype),
                               outlier_channels=ir.outlier_channels, kv_scales=ir.kv_scales)
         b.engines[target] = mf.Engine(dir=f"engines/{target}", **entry)
     if b.draft is not None:  # its pools share the target's block ids and budget, and its KV dtype
+        from llmc.compiler.emit_onnx import emit_onnx
+
         entry = emit_onnx(b.draft.ir.model, b.staging / DRAFT_DIR, b.draft.ir.quantized,
                           emit_options(b.draft.spec, spec.kv_cache.dtype, extra_graphs=False))
         b.draft.engine = mf.Engine(dir=DRAFT_DIR, **entry)
