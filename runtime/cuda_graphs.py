@@ -13,6 +13,7 @@ and padding run eagerly, so everything but the capture itself is checked there.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ class DecodeGraphs:
         self.sizes = sorted({b for b in BATCH_SIZES if b < max_num_seqs} | {max_num_seqs})
         self.max_context = min(engine.geometry.max_position, GRAPH_MAX_CONTEXT)
         self.on_cuda = engine.device == "cuda"
-        self._replays: dict[int, callable] = {}
+        self._replays: dict[int, Callable[[], torch.Tensor]] = {}
         self._width = 0  # block-table entries a row
         self._staged = self._host = None
         self._memory = torch.cuda.graph_pool_handle() if self.on_cuda else None
