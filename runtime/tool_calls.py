@@ -107,25 +107,92 @@ def held_back(text: str) -> int:
     return 0
 
 
+_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+
+
 class StreamParser:
-    """A streamed choice's text split into content deltas and completed calls (each call whole, in one delta)."""
+    """A streamed choice's text split into content deltas and tool-call deltas, as vLLM's Hermes parser streams
+    them: a call's first delta carries its id, type and name (once `{"name": ..., "arguments": ` has arrived),
+    later ones fragments of its arguments text, which concatenate to the arguments JSON. Text that may begin a
+    call is held back. A call whose body does not start with its name is sent whole at its </tool_call>, and a
+    malformed one stays text (it could not be streamed before it was known)."""
 
     def __init__(self):
         self.buffer, self.num_calls = "", 0
+        self._call: str | None = None  # the open call's text after <tool_call>, None outside a call
+        self._args_from = None  # where its arguments begin in _call, once its first delta went out
+        self._args_sent = 0
 
     def feed(self, text: str, final: bool) -> tuple[str, list[dict]]:
-        """(content to send now, calls completed now, with their `index`); text that may begin a call waits."""
+        """(content to send now, tool-call deltas to send now, each with its `index`)."""
         self.buffer += text
-        content, calls = "", []
-        while (start := self.buffer.find(OPEN)) >= 0 and (end := self.buffer.find(CLOSE, start)) >= 0:
-            end += len(CLOSE)
-            _, parsed = parse(self.buffer[start:end])
-            content += self.buffer[:start] if parsed else self.buffer[:end]  # a malformed call stays text
+        content, deltas = "", []
+        while True:
+            if self._call is None:
+                start = self.buffer.find(OPEN)
+                if start < 0:
+                    break
+                content += self.buffer[:start]
+                self._call, self.buffer = "", self.buffer[start + len(OPEN):]
+            self._call += self.buffer
+            self.buffer = ""
+            end = self._call.find(CLOSE)
+            if end < 0:
+                deltas += self._open_call_deltas(self._call, _ready(self._call))
+                break
+            content += self._close_call(end, deltas)
+        if self._call is None:
+            keep = 0 if final else held_back(self.buffer)
+            content += self.buffer[:len(self.buffer) - keep]
+            self.buffer = self.buffer[len(self.buffer) - keep:]
+        elif final:  # the text ended inside a call (max_tokens)
+            deltas += self._open_call_deltas(self._call, len(self._call))
+            if self._args_from is None:
+                content += OPEN + self._call
+            self._call = None
+        return ("" if self.num_calls and not content.strip() else content), deltas
+
+    def _open_call_deltas(self, call: str, ready: int) -> list[dict]:
+        """The call's header once its name is known, then its arguments text up to `ready` in `call`."""
+        deltas = []
+        if self._args_from is None:
+            match = _HEADER.match(call)
+            if match is None:
+                return []
+            self._args_from = match.end()
+            deltas.append({"index": self.num_calls, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                           "function": {"name": json.loads(match.group(1)), "arguments": ""}})
+            self.num_calls += 1
+        if ready > self._args_from + self._args_sent:
+            deltas.append({"index": self.num_calls - 1,
+                           "function": {"arguments": call[self._args_from + self._args_sent:ready]}})
+            self._args_sent = ready - self._args_from
+        return deltas
+
+    def _close_call(self, end: int, deltas: list[dict]) -> str:
+        """Finish the open call at its </tool_call> (at `end` in _call); returns what becomes content."""
+        body, self.buffer = self._call[:end], self._call[end + len(CLOSE):] + self.buffer
+        content = ""
+        whole = body.rstrip()
+        if whole.endswith("}"):  # the rest of its arguments, less the body's own closing brace
+            deltas += self._open_call_deltas(body, len(whole[:-1].rstrip()))
+        if self._args_from is None:
+            _, parsed = parse(OPEN + body + CLOSE)
             for call in parsed:
-                calls.append({"index": self.num_calls, **call})
+                deltas.append({"index": self.num_calls, **call})
                 self.num_calls += 1
-            self.buffer = self.buffer[end:]
-        keep = 0 if final else held_back(self.buffer)
-        content += self.buffer[:len(self.buffer) - keep]
-        self.buffer = self.buffer[len(self.buffer) - keep:]
-        return ("" if self.num_calls and not content.strip() else content), calls
+            if not parsed:
+                content = OPEN + body + CLOSE  # a malformed call stays text
+        self._call, self._args_from, self._args_sent = None, None, 0
+        return content
+
+
+def _ready(call: str) -> int:
+    """How much of an open call's text can be sent: all but trailing whitespace, a trailing `}` (it may close the
+    call's body, not its arguments) and a trailing prefix of </tool_call>."""
+    for n in range(min(len(CLOSE) - 1, len(call)), 0, -1):
+        if call.endswith(CLOSE[:n]):
+            call = call[:-n]
+            break
+    call = call.rstrip()
+    return len(call) - 1 if call.endswith("}") else len(call)

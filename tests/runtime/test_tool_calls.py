@@ -3,6 +3,7 @@ parameters (streamed as deltas too), the round trip call -> tool result -> answe
 default rendering and the stream splitting behave as documented."""
 
 import json
+import random
 
 import httpx
 import jsonschema
@@ -76,9 +77,12 @@ def test_a_named_tool_choice_calls_that_function_and_streams_it(server):
     chunks = list(_client(url).chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "time?"}], tools=[WEATHER, TIME], tool_choice=choice,
         max_tokens=80, temperature=0, stream=True))
-    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
-    assert len(deltas) == 1 and deltas[0][0].index == 0
-    assert deltas[0][0].function.arguments == out.choices[0].message.tool_calls[0].function.arguments
+    deltas = [d for c in chunks if c.choices and c.choices[0].delta.tool_calls for d in c.choices[0].delta.tool_calls]
+    assert len(deltas) > 2 and all(d.index == 0 for d in deltas)  # the name first, then arguments in fragments
+    assert deltas[0].id and deltas[0].function.name == out.choices[0].message.tool_calls[0].function.name
+    assert all(d.id is None and d.function.name is None for d in deltas[1:])
+    streamed = "".join(d.function.arguments or "" for d in deltas)
+    assert json.loads(streamed) == json.loads(out.choices[0].message.tool_calls[0].function.arguments)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
     assert not any(c.choices[0].delta.content for c in chunks if c.choices)  # no <tool_call> text leaks
 
@@ -107,12 +111,51 @@ def test_parse_splits_content_and_calls():
     assert tool_calls.parse("plain") == ("plain", [])
 
 
-def test_stream_parser_holds_back_a_call_until_it_is_whole():
+def test_stream_parser_holds_back_a_call_until_its_name_is_known():
     parser = tool_calls.StreamParser()
     assert parser.feed("Hello <tool", final=False) == ("Hello ", [])
     assert parser.feed('_call>{"name": "f", "arg', final=False) == ("", [])
     content, calls = parser.feed('uments": {}}</tool_call>', final=True)
-    assert content == "" and calls[0]["index"] == 0 and calls[0]["function"]["name"] == "f"
+    assert content == "" and calls[0]["index"] == 0 and calls[0]["function"] == {"name": "f", "arguments": ""}
+    assert calls[1] == {"index": 0, "function": {"arguments": "{}"}}
+
+
+def _stream(text: str, pieces: int, seed: int) -> tuple[str, list[dict]]:
+    """Feed text to a StreamParser in random pieces; (all content, all call deltas)."""
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(text)), pieces - 1))
+    parser, content, deltas = tool_calls.StreamParser(), "", []
+    for start, end in zip([0, *cuts], [*cuts, len(text)]):
+        piece_content, piece_deltas = parser.feed(text[start:end], final=end == len(text))
+        content += piece_content
+        deltas += piece_deltas
+    return content, deltas
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_streamed_call_deltas_add_up_to_the_parsed_calls(seed):
+    """However the text is cut, the deltas concatenate to what parse() finds, names before arguments."""
+    text = ('Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "S\\"ao }</", '
+            '"days": [1, {"x": {}}]}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n'
+            '</tool_call>')
+    _, expected = tool_calls.parse(text)
+    content, deltas = _stream(text, pieces=1 + seed % 12 * 3, seed=seed)
+    assert content.strip() == "Let me check."
+    for index, call in enumerate(expected):
+        mine = [d for d in deltas if d["index"] == index]
+        assert mine[0]["function"]["name"] == call["function"]["name"] and mine[0]["id"].startswith("call_")
+        streamed = "".join(d["function"]["arguments"] for d in mine)
+        assert json.loads(streamed) == json.loads(call["function"]["arguments"])
+        assert all("name" not in d["function"] for d in mine[1:])
+
+
+def test_stream_parser_keeps_malformed_and_unfinished_calls_as_text():
+    content, deltas = _stream("a <tool_call>{not json}</tool_call> b", pieces=5, seed=1)
+    assert content == "a <tool_call>{not json}</tool_call> b" and deltas == []
+    content, deltas = _stream('x <tool_call>{"arguments": {}, "name": "f"}</tool_call>', pieces=4, seed=2)
+    assert content.strip() == "x" and deltas[0]["function"] == {"name": "f", "arguments": "{}"}  # sent whole
+    content, deltas = _stream('<tool_call>{"name": "f", "arguments": {"q": "cut', pieces=3, seed=3)  # max_tokens
+    assert "".join(d["function"]["arguments"] for d in deltas) == '{"q": "cut' and content == ""
 
 
 def test_default_rendering_puts_tools_and_tool_turns_in_the_template_s_roles():
