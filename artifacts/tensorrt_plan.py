@@ -12,6 +12,15 @@ from llmc.errors import BundleError
 REBUILD = "rebuild it on this server with `llmc build` of its model.yaml (targets: [tensorrt])"
 
 
+def compute_capability() -> str | None:
+    """This GPU's compute capability ("9.0"), through torch; None without torch or a GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return "{}.{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
+
+
 def this_machine() -> tuple[str | None, str | None]:
     """(installed TensorRT version, this GPU's compute capability), each None where absent."""
     try:
@@ -19,12 +28,7 @@ def this_machine() -> tuple[str | None, str | None]:
         version = tensorrt.__version__
     except ImportError:
         version = None
-    try:
-        import torch
-        capability = "{}.{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
-    except ImportError:
-        capability = None
-    return version, capability
+    return version, compute_capability()
 
 
 def check_plan(bundle: Bundle, tensorrt_version: str | None, compute_capability: str | None) -> Path:

@@ -65,8 +65,8 @@ def check_attention(device, dtype, timer, sizes) -> list[dict]:
                                                  lens.cpu(), starts.cpu(), head_dim ** -0.5)
         decode = paged_decode(q, kp, vp, tables, lens, head_dim ** -0.5).cpu().float()
         prefill = paged_prefill(q, kp, vp, tables, lens, starts, head_dim ** -0.5, 1).cpu().float()
-        entry = {"model": name, "decode_max_abs_err": float((decode - expected).abs().max()),
-                 "prefill_max_abs_err": float((prefill - expected).abs().max())}
+        entry = {"model": name, "decode_max_abs_err": _err(decode, expected),
+                 "prefill_max_abs_err": _err(prefill, expected)}
         for seqs, context in sizes["bandwidth"]:
             q, kp, vp, tables, lens = _attention_case(rng, heads, kv_heads, head_dim, seqs, context, 16, dtype,
                                                       device)
@@ -103,7 +103,7 @@ def check_int4(device, dtype, timer, sizes) -> list[dict]:
             for m in sizes["batches"]:
                 x = torch.randn(m, k, dtype=dtype, device=device)
                 got = int4_matmul(x, packed, scale, zero, group, k)
-                err = float((got.float() - (x.float() @ weight.float().T)).abs().max())
+                err = _err(got, x.float() @ weight.float().T)
                 int4_ms = timer(partial(int4_matmul, x, packed, scale, zero, group, k))
                 fp16_ms = timer(partial(torch.matmul, x, weight.T))
                 results.append({"model": name, "m": m, "n": n, "k": k, "max_abs_err": err, "int4_ms": int4_ms,
@@ -146,13 +146,14 @@ def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def _guarded(report: dict, key: str, check, *args) -> None:
-    """One section of the report, or its error: a failure on the lent machine must not lose the others."""
+def guarded(measure, *args):
+    """measure(*args), or {"error": ...}: a failure on the lent machine must not lose the other numbers (gpu_e2e.py
+    guards its measurements with this too)."""
     try:
-        report[key] = check(*args)
-    except Exception as error:  # noqa: BLE001 - recorded, and the run goes on
+        return measure(*args)
+    except Exception as error:  # noqa: BLE001 - recorded in the report, and the run goes on
         traceback.print_exc()
-        report[key] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+        return {"error": f"{type(error).__name__}: {error}"[:2000]}
 
 
 def main() -> None:
@@ -172,9 +173,9 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
               "torch": torch.__version__, "dtype": str(dtype)}
     report["copy_gb_s"] = copy_bandwidth(device, timer, sizes["copy_mb"])
-    _guarded(report, "layer_ops", check_layer_ops, device, dtype)
-    _guarded(report, "attention", check_attention, device, dtype, timer, sizes)
-    _guarded(report, "int4", check_int4, device, dtype, timer, sizes)
+    report["layer_ops"] = guarded(check_layer_ops, device, dtype)
+    report["attention"] = guarded(check_attention, device, dtype, timer, sizes)
+    report["int4"] = guarded(check_int4, device, dtype, timer, sizes)
     summary = report["summary"] = {}
     if isinstance(report["attention"], list):
         best = max(v["kv_gb_s"] for e in report["attention"] for key, v in e.items() if key.startswith("decode_b"))

@@ -35,18 +35,12 @@ def _profile_shapes(geo, block_size: int, max_tokens: int, max_seqs: int, max_bl
     return shapes
 
 
-def _compute_capability() -> str | None:
-    """The build GPU's compute capability ("9.0"), through torch; None where torch sees no GPU."""
-    import torch
-
-    return "{}.{}".format(*torch.cuda.get_device_capability()) if torch.cuda.is_available() else None
-
-
 def build_plan(onnx_path: Path, plan_path: Path, geo, block_size: int, max_tokens: int = 2048,
                max_seqs: int = 64, max_blocks: int = 4096) -> dict:
     """Parse the ONNX with TensorRT and serialize an engine (needs an NVIDIA GPU and the tensorrt package)."""
     import tensorrt as trt
 
+    from llmc.artifacts.tensorrt_plan import compute_capability
     from llmc.compiler import trt_plugin
 
     missing = trt_plugin.register()  # llmc.PagedAttention nodes then build from the plugin, not their ONNX body
@@ -70,7 +64,7 @@ def build_plan(onnx_path: Path, plan_path: Path, geo, block_size: int, max_token
     if serialized is None:
         raise EmitError("TensorRT failed to build the engine; run with -v to see its log")
     plan_path.write_bytes(serialized)
-    return {"plan": plan_path.name, "tensorrt": trt.__version__, "compute_capability": _compute_capability(),
+    return {"plan": plan_path.name, "tensorrt": trt.__version__, "compute_capability": compute_capability(),
             "build_seconds": round(time.perf_counter() - start, 1),
             "profile": {"max_tokens": max_tokens, "max_seqs": max_seqs, "max_blocks": max_blocks}}
 

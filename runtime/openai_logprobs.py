@@ -14,18 +14,16 @@ class CompletionLogprobs:
     def __init__(self, tokenizer: BundleTokenizer, offset: int = 0):
         self.tokenizer, self.offset = tokenizer, offset
 
-    def _text(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
-
     def block(self, entries: list[TokenLogprob], first_token: int | None = None) -> dict:
         """The logprobs of entries; first_token (echo: the prompt's first token) leads with no logprob."""
         body = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         if first_token is not None:
-            self._add(body, self._text(first_token), None, None)
+            self._add(body, token_text(self.tokenizer, first_token), None, None)
         for e in entries:
-            top = {self._text(t): lp for t, lp in e.top}
-            top.setdefault(self._text(e.token), e.logprob)  # the chosen token is always listed (vLLM)
-            self._add(body, self._text(e.token), e.logprob, top)
+            text = token_text(self.tokenizer, e.token)
+            top = {token_text(self.tokenizer, t): lp for t, lp in e.top}
+            top.setdefault(text, e.logprob)  # the chosen token is always listed (vLLM)
+            self._add(body, text, e.logprob, top)
         return body
 
     def _add(self, body: dict, text: str, logprob: float | None, top: dict | None) -> None:
@@ -36,10 +34,15 @@ class CompletionLogprobs:
         self.offset += len(text)
 
 
+def token_text(tokenizer: BundleTokenizer, token: int) -> str:
+    """One token decoded alone, special tokens included."""
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
 def chat_logprobs(tokenizer: BundleTokenizer, entries: list[TokenLogprob]) -> dict:
     """A chat choice's (or delta's) logprobs: {"content": [...]}."""
     def item(token: int, logprob: float) -> dict:
-        text = tokenizer.decode([token], skip_special_tokens=False)
+        text = token_text(tokenizer, token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}

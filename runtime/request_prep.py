@@ -79,8 +79,12 @@ def prepare(llm, raw: bytes, chat: bool, model_name: str, default_max_tokens: in
     return Prepared(req, prompt_ids, params, echo, tools=tools is not None)
 
 
+def check_token_ids(field: str, ids, vocab: int) -> None:
+    """RequestError naming `field` unless every id is a token of the vocabulary."""
+    if any(not 0 <= t < vocab for t in ids):
+        raise RequestError(f"{field}: token ids must be in [0, {vocab})", field)
+
+
 def _check_token_ids(params: SamplingParams, vocab: int) -> None:
-    biased = [t for t, _ in params.logit_bias]
-    for field, ids in (("logit_bias", biased), ("stop_token_ids", params.stop_token_ids)):
-        if any(not 0 <= t < vocab for t in ids):
-            raise RequestError(f"{field}: token ids must be in [0, {vocab})", field)
+    check_token_ids("logit_bias", [t for t, _ in params.logit_bias], vocab)
+    check_token_ids("stop_token_ids", params.stop_token_ids, vocab)

@@ -115,12 +115,6 @@ class SequenceGrammar:
             self._check()
             raise GrammarError(f"the grammar refused token {token}")
 
-    def try_accept(self, tokens: list[int]) -> int:
-        """Advance past the longest allowed prefix of tokens (drafts); how many it took."""
-        taken = self.matcher.try_consume_tokens(tokens)
-        self._check()
-        return taken
-
     def rollback(self, num_tokens: int) -> None:
         """Undo the last num_tokens tokens."""
         if num_tokens and not self.matcher.rollback(num_tokens):

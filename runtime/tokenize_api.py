@@ -6,9 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from llmc.errors import RequestError
 from llmc.runtime.openai_protocol import _STRICT, ChatMessage, validate
-from llmc.runtime.request_prep import check_model, encode_conversation
+from llmc.runtime.request_prep import check_model, check_token_ids, encode_conversation
 
 MAX_DETOKENIZE_TOKENS = 1 << 16
 
@@ -54,7 +53,5 @@ def detokenize(llm, body: Any, model_name: str) -> dict:
     """The text of token ids."""
     req = validate(DetokenizeRequest, body)
     check_model(req.model, model_name)
-    vocab = llm.geometry.vocab_size
-    if any(not 0 <= t < vocab for t in req.tokens):
-        raise RequestError(f"tokens: token ids must be in [0, {vocab})", "tokens")
+    check_token_ids("tokens", req.tokens, llm.geometry.vocab_size)
     return {"prompt": llm.tokenizer.decode(req.tokens, skip_special_tokens=False)}

@@ -41,6 +41,12 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 @triton.jit
+def rotate_halves(x1, x2, cos, sin):
+    """Llama's half rotation of the halves x1, x2 of a head ([..., D / 2] each, float32)."""
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _rope_write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr, q_out_ptr, key_ptr, value_ptr,
                           HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr):
     token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)  # head < HEADS: a query head; else a KV head
@@ -52,7 +58,7 @@ def _rope_write_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, positions_ptr, slots_ptr, q
     src = qkv_ptr + token * width + head * 2 * HALF
     x1 = tl.load(src + dims).to(tl.float32)
     x2 = tl.load(src + HALF + dims).to(tl.float32)
-    rotated1, rotated2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin  # Llama's half rotation
+    rotated1, rotated2 = rotate_halves(x1, x2, cos, sin)
     if head < HEADS:
         dst = q_out_ptr + (token * HEADS + head) * 2 * HALF
         tl.store(dst + dims, rotated1.to(q_out_ptr.dtype.element_ty))

@@ -14,13 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llmc.kernels.triton.layer_ops import rotate_halves
 from llmc.kernels.triton.paged_attention import online_softmax_step
-
-
-@triton.jit
-def _rotate(x1, x2, cos, sin):
-    """Half rotation (Llama's) of the halves x1, x2 [rows, D/2]."""
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
 @triton.jit
@@ -44,13 +39,13 @@ def node_kernel(q_ptr, k_ptr, v_ptr, key_pool_ptr, value_pool_ptr, query_index_p
     cos = tl.load(cos_ptr + pos[:, None] * HALF + half[None, :], mask=row_ok[:, None], other=0.0)
     sin = tl.load(sin_ptr + pos[:, None] * HALF + half[None, :], mask=row_ok[:, None], other=0.0)
     q_row = q_ptr + tokens[:, None] * (HEADS * HEAD_DIM) + head * HEAD_DIM + half[None, :]
-    q1, q2 = _rotate(tl.load(q_row, mask=row_ok[:, None], other=0.0).to(tl.float32),
-                     tl.load(q_row + HALF, mask=row_ok[:, None], other=0.0).to(tl.float32), cos, sin)
+    q1, q2 = rotate_halves(tl.load(q_row, mask=row_ok[:, None], other=0.0).to(tl.float32),
+                           tl.load(q_row + HALF, mask=row_ok[:, None], other=0.0).to(tl.float32), cos, sin)
     q1, q2 = q1 * SCALE, q2 * SCALE
     k_row = k_ptr + tokens[:, None] * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + half[None, :]
     if head % group == 0:  # this KV head's rotated keys for the tile's tokens
-        k1, k2 = _rotate(tl.load(k_row, mask=row_ok[:, None], other=0.0).to(tl.float32),
-                         tl.load(k_row + HALF, mask=row_ok[:, None], other=0.0).to(tl.float32), cos, sin)
+        k1, k2 = rotate_halves(tl.load(k_row, mask=row_ok[:, None], other=0.0).to(tl.float32),
+                               tl.load(k_row + HALF, mask=row_ok[:, None], other=0.0).to(tl.float32), cos, sin)
         out_row = k_rot_ptr + tokens[:, None] * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + half[None, :]
         tl.store(out_row, k1.to(k_rot_ptr.dtype.element_ty), mask=row_ok[:, None])
         tl.store(out_row + HALF, k2.to(k_rot_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -77,8 +72,9 @@ def node_kernel(q_ptr, k_ptr, v_ptr, key_pool_ptr, value_pool_ptr, query_index_p
         kcos = tl.load(cos_ptr + key_pos[:, None] * HALF + half[None, :], mask=valid[:, None], other=0.0)
         ksin = tl.load(sin_ptr + key_pos[:, None] * HALF + half[None, :], mask=valid[:, None], other=0.0)
         new_row = k_ptr + key_tokens[:, None] * (KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + half[None, :]
-        kn1, kn2 = _rotate(tl.load(new_row, mask=valid[:, None], other=0.0).to(tl.float32),
-                           tl.load(new_row + HALF, mask=valid[:, None], other=0.0).to(tl.float32), kcos, ksin)
+        kn1, kn2 = rotate_halves(tl.load(new_row, mask=valid[:, None], other=0.0).to(tl.float32),
+                                 tl.load(new_row + HALF, mask=valid[:, None], other=0.0).to(tl.float32), kcos,
+                                 ksin)
         scores = tl.dot(q1, tl.trans(kn1)) + tl.dot(q2, tl.trans(kn2))
         visible = valid[None, :] & (keys[None, :] <= rows[:, None])
         scores = tl.where(visible, scores, float("-inf"))
