@@ -1,6 +1,6 @@
-"""What the LLM loop costs the host per step with no model: the engine's step returns ready random logits, so
-what remains is the scheduler, the step layout, sampling and detokenizing. On a GPU this is the time the device
-waits between steps (llmc does not overlap them yet).
+"""What the LLM loop costs the host per step with no model: the engine's step returns ready random logits (or,
+as the cuda engine's step_greedy, ready token ids), so what remains is the scheduler, the step layout, sampling
+and detokenizing. On a GPU this is the time the device waits between steps (llmc does not overlap them yet).
 
     python benchmarks/host_overhead.py out/smollm2-135m-int4 --batches 1 64
 """
@@ -31,16 +31,22 @@ def main() -> None:
             ready[n] = rng.standard_normal((n, llm.geometry.vocab_size), dtype=np.float32)
         return ready[n]
 
-    llm.engine.step = step
+    def step_greedy(inputs, pool):  # [N] token ids, as the cuda engine's device argmax returns them
+        return rng.integers(10, 1000, len(inputs.logits_index))
+
     params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
-    for batch in args.batches:
-        prompts = [rng.integers(10, 1000, 32).tolist() for _ in range(batch)]
-        llm.generate(prompts, params)  # warm
-        start = time.perf_counter()
-        llm.generate(prompts, params)
-        seconds = time.perf_counter() - start
-        print(f"batch {batch}: {1e3 * seconds / args.new_tokens:.3f} ms a step on the host "
-              f"({1e6 * seconds / (batch * args.new_tokens):.1f} us a token)")
+    for path in ("logits", "greedy tokens"):
+        llm.engine.step = step
+        if path == "greedy tokens":
+            llm.engine.step_greedy = step_greedy
+        for batch in args.batches:
+            prompts = [rng.integers(10, 1000, 32).tolist() for _ in range(batch)]
+            llm.generate(prompts, params)  # warm
+            start = time.perf_counter()
+            llm.generate(prompts, params)
+            seconds = time.perf_counter() - start
+            print(f"{path:>13}, batch {batch}: {1e3 * seconds / args.new_tokens:.3f} ms a step on the host "
+                  f"({1e6 * seconds / (batch * args.new_tokens):.1f} us a token)")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class BlockManager:
         while len(seq.block_hashes) < num_full_blocks:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else b""
-            seq.block_hashes.append(chain_hash(parent, seq.token_ids[i * self.block_size:(i + 1) * self.block_size]))
+            seq.block_hashes.append(chain_hash(parent, seq.tokens(i * self.block_size, (i + 1) * self.block_size)))
         return seq.block_hashes[:num_full_blocks]
 
     def claim_cached_prefix(self, seq: Sequence) -> int:

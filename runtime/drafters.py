@@ -93,7 +93,7 @@ class ModelDrafter:
         chunks = {}
         for seq in seqs:
             start = self._valid(seq)
-            chunks[seq] = Chunk(seq.token_ids[start:], start, seq.block_table, 1)
+            chunks[seq] = Chunk(seq.tokens(start, seq.num_tokens), start, seq.block_table, 1)
         limit = {item.seq: item.spec_slots for item in items}
         while chunks:
             for seq, logits in self._run(chunks).items():

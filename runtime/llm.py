@@ -197,7 +197,10 @@ class LLM:
                 before_engine()
                 before_engine = None
             engine_start = time.perf_counter()
-            logits = self.engine.step(inputs, self.pool)  # [N, vocab]
+            if self._greedy_on_device(group):
+                logits, greedy = None, self.engine.step_greedy(inputs, self.pool)  # [N] token ids
+            else:
+                logits, greedy = self.engine.step(inputs, self.pool), None  # [N, vocab]
             seconds = time.perf_counter() - engine_start
             self.timing.engine_s += seconds
             if self.speculation is not None:
@@ -206,7 +209,9 @@ class LLM:
             row = 0
             for item in group:
                 rows = item.num_logits
-                updated.extend(self._finish_chunk_isolated(item, logits[row:row + rows], drafts.get(item.seq)))
+                updated.extend(self._finish_chunk_isolated(
+                    item, logits[row:row + rows] if greedy is None else None, drafts.get(item.seq),
+                    None if greedy is None or not rows else int(greedy[row + rows - 1])))
                 row += rows
         seconds = time.perf_counter() - start
         self.timing.steps += 1
@@ -216,16 +221,25 @@ class LLM:
             self.timing.decode_s += seconds
         return updated
 
+    def _greedy_on_device(self, group: list[ScheduledSeq]) -> bool:
+        """Whether an engine call's tokens are picked on the engine's device (engines with step_greedy: the cuda
+        engine): every sequence in it decodes greedily and nothing reads its logits on the host (logprobs,
+        logits processors, a grammar, drafts to verify)."""
+        return hasattr(self.engine, "step_greedy") and not any(
+            not item.seq.params.greedy or item.seq.params.logprobs is not None or item.spec_slots
+            or item.seq.wants_prompt_logprobs or changes_logits(item.seq.params) for item in group)
+
     def _draft(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, Draft]:
         """Draft tokens for the decodes that have slots; attaches them to their ScheduledSeq."""
         if self.speculation is None:
             return {}
         return self.speculation.propose(scheduled, lambda seq: self._state[seq].rng)
 
-    def _finish_chunk_isolated(self, item: ScheduledSeq, logits: np.ndarray, draft: Draft | None) -> list[Sequence]:
+    def _finish_chunk_isolated(self, item: ScheduledSeq, logits: np.ndarray | None, draft: Draft | None,
+                               token: int | None = None) -> list[Sequence]:
         """_finish_chunk, but a failure (sampling, detokenizing, stop checks) ends this sequence alone."""
         try:
-            return self._finish_chunk(item, logits, draft)
+            return self._finish_chunk(item, logits, draft, token)
         except Exception:
             log.exception("request %s failed after its step; ending it alone (finish reason 'error')",
                           item.seq.request_id)
@@ -234,8 +248,10 @@ class LLM:
                     self.scheduler.finish(seq, "error")
             return [item.seq, *item.seq.children]
 
-    def _finish_chunk(self, item: ScheduledSeq, logits: np.ndarray, draft: Draft | None) -> list[Sequence]:
-        """After the engine ran a chunk: advance its sequence, sample (or verify drafts), append tokens."""
+    def _finish_chunk(self, item: ScheduledSeq, logits: np.ndarray | None, draft: Draft | None,
+                      token: int | None = None) -> list[Sequence]:
+        """After the engine ran a chunk: advance its sequence, sample (or verify drafts), append tokens. token:
+        the greedy token the engine picked on its device (then logits is None)."""
         seq = item.seq
         if not item.spec_slots:  # a prefill chunk, or a decode without draft slots
             if seq.wants_prompt_logprobs:
@@ -246,7 +262,7 @@ class LLM:
             if seq.params.max_tokens == 0:  # the prompt was scored: nothing to generate
                 self.scheduler.finish(seq, "length")
                 return [seq]
-            return self._append_tokens(seq, logits[-1])
+            return self._append_tokens(seq, None if logits is None else logits[-1], token)
         proposed, params = item.spec_tokens, seq.params
         rows = logits
         if changes_logits(params):
@@ -277,8 +293,9 @@ class LLM:
         chunks = [item for item in scheduled if item.num_new_tokens - len(item.spec_tokens) > 1]
         return [group for group in (decodes, chunks) if group]
 
-    def _append_tokens(self, seq: Sequence, logits: np.ndarray) -> list[Sequence]:
-        """Sample seq's next token; on a prompt's first token with n > 1, fork the other samples."""
+    def _append_tokens(self, seq: Sequence, logits: np.ndarray | None, token: int | None = None) -> list[Sequence]:
+        """Sample seq's next token (or append token, picked greedily on the device); on a prompt's first token
+        with n > 1, fork the other samples."""
         targets = [seq]
         if seq.params.n > 1 and not seq.output_ids and not seq.children:
             for index in range(1, seq.params.n):
@@ -291,10 +308,10 @@ class LLM:
                 seq.children.append(child)
                 targets.append(child)
         for target in targets:
-            self._append_token(target, logits)
+            self._append_token(target, logits, token)
         return targets
 
-    def _append_token(self, seq: Sequence, logits: np.ndarray, token: int | None = None) -> None:
+    def _append_token(self, seq: Sequence, logits: np.ndarray | None, token: int | None = None) -> None:
         """Append one token (sampled from logits unless given) and apply the stop conditions."""
         params = seq.params
         state = self._state[seq]

@@ -74,6 +74,8 @@ def test_steps_match_the_onnxruntime_engine(bundle, cuda_graphs):
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() < 2e-2 * max(1.0, np.abs(expected).max())  # float16 weights
         assert (got.argmax(-1) == expected.argmax(-1)).all()
+        # the same step again (it rewrites the same K/V), its tokens picked on the device
+        np.testing.assert_array_equal(torch_engine.step_greedy(inputs, torch_pool), got.argmax(-1))
     assert (torch_engine.graphs is not None) == cuda_graphs
     if cuda_graphs:
         assert sorted(torch_engine.graphs._replays) == [1, 2]  # decodes of two and of one ran as replays
@@ -147,6 +149,45 @@ def test_llm_on_the_cuda_engine_generates_what_the_cpu_engine_does(bundle, monke
     for out, ref in zip(on_cuda.generate(prompts, params), reference):
         assert_same_or_near_tie(out.token_ids, ref.token_ids, ref.logprobs, tol=5e-2)
     assert on_cuda.stats().prefix_cache.hit_tokens > 0
+
+
+def test_greedy_calls_pick_their_tokens_on_the_device(bundle, monkeypatch):
+    """Calls whose sequences all decode greedily, with nothing that reads logits on the host, take step_greedy
+    and generate exactly what the logits path generates on the same engine; a call with a sequence that asks
+    for logprobs or samples takes step."""
+    from llmc.runtime import engine_torch_loader
+    from llmc.runtime.llm import LLM
+    from llmc.runtime.sequence import SamplingParams
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(engine_torch_loader, "TORCH_DEVICE", "cpu")
+    llm = LLM(bundle, device="cuda", max_num_seqs=4, max_num_batched_tokens=16, kv_cache_memory="2MiB")
+    calls = {"step": 0, "step_greedy": 0}
+
+    def counting(name):
+        run = getattr(llm.engine, name)
+
+        def counted(*args):
+            calls[name] += 1
+            return run(*args)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(llm.engine, name, counting(name))
+    prompts = [list(range(20, 31)), [9, 8, 7, 6, 5], list(range(100, 119))]
+    plain = SamplingParams(max_tokens=6, ignore_eos=True)
+    on_device = [o.token_ids for o in llm.generate(prompts, plain)]
+    assert calls["step_greedy"] > 0 and calls["step"] == 0
+    llm._greedy_on_device = lambda group: False  # the logits path
+    assert [o.token_ids for o in llm.generate(prompts, plain)] == on_device
+    assert calls["step"] > 0
+    del llm._greedy_on_device
+    for k, other in enumerate((SamplingParams(max_tokens=6, ignore_eos=True, logprobs=1),
+                               SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8, seed=1))):
+        calls.update(step=0, step_greedy=0)
+        short = [[40 + k, 41, 42, 43], [50 + k, 51, 52, 53, 54], [60 + k, 61, 62]]  # one call a step, no cache hit
+        llm.generate(short, [plain, other, plain])
+        assert calls["step"] > 0 and calls["step_greedy"] == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
