@@ -21,6 +21,8 @@ import torch
 
 # (name, heads, kv_heads, head_dim, hidden, intermediate): SmolLM2-135M and a ~1B Llama (TinyLlama / Llama-3.2-1B)
 MODELS = [("smollm2-135m", 9, 3, 64, 576, 1536), ("llama-1b", 32, 8, 64, 2048, 8192)]
+ATTENTION_CONFIGS = [(32, 256), (64, 256), (64, 512), (128, 512)]  # (block_n, tokens_per_split); default first
+INT4_CONFIGS = [(64, 64), (32, 128), (64, 128), (128, 128), (64, 256)]  # (block_n, block_k); default first
 
 
 def _timer(device: str):
@@ -87,7 +89,6 @@ def copy_bandwidth(device, timer, size_mb) -> float:
 
 def check_int4(device, dtype, timer, sizes) -> list[dict]:
     """int4 GEMV / GEMM vs the reference and vs torch's fp16 matmul of the same (dequantized) weight."""
-    from llmc.kernels.triton import reference
     from llmc.kernels.triton.int4_gemm import int4_matmul
 
     rng, results = np.random.default_rng(1), []
@@ -95,11 +96,7 @@ def check_int4(device, dtype, timer, sizes) -> list[dict]:
         for n, k in ((intermediate, hidden), (hidden, intermediate)):
             n, k = n // sizes["shrink"], k // sizes["shrink"]
             group = 128 if k % 128 == 0 else 32
-            blocks = -(-k // group)
-            packed = torch.from_numpy(rng.integers(0, 256, (n, blocks, group // 2), dtype=np.uint8)).to(device)
-            scale = torch.rand(n, blocks, dtype=dtype, device=device) * 0.02
-            zero = torch.from_numpy(rng.integers(0, 16, (n, blocks), dtype=np.uint8)).to(device)
-            weight = reference.dequantize_int4(packed, scale, zero, group, k).to(dtype)  # [N, K]
+            packed, scale, zero, weight = _int4_weight(rng, n, k, group, dtype, device)
             for m in sizes["batches"]:
                 x = torch.randn(m, k, dtype=dtype, device=device)
                 got = int4_matmul(x, packed, scale, zero, group, k)
@@ -108,6 +105,45 @@ def check_int4(device, dtype, timer, sizes) -> list[dict]:
                 fp16_ms = timer(partial(torch.matmul, x, weight.T))
                 results.append({"model": name, "m": m, "n": n, "k": k, "max_abs_err": err, "int4_ms": int4_ms,
                                 "fp16_matmul_ms": fp16_ms, "speedup_vs_fp16": fp16_ms / int4_ms})
+    return results
+
+
+def sweep_attention(device, dtype, timer, sizes) -> list[dict]:
+    """Decode attention's bandwidth over its tile sizes (keys a step, keys a split) at the largest batches, so one
+    run says which defaults the device wants."""
+    from llmc.kernels.triton.paged_attention import paged_decode
+
+    rng, results = np.random.default_rng(2), []
+    for name, heads, kv_heads, head_dim, _, _ in MODELS:
+        for seqs, context in sizes["sweep_attention"]:
+            q, kp, vp, tables, lens = _attention_case(rng, heads, kv_heads, head_dim, seqs, context, 16, dtype,
+                                                      device)
+            kv_bytes = 2 * seqs * context * kv_heads * head_dim * kp.element_size()
+            for block_n, tokens_per_split in ATTENTION_CONFIGS:
+                ms = timer(partial(paged_decode, q, kp, vp, tables, lens, head_dim ** -0.5,
+                                   tokens_per_split=tokens_per_split, block_n=block_n))
+                results.append({"model": name, "seqs": seqs, "context": context, "block_n": block_n,
+                                "tokens_per_split": tokens_per_split, "ms": ms, "kv_gb_s": kv_bytes / ms / 1e6})
+    return results
+
+
+def sweep_int4(device, dtype, timer, sizes) -> list[dict]:
+    """The batch-1 int4 GEMV over its tile sizes (output features a program, K columns a step), against the fp16
+    matmul, at each model's projection shapes."""
+    from llmc.kernels.triton.int4_gemm import int4_matmul
+
+    rng, results = np.random.default_rng(3), []
+    for name, _, _, _, hidden, intermediate in MODELS:
+        for n, k in ((intermediate, hidden), (hidden, intermediate)):
+            n, k = n // sizes["shrink"], k // sizes["shrink"]
+            group = 128 if k % 128 == 0 else 32
+            packed, scale, zero, weight = _int4_weight(rng, n, k, group, dtype, device)
+            x = torch.randn(1, k, dtype=dtype, device=device)
+            fp16_ms = timer(partial(torch.matmul, x, weight.T))
+            for block_n, block_k in INT4_CONFIGS:
+                ms = timer(partial(int4_matmul, x, packed, scale, zero, group, k, block_n=block_n, block_k=block_k))
+                results.append({"model": name, "n": n, "k": k, "block_n": block_n, "block_k": block_k,
+                                "int4_ms": ms, "fp16_matmul_ms": fp16_ms, "speedup_vs_fp16": fp16_ms / ms})
     return results
 
 
@@ -142,6 +178,17 @@ def check_layer_ops(device, dtype) -> list[dict]:
     return results
 
 
+def _int4_weight(rng, n, k, group, dtype, device):
+    """Random packed int4 codes with scales and zero points, and their dequantized weight [N, K] in dtype."""
+    from llmc.kernels.triton import reference
+
+    blocks = -(-k // group)
+    packed = torch.from_numpy(rng.integers(0, 256, (n, blocks, group // 2), dtype=np.uint8)).to(device)
+    scale = torch.rand(n, blocks, dtype=dtype, device=device) * 0.02
+    zero = torch.from_numpy(rng.integers(0, 16, (n, blocks), dtype=np.uint8)).to(device)
+    return packed, scale, zero, reference.dequantize_int4(packed, scale, zero, group, k).to(dtype)
+
+
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -165,10 +212,11 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry-run (and TRITON_INTERPRET=1) to check the steps here")
     dtype = torch.float32 if args.dry_run else torch.float16
-    sizes = ({"check_context": 37, "bandwidth": [(2, 64)], "batches": [1], "shrink": 16, "copy_mb": 8}
+    sizes = ({"check_context": 37, "bandwidth": [(2, 64)], "sweep_attention": [(2, 64)], "batches": [1],
+              "shrink": 16, "copy_mb": 8}
              if args.dry_run else
              {"check_context": 1037, "bandwidth": [(1, 1024), (16, 1024), (64, 1024), (16, 4096), (64, 4096)],
-              "batches": [1, 16, 64], "shrink": 1, "copy_mb": 1024})
+              "sweep_attention": [(16, 1024), (64, 4096)], "batches": [1, 16, 64], "shrink": 1, "copy_mb": 1024})
     timer = _timer(device)
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
               "torch": torch.__version__, "dtype": str(dtype)}
@@ -176,12 +224,19 @@ def main() -> None:
     report["layer_ops"] = guarded(check_layer_ops, device, dtype)
     report["attention"] = guarded(check_attention, device, dtype, timer, sizes)
     report["int4"] = guarded(check_int4, device, dtype, timer, sizes)
+    report["attention_sweep"] = guarded(sweep_attention, device, dtype, timer, sizes)
+    report["int4_sweep"] = guarded(sweep_int4, device, dtype, timer, sizes)
     summary = report["summary"] = {}
     if isinstance(report["attention"], list):
         best = max(v["kv_gb_s"] for e in report["attention"] for key, v in e.items() if key.startswith("decode_b"))
         summary["decode_attention_best_fraction_of_copy"] = best / report["copy_gb_s"]
     if isinstance(report["int4"], list):
         summary["int4_gemv_best_speedup"] = max(r["speedup_vs_fp16"] for r in report["int4"] if r["m"] == 1)
+    if isinstance(report["attention_sweep"], list):
+        best = max(report["attention_sweep"], key=lambda r: r["kv_gb_s"])
+        summary["decode_attention_sweep_best"] = {**best, "fraction_of_copy": best["kv_gb_s"] / report["copy_gb_s"]}
+    if isinstance(report["int4_sweep"], list):
+        summary["int4_gemv_sweep_best"] = max(report["int4_sweep"], key=lambda r: r["speedup_vs_fp16"])
     with open(args.out, "w") as fh:
         json.dump(report, fh, indent=2)
     print(json.dumps(report["summary"], indent=2))

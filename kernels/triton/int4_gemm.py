@@ -3,7 +3,10 @@
 The weight W [N, K] is packed uint8 [N, blocks, block_size / 2], low nibble first, with a scale per (row,
 block) and an integer zero point (uint8 codes) or none (symmetric: 8). Each program computes a
 [BLOCK_M, BLOCK_N] tile of y = x @ W^T: it streams BLOCK_K columns of codes at a time, dequantizes them in
-registers ((code - zero) * scale) and multiplies on the tensor cores (tl.dot). Batch 1 pads its one row to
+registers ((code - zero) * scale) and multiplies on the tensor cores (tl.dot). The codes are read as they
+lie, BLOCK_K / 2 contiguous bytes a row (vector loads); the low nibbles meet x's even columns and the high
+ones its odd columns, two dots a step. Where a step lies in one group (the usual case: groups of 64 or 128),
+its scales and zeros are one load per output feature, not one per weight. Batch 1 pads its one row to
 BLOCK_M = 16 (tl.dot's least); the weight bytes, what a GEMV is bound by, are read once. A grid of few tiles
 (a GEMV) splits K over more programs, so enough weight bytes are in flight to fill the memory bus.
 Signature: reference.int4_matmul_ref.
@@ -28,23 +31,34 @@ def _int4_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, nu
     row_ok, col_ok = rows < M, cols < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     row_bytes = num_blocks * (GROUP_SIZE // 2)  # packed bytes per row of W
+    pairs = tl.arange(0, BLOCK_K // 2)  # byte j of a step holds columns 2j (low nibble) and 2j + 1 (high)
     k_first = pid_k * k_per_split
     for k0 in range(k_first, tl.minimum(k_first + k_per_split, K), BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)  # [BLOCK_M, BLOCK_K]
-        byte = tl.load(packed_ptr + cols[None, :].to(tl.int64) * row_bytes + ks[:, None] // 2,
-                       mask=col_ok[None, :] & k_ok[:, None], other=0)  # [BLOCK_K, BLOCK_N]: each byte twice
-        codes = ((byte >> ((ks[:, None] % 2) * 4)) & 0x0F).to(tl.float32)
-        group = cols[None, :].to(tl.int64) * num_blocks + ks[:, None] // GROUP_SIZE
-        scale = tl.load(scale_ptr + group, mask=col_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
-        if HAS_ZERO:
-            zero = tl.load(zero_ptr + group, mask=col_ok[None, :] & k_ok[:, None], other=8).to(tl.float32)
-        else:
-            zero = 8.0
-        w = ((codes - zero) * scale).to(x.dtype)  # [BLOCK_K, BLOCK_N]
-        acc += tl.dot(x, w).to(tl.float32)
+        even = k0 + 2 * pairs  # [BLOCK_K / 2]
+        even_ok, odd_ok = even < K, even + 1 < K
+        byte = tl.load(packed_ptr + cols[:, None].to(tl.int64) * row_bytes + (k0 // 2 + pairs)[None, :],
+                       mask=col_ok[:, None] & even_ok[None, :], other=0)  # [BLOCK_N, BLOCK_K / 2]: contiguous
+        if GROUP_SIZE % BLOCK_K == 0:  # the step lies in one group: a scale (and zero) per output feature
+            group = cols.to(tl.int64) * num_blocks + k0 // GROUP_SIZE  # [BLOCK_N]
+            scale = tl.load(scale_ptr + group, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+            if HAS_ZERO:
+                zero = tl.load(zero_ptr + group, mask=col_ok, other=8).to(tl.float32)[:, None]
+            else:
+                zero = 8.0
+        else:  # several groups a step: each pair's own
+            group = cols[:, None].to(tl.int64) * num_blocks + even[None, :] // GROUP_SIZE  # [BLOCK_N, BLOCK_K / 2]
+            scale = tl.load(scale_ptr + group, mask=col_ok[:, None] & even_ok[None, :], other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                zero = tl.load(zero_ptr + group, mask=col_ok[:, None] & even_ok[None, :], other=8).to(tl.float32)
+            else:
+                zero = 8.0
+        x_even = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + even[None, :],
+                         mask=row_ok[:, None] & even_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K / 2]
+        x_odd = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + even[None, :] + 1,
+                        mask=row_ok[:, None] & odd_ok[None, :], other=0.0)  # x's zeros past K cancel any code
+        w_even = (((byte & 0x0F).to(tl.float32) - zero) * scale).to(x_even.dtype)  # [BLOCK_N, BLOCK_K / 2]
+        w_odd = (((byte >> 4).to(tl.float32) - zero) * scale).to(x_even.dtype)
+        acc += tl.dot(x_even, tl.trans(w_even)).to(tl.float32) + tl.dot(x_odd, tl.trans(w_odd)).to(tl.float32)
     out = y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
     if SPLIT_K == 1:
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -74,8 +88,9 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     """x [M, K] @ W^T -> [M, N] for the packed int4 W (reference.int4_matmul_ref). split_k: K slices summed
     with float32 atomics (default: split_k_for the grid)."""
     m, n = x.shape[0], packed.shape[0]
-    if block_size % 2 or (block_k % block_size and block_size % block_k):
-        raise ValueError(f"block_size {block_size} and block_k {block_k}: one must divide the other")
+    if block_size % 2 or (block_k % block_size and block_size % block_k) or block_k < 32:
+        raise ValueError(f"block_size {block_size} and block_k {block_k}: block_size even, one a multiple of the "
+                         "other, block_k at least 32 (tl.dot takes 16 columns, half a step)")
     block_m = 16 if m <= 16 else 32
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k = split_k or split_k_for(tiles, in_features, block_k, _num_sms(x.device))

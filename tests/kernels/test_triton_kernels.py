@@ -107,9 +107,10 @@ def _quantized(rng, n, k, group, zero_points) -> QuantizedWeight:
 @pytest.mark.parametrize("m", [1, 5, 33])
 @pytest.mark.parametrize("zero_points", [True, False], ids=["zero-points", "symmetric"])
 @pytest.mark.parametrize("split_k", [1, None, 3], ids=["whole-k", "split-k-auto", "split-k-3"])
-def test_int4_matmul_matches_the_reference(seed, m, zero_points, split_k):
+@pytest.mark.parametrize("block_k", [32, 64], ids=["one-group-a-step", "two-groups-a-step"])
+def test_int4_matmul_matches_the_reference(seed, m, zero_points, split_k, block_k):
     rng = np.random.default_rng(seed)
-    n, k, group = 80, 100, 32  # N not a tile multiple, K not a group multiple
+    n, k, group = 80, 99, 32  # N not a tile multiple, K not a group multiple (and odd: half a byte)
     qw = _quantized(rng, n, k, group, zero_points)
     packed = torch.from_numpy(qw.packed()).to(DEVICE)
     scale = torch.from_numpy(qw.scale).to(DEVICE, DTYPE)
@@ -121,7 +122,7 @@ def test_int4_matmul_matches_the_reference(seed, m, zero_points, split_k):
     x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32)).to(DEVICE, DTYPE)
     expected = reference.int4_matmul_ref(x.cpu(), packed.cpu(), scale.cpu(), None if zero is None else zero.cpu(),
                                          group, k)
-    got = int4_matmul(x, packed, scale, zero, group, k, block_n=32, block_k=32, split_k=split_k)
+    got = int4_matmul(x, packed, scale, zero, group, k, block_n=32, block_k=block_k, split_k=split_k)
     assert got.dtype == x.dtype
     torch.testing.assert_close(got.cpu().float(), expected.float(), atol=TOL * 10, rtol=TOL,
                                msg=lambda msg: f"seed {seed}: {msg}")
