@@ -22,7 +22,9 @@ import torch
 # (name, heads, kv_heads, head_dim, hidden, intermediate): SmolLM2-135M and a ~1B Llama (TinyLlama / Llama-3.2-1B)
 MODELS = [("smollm2-135m", 9, 3, 64, 576, 1536), ("llama-1b", 32, 8, 64, 2048, 8192)]
 ATTENTION_CONFIGS = [(32, 256), (64, 256), (64, 512), (128, 512)]  # (block_n, tokens_per_split); default first
-INT4_CONFIGS = [(64, 64), (32, 128), (64, 128), (128, 128), (64, 256)]  # (block_n, block_k); default first
+# (block_n, block_k, split_k): the default first; split_k 1 says what the split (its zeroed float32 buffer and
+# its conversion back: two more launches) is worth at batch 1
+INT4_CONFIGS = [(64, 64, None), (64, 64, 1), (32, 128, None), (64, 128, None), (128, 128, None), (64, 256, None)]
 
 
 def _timer(device: str):
@@ -128,8 +130,8 @@ def sweep_attention(device, dtype, timer, sizes) -> list[dict]:
 
 
 def sweep_int4(device, dtype, timer, sizes) -> list[dict]:
-    """The batch-1 int4 GEMV over its tile sizes (output features a program, K columns a step), against the fp16
-    matmul, at each model's projection shapes."""
+    """The batch-1 int4 GEMV over its tile sizes (output features a program, K columns a step) and with K whole,
+    against the fp16 matmul, at each model's projection shapes."""
     from llmc.kernels.triton.int4_gemm import int4_matmul
 
     rng, results = np.random.default_rng(3), []
@@ -140,10 +142,12 @@ def sweep_int4(device, dtype, timer, sizes) -> list[dict]:
             packed, scale, zero, weight = _int4_weight(rng, n, k, group, dtype, device)
             x = torch.randn(1, k, dtype=dtype, device=device)
             fp16_ms = timer(partial(torch.matmul, x, weight.T))
-            for block_n, block_k in INT4_CONFIGS:
-                ms = timer(partial(int4_matmul, x, packed, scale, zero, group, k, block_n=block_n, block_k=block_k))
+            for block_n, block_k, split_k in INT4_CONFIGS:
+                ms = timer(partial(int4_matmul, x, packed, scale, zero, group, k, block_n=block_n, block_k=block_k,
+                                   split_k=split_k))
                 results.append({"model": name, "n": n, "k": k, "block_n": block_n, "block_k": block_k,
-                                "int4_ms": ms, "fp16_matmul_ms": fp16_ms, "speedup_vs_fp16": fp16_ms / ms})
+                                "split_k": split_k or "auto", "int4_ms": ms, "fp16_matmul_ms": fp16_ms,
+                                "speedup_vs_fp16": fp16_ms / ms})
     return results
 
 

@@ -5,9 +5,11 @@ parser then builds the node from this registered plugin, and where none is regis
 function body. The AOT implementation compiles the Triton kernel of the node's semantics
 (kernels/triton/node_attention.py) to PTX when the engine is built, so the engine runs without Python.
 `register()` is called by the engine build; where tensorrt is missing it says why and registers nothing.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions' annotations with
+inspect.signature and needs the classes themselves (TensorDesc, float, int), not their names as strings; it also
+requires the return annotations (checked against tensorrt 11.4's tensorrt/plugin/_validate.py).
+"""
 
 import logging
 
@@ -58,13 +60,15 @@ def register() -> str | None:
                              v_pool: trtp.TensorDesc, query_index: trtp.TensorDesc, query_positions: trtp.TensorDesc,
                              cached_tables: trtp.TensorDesc, cached_shape: trtp.TensorDesc, lengths: trtp.TensorDesc,
                              token_index: trtp.TensorDesc, rope_cos: trtp.TensorDesc, rope_sin: trtp.TensorDesc,
-                             scale: float, num_heads: int, kv_num_heads: int):
+                             scale: float, num_heads: int, kv_num_heads: int
+                             ) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
         return describe(q, k)
 
     @trtp.aot_impl(PLUGIN_ID)
     def paged_attention_aot(q, k, v, k_pool, v_pool, query_index, query_positions, cached_tables, cached_shape,
                             lengths, token_index, rope_cos, rope_sin, scale: float, num_heads: int,
-                            kv_num_heads: int, outputs, tactic):
+                            kv_num_heads: int, outputs: tuple[trtp.TensorDesc, trtp.TensorDesc], tactic: int
+                            ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         inputs = [q, k, v, k_pool, v_pool, query_index, query_positions, cached_tables, cached_shape, lengths,
                   token_index, rope_cos, rope_sin]
         return aot_kernel(trtp, inputs, list(outputs), scale, num_heads, kv_num_heads)
@@ -72,6 +76,15 @@ def register() -> str | None:
     _registered = True
     log.info("registered the TensorRT plugin %s (AOT: the Triton kernel compiled to PTX)", PLUGIN_ID)
     return None
+
+
+def _constant(desc, axis: int, name: str) -> int:
+    """A build-time constant dimension (a ShapeExpr has no int(): its constant_value())."""
+    dim = desc.shape_expr[axis]
+    if dim.is_fake or not dim.is_constant:
+        raise ValueError(f"llmc::PagedAttention: the KV pool's {name} (axis {axis}) must be fixed when the engine is "
+                         "built; the optimization profile gives the pools one shape (min = opt = max)")
+    return dim.constant_value()
 
 
 def aot_kernel(trtp, inputs: list, outputs: list, scale: float, num_heads: int, kv_num_heads: int):
@@ -82,7 +95,7 @@ def aot_kernel(trtp, inputs: list, outputs: list, scale: float, num_heads: int, 
 
     k_pool, query_index, cached_tables = inputs[3], inputs[5], inputs[7]
     constexprs = {"SCALE": scale, "HEADS": num_heads, "KV_HEADS": kv_num_heads,
-                  "HEAD_DIM": int(k_pool.shape_expr[3]), "BLOCK_SIZE": int(k_pool.shape_expr[1]),
+                  "HEAD_DIM": _constant(k_pool, 3, "head_dim"), "BLOCK_SIZE": _constant(k_pool, 1, "block_size"),
                   "BLOCK_M": BLOCK_M, "BLOCK_N": BLOCK_N}
     source = triton.compiler.ASTSource(fn=node_kernel, signature={**kernel_signature(inputs, outputs),
                                                                   **dict.fromkeys(constexprs, "constexpr")},
