@@ -60,7 +60,8 @@ class TorchKVPool:
 
 class TorchEngine:
     """One step: embed, per layer (add + norm, fused q/k/v, rotary + K/V write, paged attention, o, add + norm,
-    fused gate/up, SwiGLU, down), the final norm and the LM head at logits_index. Ten kernel launches a layer;
+    fused gate/up, SwiGLU, down), the final norm and the LM head at logits_index. Ten kernel launches a layer
+    (a split int4 GEMV's partial products are added up by the next kernel, not by launches of their own);
     decode steps replay CUDA graphs (runtime/cuda_graphs.py) unless cuda_graphs is False."""
 
     attention = ATTENTION
@@ -102,18 +103,22 @@ class TorchEngine:
     def end_profiling(self) -> dict[str, str]:
         return {}
 
-    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """x [T, K] @ W^T (+ bias) -> [T, N], W int4-packed or float."""
+    def linear(self, x: torch.Tensor, name: str, reduce: bool = True) -> torch.Tensor:
+        """x [T, K] @ W^T (+ bias) -> [T, N], W int4-packed or float. reduce=False: an int4 W's split-K partial
+        products [S, T, N] (int4_matmul), for a layer op that adds them up as it loads them."""
         from llmc.kernels.triton.int4_gemm import int4_matmul
 
         w = self.w
-        if f"{name}.packed" in w:
-            packed = w[f"{name}.packed"]
-            y = int4_matmul(x, packed, w[f"{name}.scale"], w.get(f"{name}.zero"), packed.shape[2] * 2, x.shape[1])
-        else:
-            y = x @ w[f"{name}.weight"].T
         bias = w.get(f"{name}.bias")
-        return y if bias is None else y + bias
+        if f"{name}.packed" not in w:
+            y = x @ w[f"{name}.weight"].T
+            return y if bias is None else y + bias
+        packed = w[f"{name}.packed"]
+        y = int4_matmul(x, packed, w[f"{name}.scale"], w.get(f"{name}.zero"), packed.shape[2] * 2, x.shape[1],
+                        reduce=reduce)
+        if bias is not None:  # once: into the first slice of partials
+            (y if reduce else y[0]).add_(bias)
+        return y
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                 lens: torch.Tensor, starts: torch.Tensor, logits_index: torch.Tensor, pool: TorchKVPool,
@@ -123,23 +128,26 @@ class TorchEngine:
         from llmc.kernels.triton.layer_ops import add_rms_norm, rope_write_kv, silu_mul
         from llmc.kernels.triton.paged_attention import paged_decode, paged_prefill
 
-        geo, w = self.geometry, self.w
+        geo, w, dtype = self.geometry, self.w, self.dtype
         eps, scale = geo.rms_norm_eps, geo.head_dim ** -0.5
         x = w["embed"][ids]  # [T, hidden]: the residual stream, updated in place by add_rms_norm
         h = add_rms_norm(x, w["layers.0.attn_norm"], eps)
+        # each linear's output goes to a layer op that adds up an int4 GEMV's split-K partials as it loads them
         for i in range(geo.num_layers):
             p = f"layers.{i}"
-            qkv = self.linear(h, f"{p}.qkv_proj")  # [T, (H + 2 KVH) * D]
+            qkv = self.linear(h, f"{p}.qkv_proj", reduce=False)  # [T, (H + 2 KVH) * D], or partials [S, T, ...]
             q = rope_write_kv(qkv, w["rope.cos"], w["rope.sin"], positions, slots, pool.keys[i], pool.values[i],
-                              geo.num_heads, geo.num_kv_heads)  # [T, H, D]
+                              geo.num_heads, geo.num_kv_heads, out_dtype=dtype)  # [T, H, D]
             if max_query_len == 1:
                 attn = paged_decode(q, pool.keys[i], pool.values[i], tables, lens, scale, max_context=max_context)
             else:
                 attn = paged_prefill(q, pool.keys[i], pool.values[i], tables, lens, starts, scale, max_query_len)
-            h = add_rms_norm(self.linear(attn.view(len(ids), -1), f"{p}.o_proj"), w[f"{p}.mlp_norm"], eps, x)
-            down = self.linear(silu_mul(self.linear(h, f"{p}.gate_up_proj")), f"{p}.down_proj")
+            h = add_rms_norm(self.linear(attn.view(len(ids), -1), f"{p}.o_proj", reduce=False), w[f"{p}.mlp_norm"],
+                             eps, x, out_dtype=dtype)
+            act = silu_mul(self.linear(h, f"{p}.gate_up_proj", reduce=False), out_dtype=dtype)  # [T, I]
+            down = self.linear(act, f"{p}.down_proj", reduce=False)
             last = i == geo.num_layers - 1
-            h = add_rms_norm(down, w["norm"] if last else w[f"layers.{i + 1}.attn_norm"], eps, x)
+            h = add_rms_norm(down, w["norm"] if last else w[f"layers.{i + 1}.attn_norm"], eps, x, out_dtype=dtype)
         h = h[logits_index]
         return self.linear(h, "lm_head") if self.untied_head else h @ w["embed"].T
 

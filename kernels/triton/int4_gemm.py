@@ -8,7 +8,9 @@ lie, BLOCK_K / 2 contiguous bytes a row (vector loads); the low nibbles meet x's
 ones its odd columns, two dots a step. Where a step lies in one group (the usual case: groups of 64 or 128),
 its scales and zeros are one load per output feature, not one per weight. Batch 1 pads its one row to
 BLOCK_M = 16 (tl.dot's least); the weight bytes, what a GEMV is bound by, are read once. A grid of few tiles
-(a GEMV) splits K over more programs, so enough weight bytes are in flight to fill the memory bus.
+(a GEMV) splits K over more programs, so enough weight bytes are in flight to fill the memory bus; each slice
+stores its partial product, and the next kernel adds them up as it loads them (no atomics, no zeroed buffer,
+no launch for the sum: the engine's consumers are layer_ops' kernels).
 Signature: reference.int4_matmul_ref.
 """
 
@@ -24,7 +26,7 @@ import triton.language as tl
 @triton.jit
 def _int4_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, num_blocks, k_per_split,
                       HAS_ZERO: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features: rows of W
@@ -59,11 +61,8 @@ def _int4_gemm_kernel(x_ptr, packed_ptr, scale_ptr, zero_ptr, y_ptr, M, N, K, nu
         w_even = (((byte & 0x0F).to(tl.float32) - zero) * scale).to(x_even.dtype)  # [BLOCK_N, BLOCK_K / 2]
         w_odd = (((byte >> 4).to(tl.float32) - zero) * scale).to(x_even.dtype)
         acc += tl.dot(x_even, tl.trans(w_even)).to(tl.float32) + tl.dot(x_odd, tl.trans(w_odd)).to(tl.float32)
-    out = y_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-    else:  # y is a float32 buffer of zeros: the K slices add up
-        tl.atomic_add(out, acc, mask=row_ok[:, None] & col_ok[None, :])
+    out = y_ptr + pid_k.to(tl.int64) * M * N + rows[:, None].to(tl.int64) * N + cols[None, :]  # y [SPLIT_K, M, N]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -84,9 +83,10 @@ def split_k_for(tiles: int, k: int, block_k: int, num_sms: int) -> int:
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                 block_size: int, in_features: int, block_n: int = 64, block_k: int = 64,
-                split_k: int | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T -> [M, N] for the packed int4 W (reference.int4_matmul_ref). split_k: K slices summed
-    with float32 atomics (default: split_k_for the grid)."""
+                split_k: int | None = None, reduce: bool = True) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N] for the packed int4 W (reference.int4_matmul_ref). split_k: K slices (default:
+    split_k_for the grid). reduce=False returns the slices' partial products [S, M, N] unsummed (float32 where S >
+    1, x's dtype where S is 1), for a consumer that adds them up as it loads them (layer_ops: no launch for the sum)."""
     m, n = x.shape[0], packed.shape[0]
     if block_size % 2 or (block_k % block_size and block_size % block_k) or block_k < 32:
         raise ValueError(f"block_size {block_size} and block_k {block_k}: block_size even, one a multiple of the "
@@ -96,11 +96,12 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
     split_k = split_k or split_k_for(tiles, in_features, block_k, _num_sms(x.device))
     k_per_split = triton.cdiv(triton.cdiv(in_features, split_k), block_k) * block_k  # whole BLOCK_K steps
     split_k = triton.cdiv(in_features, k_per_split)
-    y = (torch.empty(m, n, dtype=x.dtype, device=x.device) if split_k == 1
-         else torch.zeros(m, n, dtype=torch.float32, device=x.device))
+    y = torch.empty(split_k, m, n, dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
     _int4_gemm_kernel[grid](x.contiguous(), packed.contiguous(), scale.contiguous(),
                             zero.contiguous() if zero is not None else scale, y, m, n, in_features,
                             packed.shape[1], k_per_split, HAS_ZERO=zero is not None, GROUP_SIZE=block_size,
-                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
-    return y if split_k == 1 else y.to(x.dtype)
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if not reduce:
+        return y
+    return y[0] if split_k == 1 else y.sum(0).to(x.dtype)

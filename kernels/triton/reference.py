@@ -52,24 +52,30 @@ def int4_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
     return (x.float() @ dequantize_int4(packed, scale, zero, block_size, in_features).T).to(x.dtype)
 
 
-def add_rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                     residual: torch.Tensor | None = None) -> torch.Tensor:
-    """RMSNorm of x, or of residual + x with the sum written into residual; float32 inside, x's dtype out."""
+def summed(x: torch.Tensor) -> torch.Tensor:
+    """A layer op's input [T, N] as float32: split-K partials [S, T, N] added up."""
+    return x.float().sum(0) if x.dim() == 3 else x.float()
+
+
+def add_rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm of x (or partials [S, T, N]), or of residual + x with the sum written into residual; float32
+    inside, out_dtype (default x's) out."""
+    x32 = summed(x)
     if residual is not None:
-        residual.copy_((residual.float() + x.float()).to(residual.dtype))
-        x = residual
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+        residual.copy_((residual.float() + x32).to(residual.dtype))
+        x32 = residual.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(out_dtype or x.dtype)
 
 
 def rope_write_kv_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                       slots: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, heads: int,
-                      kv_heads: int) -> torch.Tensor:
-    """Rotate q and k of the fused projection [T, (H + 2 KVH) * D] (half rotation), write k and v into the pools at
-    the non-negative slots; returns q [T, H, D]."""
-    tokens = qkv.shape[0]
+                      kv_heads: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rotate q and k of the fused projection [T, (H + 2 KVH) * D] (or partials [S, T, ...]; half rotation), write
+    k and v into the pools at the non-negative slots; returns q [T, H, D] in out_dtype (default qkv's)."""
+    tokens = qkv.shape[-2]
     head_dim = 2 * cos.shape[1]
-    q, k, v = qkv.view(tokens, heads + 2 * kv_heads, head_dim).split([heads, kv_heads, kv_heads], dim=1)
+    q, k, v = summed(qkv).view(tokens, heads + 2 * kv_heads, head_dim).split([heads, kv_heads, kv_heads], dim=1)
     c, s = cos[positions.long()][:, None], sin[positions.long()][:, None]  # [T, 1, D / 2]
 
     def rotate(x):
@@ -81,10 +87,10 @@ def rope_write_kv_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, p
     blocks, offsets = slots[keep].long() // block_size, slots[keep].long() % block_size
     key_pool[blocks, offsets] = rotate(k)[keep].to(key_pool.dtype)
     value_pool[blocks, offsets] = v[keep].to(value_pool.dtype)
-    return rotate(q).to(qkv.dtype)
+    return rotate(q).to(out_dtype or qkv.dtype)
 
 
-def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] (gate, then up) -> silu(gate) * up [T, I]."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
+def silu_mul_ref(gate_up: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[T, 2I] (gate, then up; or partials [S, T, 2I]) -> silu(gate) * up [T, I]."""
+    gate, up = summed(gate_up).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(out_dtype or gate_up.dtype)

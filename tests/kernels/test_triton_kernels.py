@@ -126,6 +126,10 @@ def test_int4_matmul_matches_the_reference(seed, m, zero_points, split_k, block_
     assert got.dtype == x.dtype
     torch.testing.assert_close(got.cpu().float(), expected.float(), atol=TOL * 10, rtol=TOL,
                                msg=lambda msg: f"seed {seed}: {msg}")
+    parts = int4_matmul(x, packed, scale, zero, group, k, block_n=32, block_k=block_k, split_k=split_k, reduce=False)
+    assert parts.shape[1:] == (m, n) and (parts.shape[0] == 1) == (split_k == 1)  # [S, M, N], for a consumer to sum
+    torch.testing.assert_close(parts.cpu().float().sum(0), expected.float(), atol=TOL * 10, rtol=TOL,
+                               msg=lambda msg: f"seed {seed}: {msg}")
 
 
 def test_split_k_fills_the_sms_only_when_the_grid_is_small():

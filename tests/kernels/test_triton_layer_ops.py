@@ -70,3 +70,39 @@ def test_rope_write_kv_rotates_and_writes_only_real_slots(rng):
 def test_silu_mul_matches_the_reference(rng, inter):
     gate_up = _tensor(rng, 3, 2 * inter, scale=2.0)
     torch.testing.assert_close(silu_mul(gate_up), reference.silu_mul_ref(gate_up), atol=TOL, rtol=TOL)
+
+
+def test_each_op_adds_up_split_k_partials_as_it_loads_them(rng):
+    """Given int4_matmul's unsummed partial products [S, T, N] (float32), each op gives what it gives on their sum,
+    in the dtype asked for."""
+    heads, kv_heads, head_dim, tokens, hidden, inter = 4, 2, 16, 3, 40, 24
+
+    def parts(width):
+        return torch.from_numpy(rng.standard_normal((3, tokens, width), dtype=np.float32)).to(DEVICE)
+
+    x, weight, residual = parts(hidden), _tensor(rng, hidden), _tensor(rng, tokens, hidden)
+    residual_ref = residual.clone()
+    got = add_rms_norm(x, weight, 1e-5, residual, out_dtype=DTYPE)
+    assert got.dtype == DTYPE and got.shape == (tokens, hidden)
+    torch.testing.assert_close(got, reference.add_rms_norm_ref(x.sum(0), weight, 1e-5, residual_ref, DTYPE),
+                               atol=TOL, rtol=TOL)
+    torch.testing.assert_close(residual, residual_ref, atol=TOL, rtol=TOL)
+
+    qkv = parts((heads + 2 * kv_heads) * head_dim)
+    angles = torch.from_numpy(rng.uniform(0, 6.3, (8, head_dim // 2)).astype(np.float32)).to(DEVICE)
+    positions = torch.tensor([0, 5, 7], dtype=torch.int32, device=DEVICE)
+    slots = torch.tensor([3, -1, 9], dtype=torch.int32, device=DEVICE)
+    pools = [_tensor(rng, 4, 4, kv_heads, head_dim) for _ in range(2)]
+    pools_ref = [p.clone() for p in pools]
+    got = rope_write_kv(qkv, angles.cos(), angles.sin(), positions, slots, *pools, heads, kv_heads, out_dtype=DTYPE)
+    expected = reference.rope_write_kv_ref(qkv.sum(0), angles.cos(), angles.sin(), positions, slots, *pools_ref,
+                                           heads, kv_heads, DTYPE)
+    assert got.dtype == DTYPE
+    torch.testing.assert_close(got, expected, atol=TOL, rtol=TOL)
+    for pool, pool_ref in zip(pools, pools_ref):
+        torch.testing.assert_close(pool, pool_ref, atol=TOL, rtol=TOL)
+
+    gate_up = parts(2 * inter)
+    got = silu_mul(gate_up, out_dtype=DTYPE)
+    assert got.dtype == DTYPE and got.shape == (tokens, inter)
+    torch.testing.assert_close(got, reference.silu_mul_ref(gate_up.sum(0), DTYPE), atol=TOL, rtol=TOL)
