@@ -85,7 +85,7 @@ class BlockManager:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else b""
             seq.block_hashes.append(chain_hash(parent, seq.tokens(i * self.block_size, (i + 1) * self.block_size)))
-        return seq.block_hashes[:num_full_blocks]
+        return seq.block_hashes  # its first num_full_blocks are those blocks' hashes
 
     def claim_cached_prefix(self, seq: Sequence) -> int:
         """For a sequence with no blocks: share the cached blocks of its longest cached prefix.
@@ -97,7 +97,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return 0
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        for h in self._hashes(seq, max_blocks):
+        for h in self._hashes(seq, max_blocks)[:max_blocks]:
             block = self.cached.get(h)
             if block is None:
                 break
@@ -112,11 +112,15 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
-        for i, h in enumerate(self._hashes(seq, num_full)):
-            block = seq.block_table[i]
+        if num_full <= seq.num_cached_blocks:  # no block filled up since the last call (most decode steps)
+            return
+        hashes = self._hashes(seq, num_full)
+        for i in range(seq.num_cached_blocks, num_full):  # only the new ones: a long context costs no more
+            block, h = seq.block_table[i], hashes[i]
             if self.block_hash[block] is None and h not in self.cached:
                 self.cached[h] = block
                 self.block_hash[block] = h
+        seq.num_cached_blocks = num_full
 
     # -- allocation ----------------------------------------------------------------------------
     def _needs_copy(self, seq: Sequence) -> bool:
@@ -154,13 +158,14 @@ class BlockManager:
             self.ref_counts[block] += 1
         child.block_table = list(parent.block_table)
         child.block_hashes = list(parent.block_hashes)
-        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_computed_tokens, child.num_cached_blocks = parent.num_computed_tokens, parent.num_cached_blocks
 
     def deallocate(self, seq: Sequence) -> None:
         """Drop seq's references; blocks nobody holds return to the pool (cached ones stay findable)."""
         for block in reversed(seq.block_table):  # the tail is evicted before the shared head
             self._release(block)
         seq.block_table.clear()
+        seq.num_cached_blocks = 0
 
     def trim(self, seq: Sequence, num_tokens: int) -> None:
         """Give back the blocks past the first num_tokens tokens (rejected draft tokens' slots)."""

@@ -333,7 +333,7 @@ class LLM:
         if token in params.stop_token_ids or (token in self.tokenizer.eos_token_ids and not params.ignore_eos):
             self.scheduler.finish(seq, "stop")
             return
-        seq.text += state.detok.step(seq.output_ids)
+        seq.text += state.detok.step(token)
         for stop in params.stop:
             cut = seq.text.find(stop)
             if cut >= 0:

@@ -190,3 +190,21 @@ def test_update_from_output_advances_trims_and_caches():
     assert len(seq.block_table) == 3  # 5 + 1 + 6 slots
     sched.update_from_output(decode, accepted=1)
     assert seq.num_computed_tokens == 7 and len(seq.block_table) == 2 and bm.num_free_blocks == 2
+
+
+def test_blocks_filled_by_decoding_are_cached_once_each_as_they_fill():
+    """A sequence computed token by token: each block enters the cache the step it fills (earlier blocks are not
+    revisited), a fork carries on from its parent, and a later prompt with that text hits every block."""
+    bm = BlockManager(num_blocks=16, block_size=4)
+    seq = _seq("a", range(3))
+    for n in range(3, 20):
+        seq.output_ids = list(range(100, 100 + n - 3))
+        _compute(bm, seq, n)
+        assert len(bm.cached) == n // 4 and seq.num_cached_blocks == n // 4
+    child = _seq("a", range(3))
+    bm.fork(seq, child)
+    assert child.num_cached_blocks == seq.num_cached_blocks == 4
+    again = _seq("b", seq.token_ids + [7])
+    assert bm.claim_cached_prefix(again) == 16 and again.block_table == seq.block_table[:4]
+    bm.deallocate(seq)
+    assert seq.num_cached_blocks == 0
