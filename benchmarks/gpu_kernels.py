@@ -93,24 +93,19 @@ def check_int4(device, dtype, timer, sizes) -> list[dict]:
     """int4 GEMV / GEMM vs the reference and vs torch's fp16 matmul of the same (dequantized) weight."""
     from llmc.kernels.triton.int4_gemm import int4_matmul
 
-    rng, results = np.random.default_rng(1), []
-    for name, _, _, _, hidden, intermediate in MODELS:
-        for n, k in ((intermediate, hidden), (hidden, intermediate)):
-            n, k = n // sizes["shrink"], k // sizes["shrink"]
-            group = 128 if k % 128 == 0 else 32
-            packed, scale, zero, weight = _int4_weight(rng, n, k, group, dtype, device)
-            for m in sizes["batches"]:
-                x = torch.randn(m, k, dtype=dtype, device=device)
-                got = int4_matmul(x, packed, scale, zero, group, k)
-                err = _err(got, x.float() @ weight.float().T)
-                int4_ms = timer(partial(int4_matmul, x, packed, scale, zero, group, k))
-                # as the engine calls it: a split's partial products are summed by the next kernel's loads
-                partials_ms = timer(partial(int4_matmul, x, packed, scale, zero, group, k, reduce=False))
-                fp16_ms = timer(partial(torch.matmul, x, weight.T))
-                results.append({"model": name, "m": m, "n": n, "k": k, "max_abs_err": err, "int4_ms": int4_ms,
-                                "int4_partials_ms": partials_ms, "fp16_matmul_ms": fp16_ms,
-                                "speedup_vs_fp16": fp16_ms / int4_ms,
-                                "speedup_vs_fp16_partials": fp16_ms / partials_ms})
+    results = []
+    for name, n, k, group, packed, scale, zero, weight in _int4_cases(np.random.default_rng(1), dtype, device, sizes):
+        for m in sizes["batches"]:
+            x = torch.randn(m, k, dtype=dtype, device=device)
+            got = int4_matmul(x, packed, scale, zero, group, k)
+            err = _err(got, x.float() @ weight.float().T)
+            int4_ms = timer(partial(int4_matmul, x, packed, scale, zero, group, k))
+            # as the engine calls it: a split's partial products are summed by the next kernel's loads
+            partials_ms = timer(partial(int4_matmul, x, packed, scale, zero, group, k, reduce=False))
+            fp16_ms = timer(partial(torch.matmul, x, weight.T))
+            results.append({"model": name, "m": m, "n": n, "k": k, "max_abs_err": err, "int4_ms": int4_ms,
+                            "int4_partials_ms": partials_ms, "fp16_matmul_ms": fp16_ms,
+                            "speedup_vs_fp16": fp16_ms / int4_ms, "speedup_vs_fp16_partials": fp16_ms / partials_ms})
     return results
 
 
@@ -138,20 +133,16 @@ def sweep_int4(device, dtype, timer, sizes) -> list[dict]:
     against the fp16 matmul, at each model's projection shapes."""
     from llmc.kernels.triton.int4_gemm import int4_matmul
 
-    rng, results = np.random.default_rng(3), []
-    for name, _, _, _, hidden, intermediate in MODELS:
-        for n, k in ((intermediate, hidden), (hidden, intermediate)):
-            n, k = n // sizes["shrink"], k // sizes["shrink"]
-            group = 128 if k % 128 == 0 else 32
-            packed, scale, zero, weight = _int4_weight(rng, n, k, group, dtype, device)
-            x = torch.randn(1, k, dtype=dtype, device=device)
-            fp16_ms = timer(partial(torch.matmul, x, weight.T))
-            for block_n, block_k, split_k in INT4_CONFIGS:
-                ms = timer(partial(int4_matmul, x, packed, scale, zero, group, k, block_n=block_n, block_k=block_k,
-                                   split_k=split_k))
-                results.append({"model": name, "n": n, "k": k, "block_n": block_n, "block_k": block_k,
-                                "split_k": split_k or "auto", "int4_ms": ms, "fp16_matmul_ms": fp16_ms,
-                                "speedup_vs_fp16": fp16_ms / ms})
+    results = []
+    for name, n, k, group, packed, scale, zero, weight in _int4_cases(np.random.default_rng(3), dtype, device, sizes):
+        x = torch.randn(1, k, dtype=dtype, device=device)
+        fp16_ms = timer(partial(torch.matmul, x, weight.T))
+        for block_n, block_k, split_k in INT4_CONFIGS:
+            ms = timer(partial(int4_matmul, x, packed, scale, zero, group, k, block_n=block_n, block_k=block_k,
+                               split_k=split_k))
+            results.append({"model": name, "n": n, "k": k, "block_n": block_n, "block_k": block_k,
+                            "split_k": split_k or "auto", "int4_ms": ms, "fp16_matmul_ms": fp16_ms,
+                            "speedup_vs_fp16": fp16_ms / ms})
     return results
 
 
@@ -186,15 +177,21 @@ def check_layer_ops(device, dtype) -> list[dict]:
     return results
 
 
-def _int4_weight(rng, n, k, group, dtype, device):
-    """Random packed int4 codes with scales and zero points, and their dequantized weight [N, K] in dtype."""
+def _int4_cases(rng, dtype, device, sizes):
+    """Each model's up and down projection shapes as (model, N, K, group, packed, scale, zero, weight): random int4
+    codes with scales and zero points, and their dequantized weight [N, K] in dtype."""
     from llmc.kernels.triton import reference
 
-    blocks = -(-k // group)
-    packed = torch.from_numpy(rng.integers(0, 256, (n, blocks, group // 2), dtype=np.uint8)).to(device)
-    scale = torch.rand(n, blocks, dtype=dtype, device=device) * 0.02
-    zero = torch.from_numpy(rng.integers(0, 16, (n, blocks), dtype=np.uint8)).to(device)
-    return packed, scale, zero, reference.dequantize_int4(packed, scale, zero, group, k).to(dtype)
+    for name, _, _, _, hidden, intermediate in MODELS:
+        for n, k in ((intermediate, hidden), (hidden, intermediate)):
+            n, k = n // sizes["shrink"], k // sizes["shrink"]
+            group = 128 if k % 128 == 0 else 32
+            blocks = -(-k // group)
+            packed = torch.from_numpy(rng.integers(0, 256, (n, blocks, group // 2), dtype=np.uint8)).to(device)
+            scale = torch.rand(n, blocks, dtype=dtype, device=device) * 0.02
+            zero = torch.from_numpy(rng.integers(0, 16, (n, blocks), dtype=np.uint8)).to(device)
+            yield name, n, k, group, packed, scale, zero, reference.dequantize_int4(packed, scale, zero, group,
+                                                                                   k).to(dtype)
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
