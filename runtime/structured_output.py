@@ -62,7 +62,7 @@ class GrammarCompiler:
     def __init__(self, tokenizer_json: Path, vocab_size: int, eos_token_ids: list[int]):
         self._path, self.vocab_size, self._eos = tokenizer_json, vocab_size, list(eos_token_ids)
         self._tokenizer = None  # llguidance.LLTokenizer, built on first use (~1 s for a 49k vocabulary)
-        self._cache: OrderedDict[str, object] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()  # (kind, spec) -> compiled matcher
         self._lock = threading.Lock()
 
     def _llg_tokenizer(self):
@@ -78,17 +78,17 @@ class GrammarCompiler:
         """A fresh llguidance.LLMatcher for so; GrammarError (HTTP 400) where it cannot be compiled."""
         import llguidance
 
-        text = _grammar_text(so)
+        key = (so.kind, so.spec)  # a hit skips the grammar's text too (the server compiles, then the engine asks)
         with self._lock:
-            template = self._cache.get(text)
+            template = self._cache.get(key)
             if template is None:
-                template = llguidance.LLMatcher(self._llg_tokenizer(), text, log_level=0)
+                template = llguidance.LLMatcher(self._llg_tokenizer(), _grammar_text(so), log_level=0)
                 if template.is_error():
                     raise GrammarError(f"the {so.kind.replace('_', ' ')} cannot be compiled: {template.get_error()}")
-                self._cache[text] = template
+                self._cache[key] = template
                 if len(self._cache) > MAX_CACHED_GRAMMARS:
                     self._cache.popitem(last=False)
-            self._cache.move_to_end(text)
+            self._cache.move_to_end(key)
             return template.deep_copy()
 
 

@@ -140,3 +140,16 @@ def test_a_constraint_failing_mid_generation_ends_its_request_alone(llm):
     for seq in (constrained, other):
         llm.release(seq)
     assert llm.block_manager.usage() == 0
+
+
+def test_a_compiled_constraint_is_reused_whole(llm, monkeypatch):
+    """The server compiles a request's constraint off the event loop, then the engine asks for it again: the second
+    time neither the grammar's text nor the matcher is built again, and each caller gets its own matcher."""
+    from llmc.runtime import structured_output
+
+    built = []
+    text_of = structured_output._grammar_text
+    monkeypatch.setattr(structured_output, "_grammar_text", lambda so: built.append(so) or text_of(so))
+    so = StructuredOutput("regex", "[a-c]{2}z")  # not used by another test, so not cached yet
+    first, second = llm.grammars.matcher(so), llm.grammars.matcher(StructuredOutput("regex", "[a-c]{2}z"))
+    assert len(built) == 1 and first is not second
