@@ -58,21 +58,25 @@ def _decode_split_kernel(q_ptr, key_ptr, value_ptr, tables_ptr, lens_ptr, acc_pt
         v = tl.load(value_ptr + rows[:, None] * HEAD_DIM + dims[None, :], mask=valid[:, None], other=0.0)
         m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc)
     part = (seq * HEADS + heads) * num_splits + split  # [GROUP]: partials [S, H, splits, ...]
-    tl.store(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_ok[:, None])
-    tl.store(stats_ptr + part * 2, m_i, mask=head_ok)
-    tl.store(stats_ptr + part * 2 + 1, l_i, mask=head_ok)
+    # a split past the context writes nothing (the merge does not read it)
+    written = head_ok & (start + tl.zeros([GROUP], tl.int32) < context)
+    tl.store(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=written[:, None])
+    tl.store(stats_ptr + part * 2, m_i, mask=written)
+    tl.store(stats_ptr + part * 2 + 1, l_i, mask=written)
 
 
 @triton.jit
-def _decode_merge_kernel(acc_ptr, stats_ptr, out_ptr, num_splits, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+def _decode_merge_kernel(acc_ptr, stats_ptr, out_ptr, lens_ptr, num_splits, tokens_per_split,
+                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
     row = tl.program_id(0)  # seq * HEADS + head
+    context = tl.load(lens_ptr + row // HEADS)
     splits = tl.arange(0, SPLITS)
-    used = splits < num_splits
+    used = splits * tokens_per_split < context  # the splits that attended something (a graph's grid has more)
     m = tl.load(stats_ptr + (row * num_splits + splits) * 2, mask=used, other=float("-inf"))
     l_i = tl.load(stats_ptr + (row * num_splits + splits) * 2 + 1, mask=used, other=0.0)
     top = tl.max(m, 0)
-    top = tl.where(top > float("-inf"), top, 0.0)  # every split empty: a context of 0
-    weight = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)  # empty splits (past the context) weigh 0
+    top = tl.where(top > float("-inf"), top, 0.0)  # no split used: a context of 0
+    weight = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)  # unused splits weigh 0
     dims = tl.arange(0, HEAD_DIM)
     acc = tl.load(acc_ptr + (row * num_splits + splits)[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None],
                   other=0.0)
@@ -99,8 +103,8 @@ def paged_decode(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tens
         block_tables.stride(0), tokens_per_split, num_splits, HEADS=heads, KV_HEADS=kv_heads, GROUP=group,
         HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=block_n)
     out = torch.empty_like(q)
-    _decode_merge_kernel[(seqs * heads,)](acc, stats, out, num_splits, HEAD_DIM=head_dim,
-                                          SPLITS=triton.next_power_of_2(num_splits))
+    _decode_merge_kernel[(seqs * heads,)](acc, stats, out, context_lens, num_splits, tokens_per_split, HEADS=heads,
+                                          HEAD_DIM=head_dim, SPLITS=triton.next_power_of_2(num_splits))
     return out
 
 

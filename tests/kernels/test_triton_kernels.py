@@ -65,6 +65,28 @@ def test_paged_decode_matches_the_reference(seed, heads, kv_heads, head_dim):
                                msg=lambda m: f"seed {seed}: {m}")
 
 
+def test_a_graph_sized_split_grid_touches_nothing_past_each_context(seed, monkeypatch):
+    """A CUDA graph launches the split grid of the longest context it serves: splits past a sequence's context
+    write no partials and the merge reads none (here the partial buffers start as NaN, which any such read would
+    spread); a context of 0 (a padding row) gives zeros."""
+    rng = np.random.default_rng(seed)
+    heads, kv_heads, head_dim, block_size, num_blocks = 4, 2, 16, 4, 64
+    context_lens = [0, 5, int(rng.integers(17, 60))]
+    key_pool, value_pool = _pools(rng, num_blocks, block_size, kv_heads, head_dim)
+    tables = _tables(rng, [max(c, 1) for c in context_lens], block_size, num_blocks)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    q = torch.from_numpy(rng.standard_normal((3, heads, head_dim), dtype=np.float32)).to(DEVICE, DTYPE)
+    expected = reference.paged_attention_ref(q[1:].cpu(), key_pool.cpu(), value_pool.cpu(), tables[1:].cpu(),
+                                             lens[1:].cpu(), torch.arange(3, dtype=torch.int32), head_dim ** -0.5)
+    full = torch.full
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: full(shape, float("nan"), **kw))
+    got = paged_decode(q, key_pool, value_pool, tables, lens, head_dim ** -0.5, tokens_per_split=16, block_n=16,
+                       max_context=256)  # 16 splits, of which these contexts use 0, 1 and 2-4
+    assert not got[0].any()
+    torch.testing.assert_close(got[1:].cpu().float(), expected.float(), atol=TOL, rtol=TOL,
+                               msg=lambda m: f"seed {seed}: {m}")
+
+
 def test_paged_prefill_matches_the_reference_with_causal_masks(seed):
     """A fresh prompt, a chunk after cached tokens (ending inside a block) and a 4-token verification, together."""
     rng = np.random.default_rng(seed)
