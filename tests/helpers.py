@@ -9,6 +9,22 @@ import os
 import tempfile
 from pathlib import Path
 
+
+def triton_or_skip(what: str):
+    """For a test module of Triton kernels: (torch, device, dtype) with TRITON_INTERPRET=1 set where there is no
+    GPU (it must be set before triton is first imported, so call this before importing llmc's Triton code); the
+    module is skipped, saying so, where torch or triton is missing. dtype: float16 on a GPU, float32 in the
+    interpreter (it has no half-precision dot)."""
+    import pytest
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run on numpy
+    pytest.importorskip("triton", reason=f"triton is not installed: {what} not tested here")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch, device, torch.float16 if device == "cuda" else torch.float32
+
+
 TEXT = ("The capital of France is Paris. The capital of Italy is Rome. Paged attention keeps the KV cache "
         "in fixed-size blocks. Continuous batching lets new requests join between steps. ") * 20
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -2,24 +2,20 @@
 there is one): fresh random inputs each run (the seed is in every failure message), block tables with holes,
 contexts ending inside blocks, grouped-query heads, int4 weights with and without zero points."""
 
-import os
 import random
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on numpy
-triton = pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested here")
+from tests.helpers import triton_or_skip
+
+torch, DEVICE, DTYPE = triton_or_skip("the Triton kernels are")
 
 from llmc.kernels.quant import QuantizedWeight  # noqa: E402
 from llmc.kernels.triton import reference  # noqa: E402
 from llmc.kernels.triton.int4_gemm import int4_matmul  # noqa: E402
 from llmc.kernels.triton.paged_attention import paged_decode, paged_prefill  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32  # the interpreter has no half-precision dot
 TOL = 2e-2 if DTYPE == torch.float16 else 1e-4
 
 

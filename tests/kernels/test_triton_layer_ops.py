@@ -1,22 +1,18 @@
 """The CUDA engine's fused elementwise kernels (add + RMSNorm, rotary + KV write, SwiGLU) against their torch
 references, under TRITON_INTERPRET=1 on the CPU (on a GPU where there is one), with fresh random inputs."""
 
-import os
 import random
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on numpy
-pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested here")
+from tests.helpers import triton_or_skip
+
+torch, DEVICE, DTYPE = triton_or_skip("the Triton kernels are")
 
 from llmc.kernels.triton import reference  # noqa: E402
 from llmc.kernels.triton.layer_ops import add_rms_norm, rope_write_kv, silu_mul  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
 TOL = 2e-2 if DTYPE == torch.float16 else 1e-5
 
 

@@ -2,23 +2,19 @@
 function body in onnxruntime, on the same inputs: RoPE inside, cached keys through the plan's tables, the step's
 own keys causal, the rotated keys returned. Under TRITON_INTERPRET=1 on the CPU."""
 
-import os
 import random
 
 import numpy as np
-import pytest
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-pytest.importorskip("triton", reason="triton is not installed: the Triton kernels are not tested here")
+from tests.helpers import session_options, triton_or_skip
+
+torch, _, _ = triton_or_skip("the Triton kernels are")
 
 import onnxruntime as ort  # noqa: E402
 
 from llmc.compiler import onnx_paged_attention as pa  # noqa: E402
 from llmc.kernels import reference as ref  # noqa: E402
 from llmc.kernels.triton.node_attention import node_attention  # noqa: E402
-from tests.helpers import session_options  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK, NUM_BLOCKS, POSITIONS = 4, 2, 32, 4, 40, 128
 

@@ -2,15 +2,13 @@
 by step: prompts in chunks, then decodes, over holed block tables. On a machine without CUDA it runs on the CPU
 under TRITON_INTERPRET=1 (float32); `--device cuda` without CUDA is a clear error."""
 
-import os
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-pytest.importorskip("triton", reason="triton is not installed: the cuda engine is not tested here")
+from tests.helpers import triton_or_skip, write_yaml
+
+torch, DEVICE, _ = triton_or_skip("the cuda engine is")
 
 from llmc.artifacts.bundle import load_bundle  # noqa: E402
 from llmc.errors import ConfigError  # noqa: E402
@@ -18,9 +16,6 @@ from llmc.runtime.engine_ort import OrtEngine  # noqa: E402
 from llmc.runtime.engine_torch import TorchEngine, TorchKVPool, check_cuda  # noqa: E402
 from llmc.runtime.kv_pool import KVPool  # noqa: E402
 from llmc.runtime.step_inputs import Chunk, layout_step  # noqa: E402
-from tests.helpers import write_yaml  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
