@@ -87,7 +87,7 @@ def parse(text: str) -> tuple[str | None, list[dict]]:
         except ValueError:
             continue
         if isinstance(body, dict) and isinstance(body.get("name"), str):
-            calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            calls.append({"id": _call_id(), "type": "function",
                           "function": {"name": body["name"],
                                        "arguments": json.dumps(body.get("arguments", {}), ensure_ascii=False)}})
     if not calls:
@@ -96,13 +96,22 @@ def parse(text: str) -> tuple[str | None, list[dict]]:
     return content or None, calls
 
 
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def held_back(text: str) -> int:
     """How many trailing characters of streamed text may begin a call (held back until it is known)."""
     start = text.find(OPEN)
     if start >= 0:
         return len(text) - start
-    for n in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if text.endswith(OPEN[:n]):
+    return _marker_start(text, OPEN)
+
+
+def _marker_start(text: str, marker: str) -> int:
+    """The length of text's longest ending that begins marker (0 if none)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
             return n
     return 0
 
@@ -160,7 +169,7 @@ class StreamParser:
             if match is None:
                 return []
             self._args_from = match.end()
-            deltas.append({"index": self.num_calls, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            deltas.append({"index": self.num_calls, "id": _call_id(), "type": "function",
                            "function": {"name": json.loads(match.group(1)), "arguments": ""}})
             self.num_calls += 1
         if ready > self._args_from + self._args_sent:
@@ -190,9 +199,5 @@ class StreamParser:
 def _ready(call: str) -> int:
     """How much of an open call's text can be sent: all but trailing whitespace, a trailing `}` (it may close the
     call's body, not its arguments) and a trailing prefix of </tool_call>."""
-    for n in range(min(len(CLOSE) - 1, len(call)), 0, -1):
-        if call.endswith(CLOSE[:n]):
-            call = call[:-n]
-            break
-    call = call.rstrip()
+    call = call[:len(call) - _marker_start(call, CLOSE)].rstrip()
     return len(call) - 1 if call.endswith("}") else len(call)
