@@ -1,6 +1,7 @@
-"""What the LLM loop costs the host per step with no model: the engine's step returns ready random logits (or,
-as the cuda engine's step_greedy, ready token ids), so what remains is the scheduler, the step layout, sampling
-and detokenizing. On a GPU this is the time the device waits between steps (llmc does not overlap them yet).
+"""What the LLM loop costs the host per step with no model: the engine's step returns ready logits (rows the model
+produced for random prompts; or, as the cuda engine's step_sample, ready token ids), so what remains is the
+scheduler, the step layout, sampling and detokenizing. On a GPU this is the time the device waits between steps (llmc does not overlap them yet).
+Greedy and sampled requests (temperature 0.8, top-p 0.9) are measured both ways.
 
     python benchmarks/host_overhead.py out/smollm2-135m-int4 --batches 1 64
 """
@@ -8,12 +9,27 @@ and detokenizing. On a GPU this is the time the device waits between steps (llmc
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
 
 from llmc.runtime.llm import LLM
 from llmc.runtime.sequence import SamplingParams
+
+
+def _model_logits(llm: LLM, rng: np.random.Generator) -> np.ndarray:
+    """Logits rows [R, vocab] the model produced while decoding random prompts."""
+    rows, run = [], llm.engine.step
+
+    def recording(inputs, pool):
+        logits = run(inputs, pool)
+        rows.append(logits)
+        return logits
+
+    llm.engine.step = recording
+    llm.generate([rng.integers(10, 1000, 32).tolist() for _ in range(8)], SamplingParams(max_tokens=16))
+    return np.concatenate(rows)
 
 
 def main() -> None:
@@ -24,23 +40,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="runs of each; the median is reported (a shared VM)")
     args = parser.parse_args()
     llm = LLM(args.bundle, max_num_seqs=max(args.batches), speculation=False)
-    rng, ready = np.random.default_rng(0), {}
+    rng = np.random.default_rng(0)
+    real = _model_logits(llm, rng)  # [R, vocab]: sampling costs what the model's distributions make it cost
+
+    ready = {}
 
     def step(inputs, pool):  # [N, vocab], made once per N
         n = len(inputs.logits_index)
         if n not in ready:
-            ready[n] = rng.standard_normal((n, llm.geometry.vocab_size), dtype=np.float32)
+            ready[n] = real[np.arange(n) % len(real)]
         return ready[n]
 
-    def step_greedy(inputs, pool):  # [N] token ids, as the cuda engine's device argmax returns them
+    def step_sample(inputs, pool, rows):  # [N] token ids, as the cuda engine's device sampler returns them
         return rng.integers(10, 1000, len(inputs.logits_index))
 
-    params = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
-    for path in ("logits", "greedy tokens"):
-        llm.engine.step = step
-        if path == "greedy tokens":
-            llm.engine.step_greedy = step_greedy
-        for batch in args.batches:
+    llm.engine.step = step
+    requests = {"greedy": SamplingParams(max_tokens=args.new_tokens, ignore_eos=True),
+               "sampled": SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.8, top_p=0.9)}
+    for path in ("logits", "device tokens"):
+        if path == "device tokens":
+            llm.engine.step_sample = step_sample
+        for (kind, params), batch in itertools.product(requests.items(), args.batches):
             prompts = [rng.integers(10, 1000, 32).tolist() for _ in range(batch)]
             llm.generate(prompts, params)  # warm
             runs = []
@@ -49,7 +69,7 @@ def main() -> None:
                 llm.generate(prompts, params)
                 runs.append(time.perf_counter() - start)
             seconds = float(np.median(runs))
-            print(f"{path:>13}, batch {batch}: {1e3 * seconds / args.new_tokens:.3f} ms a step on the host "
+            print(f"{path:>13}, {kind:>7}, batch {batch}: {1e3 * seconds / args.new_tokens:.3f} ms a step on the host "
                   f"({1e6 * seconds / (batch * args.new_tokens):.1f} us a token; fastest run "
                   f"{1e3 * min(runs) / args.new_tokens:.3f} ms)")
 

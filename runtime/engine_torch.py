@@ -17,6 +17,8 @@ import torch
 from llmc.artifacts.bundle import Bundle
 from llmc.artifacts.geometry import ModelGeometry
 from llmc.errors import BundleError, ConfigError
+from llmc.runtime.device_sampler import sample_rows
+from llmc.runtime.sampler import SamplingRows
 from llmc.runtime.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
@@ -171,12 +173,12 @@ class TorchEngine:
         return out
 
     @torch.no_grad()
-    def step_greedy(self, inputs: StepInputs, pool: TorchKVPool) -> np.ndarray:
-        """Run one step; returns each logits row's argmax, int64 [N] (the greedy tokens; the first of equal
-        maxima, as numpy's argmax). It is picked on the device, so N integers cross to the host instead of N x
-        vocab floats (32 MB a step for a 128k vocabulary at batch 64)."""
+    def step_sample(self, inputs: StepInputs, pool: TorchKVPool, rows: SamplingRows) -> np.ndarray:
+        """Run one step; returns each logits row's token, int64 [N], picked on the device as rows say
+        (runtime/device_sampler.py: argmax, or the sampler's draw for the row's uniform). N integers cross to the
+        host instead of N x vocab floats (32 MB a step for a 128k vocabulary at batch 64)."""
         start = time.perf_counter()
-        out = self._logits(inputs, pool).argmax(dim=-1).cpu().numpy()
+        out = sample_rows(self._logits(inputs, pool), rows).cpu().numpy()
         self._count(len(inputs.input_ids), start)
         return out
 

@@ -24,7 +24,7 @@ from llmc.runtime.engine_stats import EngineCalls, EngineStats, StepTiming
 from llmc.runtime.engine_torch_loader import cuda_engine
 from llmc.runtime.kv_pool import KVPool, plan_kv_budget
 from llmc.runtime.logits_processors import changes_logits, draft_rows, process
-from llmc.runtime.sampler import sample_token, token_logprob
+from llmc.runtime.sampler import SamplingRows, sample_token, token_logprob
 from llmc.runtime.scheduler import ScheduledSeq, Scheduler
 from llmc.runtime.sequence import RequestOutput, SamplingParams, Sequence
 from llmc.runtime.spec_policy import PRIOR_ACCEPTANCE, PRIOR_ACCEPTANCE_DRAFT, SpecPolicy
@@ -197,10 +197,10 @@ class LLM:
                 before_engine()
                 before_engine = None
             engine_start = time.perf_counter()
-            if self._greedy_on_device(group):
-                logits, greedy = None, self.engine.step_greedy(inputs, self.pool)  # [N] token ids
+            if self._picks_on_device(group):
+                logits, picked = None, self.engine.step_sample(inputs, self.pool, self._sampling_rows(group))  # [N]
             else:
-                logits, greedy = self.engine.step(inputs, self.pool), None  # [N, vocab]
+                logits, picked = self.engine.step(inputs, self.pool), None  # [N, vocab]
             seconds = time.perf_counter() - engine_start
             self.timing.engine_s += seconds
             if self.speculation is not None:
@@ -210,8 +210,8 @@ class LLM:
             for item in group:
                 rows = item.num_logits
                 updated.extend(self._finish_chunk_isolated(
-                    item, logits[row:row + rows] if greedy is None else None, drafts.get(item.seq),
-                    None if greedy is None or not rows else int(greedy[row + rows - 1])))
+                    item, logits[row:row + rows] if picked is None else None, drafts.get(item.seq),
+                    None if picked is None or not rows else int(picked[row + rows - 1])))
                 row += rows
         seconds = time.perf_counter() - start
         self.timing.steps += 1
@@ -221,13 +221,30 @@ class LLM:
             self.timing.decode_s += seconds
         return updated
 
-    def _greedy_on_device(self, group: list[ScheduledSeq]) -> bool:
-        """Whether an engine call's tokens are picked on the engine's device (engines with step_greedy: the cuda
-        engine): every sequence in it decodes greedily and nothing reads its logits on the host (logprobs,
-        logits processors, a grammar, drafts to verify)."""
-        return hasattr(self.engine, "step_greedy") and not any(
-            not item.seq.params.greedy or item.seq.params.logprobs is not None or item.spec_slots
-            or item.seq.wants_prompt_logprobs or changes_logits(item.seq.params) for item in group)
+    def _picks_on_device(self, group: list[ScheduledSeq]) -> bool:
+        """Whether an engine call's tokens are picked on the engine's device (engines with step_sample: the cuda
+        engine): nothing in it reads logits on the host (logprobs, logits processors, a grammar, drafts to
+        verify), and no sampled prompt forks its n samples (each draws its first token from the prompt's row)."""
+        return hasattr(self.engine, "step_sample") and not any(
+            item.seq.params.logprobs is not None or item.spec_slots or item.seq.wants_prompt_logprobs
+            or changes_logits(item.seq.params) or (item.completes and self._forks_samples(item.seq)) for item in group)
+
+    @staticmethod
+    def _forks_samples(seq: Sequence) -> bool:
+        """Whether seq's next token starts n > 1 samples that each draw their own (not greedy: they would agree)."""
+        return seq.params.n > 1 and not seq.params.greedy and not seq.output_ids and not seq.children
+
+    def _sampling_rows(self, group: list[ScheduledSeq]) -> SamplingRows:
+        """How the device picks each logits row's token (a call _picks_on_device takes has a row only for chunks
+        that complete their sequence): argmax for greedy sequences; the sequence's filters and a uniform drawn
+        from its generator, as sample_token would draw it, for sampled ones."""
+        rows = SamplingRows.greedy(sum(item.num_logits for item in group))
+        for row, seq in enumerate(item.seq for item in group if item.num_logits):
+            params = seq.params
+            if not params.greedy:
+                rows.temperature[row], rows.top_k[row], rows.top_p[row] = params.temperature, params.top_k, params.top_p
+                rows.uniform[row] = self._state[seq].rng.random()
+        return rows
 
     def _draft(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, Draft]:
         """Draft tokens for the decodes that have slots; attaches them to their ScheduledSeq."""
@@ -251,7 +268,7 @@ class LLM:
     def _finish_chunk(self, item: ScheduledSeq, logits: np.ndarray | None, draft: Draft | None,
                       token: int | None = None) -> list[Sequence]:
         """After the engine ran a chunk: advance its sequence, sample (or verify drafts), append tokens. token:
-        the greedy token the engine picked on its device (then logits is None)."""
+        the token the engine picked on its device (then logits is None)."""
         seq = item.seq
         if not item.spec_slots:  # a prefill chunk, or a decode without draft slots
             if seq.wants_prompt_logprobs:
@@ -294,8 +311,8 @@ class LLM:
         return [group for group in (decodes, chunks) if group]
 
     def _append_tokens(self, seq: Sequence, logits: np.ndarray | None, token: int | None = None) -> list[Sequence]:
-        """Sample seq's next token (or append token, picked greedily on the device); on a prompt's first token
-        with n > 1, fork the other samples."""
+        """Sample seq's next token (or append token, picked on the device); on a prompt's first token with n > 1,
+        fork the other samples."""
         targets = [seq]
         if seq.params.n > 1 and not seq.output_ids and not seq.children:
             for index in range(1, seq.params.n):

@@ -15,6 +15,8 @@ from llmc.errors import ConfigError  # noqa: E402
 from llmc.runtime.engine_ort import OrtEngine  # noqa: E402
 from llmc.runtime.engine_torch import TorchEngine, TorchKVPool, check_cuda  # noqa: E402
 from llmc.runtime.kv_pool import KVPool  # noqa: E402
+from llmc.runtime.sampler import SamplingRows, draw, nucleus  # noqa: E402
+from llmc.runtime.sequence import SamplingParams  # noqa: E402
 from llmc.runtime.step_inputs import Chunk, layout_step  # noqa: E402
 
 
@@ -69,8 +71,15 @@ def test_steps_match_the_onnxruntime_engine(bundle, cuda_graphs):
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() < 2e-2 * max(1.0, np.abs(expected).max())  # float16 weights
         assert (got.argmax(-1) == expected.argmax(-1)).all()
-        # the same step again (it rewrites the same K/V), its tokens picked on the device
-        np.testing.assert_array_equal(torch_engine.step_greedy(inputs, torch_pool), got.argmax(-1))
+        # the same step again (it rewrites the same K/V), its tokens picked on the device: argmax, and samples
+        np.testing.assert_array_equal(torch_engine.step_sample(inputs, torch_pool, SamplingRows.greedy(len(got))),
+                                      got.argmax(-1))
+        rows = SamplingRows.greedy(len(got))
+        rows.temperature[:], rows.top_k[:], rows.top_p[:] = 1.5, 40, 0.9
+        rows.uniform[:] = np.random.default_rng().random(len(got))
+        params = SamplingParams(temperature=1.5, top_k=40, top_p=0.9)
+        np.testing.assert_array_equal(torch_engine.step_sample(inputs, torch_pool, rows),
+                                      [draw(*nucleus(row, params), u) for row, u in zip(got, rows.uniform)])
     assert (torch_engine.graphs is not None) == cuda_graphs
     if cuda_graphs:
         assert sorted(torch_engine.graphs._replays) == [1, 2]  # decodes of two and of one ran as replays
@@ -146,18 +155,17 @@ def test_llm_on_the_cuda_engine_generates_what_the_cpu_engine_does(bundle, monke
     assert on_cuda.stats().prefix_cache.hit_tokens > 0
 
 
-def test_greedy_calls_pick_their_tokens_on_the_device(bundle, monkeypatch):
-    """Calls whose sequences all decode greedily, with nothing that reads logits on the host, take step_greedy
-    and generate exactly what the logits path generates on the same engine; a call with a sequence that asks
-    for logprobs or samples takes step."""
+def test_calls_pick_their_tokens_on_the_device(bundle, monkeypatch):
+    """Calls with nothing that reads logits on the host take step_sample, greedy and seeded sampled requests
+    together, and generate exactly what the logits path (the host's sampler) generates on the same engine; a call
+    with a sequence that asks for logprobs, penalizes, or forks n sampled answers from its prompt takes step."""
     from llmc.runtime import engine_torch_loader
     from llmc.runtime.llm import LLM
-    from llmc.runtime.sequence import SamplingParams
 
     if not torch.cuda.is_available():
         monkeypatch.setattr(engine_torch_loader, "TORCH_DEVICE", "cpu")
     llm = LLM(bundle, device="cuda", max_num_seqs=4, max_num_batched_tokens=16, kv_cache_memory="2MiB")
-    calls = {"step": 0, "step_greedy": 0}
+    calls = {"step": 0, "step_sample": 0}
 
     def counting(name):
         run = getattr(llm.engine, name)
@@ -170,19 +178,27 @@ def test_greedy_calls_pick_their_tokens_on_the_device(bundle, monkeypatch):
     for name in calls:
         monkeypatch.setattr(llm.engine, name, counting(name))
     prompts = [list(range(20, 31)), [9, 8, 7, 6, 5], list(range(100, 119))]
-    plain = SamplingParams(max_tokens=6, ignore_eos=True)
-    on_device = [o.token_ids for o in llm.generate(prompts, plain)]
-    assert calls["step_greedy"] > 0 and calls["step"] == 0
-    llm._greedy_on_device = lambda group: False  # the logits path
-    assert [o.token_ids for o in llm.generate(prompts, plain)] == on_device
+    seed = int(np.random.default_rng().integers(2**31))
+    mixed = [SamplingParams(max_tokens=6, ignore_eos=True),
+             SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.2, top_p=0.9, seed=seed),
+             SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8, top_k=5, seed=seed + 1)]
+    on_device = [o.token_ids for o in llm.generate(prompts, mixed)]
+    assert calls["step_sample"] > 0 and calls["step"] == 0
+    llm._picks_on_device = lambda group: False  # the logits path
+    assert [o.token_ids for o in llm.generate(prompts, mixed)] == on_device
     assert calls["step"] > 0
-    del llm._greedy_on_device
+    del llm._picks_on_device
+    plain = mixed[0]
     for k, other in enumerate((SamplingParams(max_tokens=6, ignore_eos=True, logprobs=1),
-                               SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8, seed=1))):
-        calls.update(step=0, step_greedy=0)
+                               SamplingParams(max_tokens=6, ignore_eos=True, presence_penalty=0.5),
+                               SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8, seed=1, n=2))):
+        calls.update(step=0, step_sample=0)
         short = [[40 + k, 41, 42, 43], [50 + k, 51, 52, 53, 54], [60 + k, 61, 62]]  # one call a step, no cache hit
         llm.generate(short, [plain, other, plain])
-        assert calls["step"] > 0 and calls["step_greedy"] == 0
+        assert calls["step"] > 0
+    calls.update(step=0, step_sample=0)
+    llm.generate([[70, 71, 72]], SamplingParams(max_tokens=4, ignore_eos=True, n=3))  # greedy samples agree
+    assert calls["step_sample"] > 0 and calls["step"] == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

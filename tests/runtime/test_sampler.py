@@ -43,3 +43,35 @@ def test_top_logprobs():
     logits = np.array([1.0, 3.0, 2.0])
     (i1, lp1), (i2, lp2) = token_logprob(logits, 0, 2).top
     assert (i1, i2) == (1, 2) and abs((lp1 - lp2) - 1.0) < 1e-12
+
+
+def _reference_probs(logits, params):
+    """The filters' definitions, directly over the whole sorted vocabulary."""
+    probs = _softmax(logits.astype(np.float64) / params.temperature)
+    if 0 < params.top_k < len(probs):
+        probs = np.where(probs >= np.sort(probs)[-params.top_k], probs, 0.0)  # ties with the k-th stay
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        ranked = probs[order] / probs.sum()
+        keep = np.zeros(len(probs), dtype=bool)
+        keep[order[np.cumsum(ranked) - ranked < params.top_p]] = True
+        probs = np.where(keep, probs, 0.0)
+    return probs / probs.sum()
+
+
+def test_filters_and_draws_match_the_definitions_and_rng_choice():
+    """Peaked to nearly flat distributions (the candidate bands must widen), ties at the top-k cut: the same
+    distribution as the definitions, and the token numpy's rng.choice picks from it with the same generator."""
+    rng = np.random.default_rng()
+    for _ in range(60):
+        vocab = int(rng.choice([5, 300, 5000, 49152]))
+        logits = (rng.standard_normal(vocab) * rng.choice([0.01, 1.0, 4.0, 20.0])).astype(np.float32)
+        logits[rng.integers(vocab, size=3)] = logits.max()  # tied most likely tokens
+        params = SamplingParams(temperature=float(rng.choice([0.05, 0.7, 1.0, 2.0])),
+                                top_k=int(rng.choice([0, 1, 2, 50, vocab])),
+                                top_p=float(rng.choice([1.0, 0.3, 0.9, 0.999])))
+        reference = _reference_probs(logits, params)
+        np.testing.assert_allclose(filtered_probs(logits, params), reference, rtol=1e-9, atol=1e-300)
+        seed = int(rng.integers(2**63))
+        expected = int(np.random.default_rng(seed).choice(vocab, p=reference))
+        assert sample_token(logits, params, np.random.default_rng(seed)) == expected
