@@ -1,7 +1,8 @@
 """What the LLM loop costs the host per step with no model: the engine's step returns ready logits (rows the model
 produced for random prompts; or, as the cuda engine's step_sample, ready token ids), so what remains is the
-scheduler, the step layout, sampling and detokenizing. On a GPU this is the time the device waits between steps (llmc does not overlap them yet).
-Greedy and sampled requests (temperature 0.8, top-p 0.9) are measured both ways.
+scheduler, the step layout, sampling and detokenizing. On a GPU this is the time the device waits between steps
+(llmc does not overlap them yet). Greedy and sampled requests (temperature 0.8, top-p 0.9) are measured both
+ways.
 
     python benchmarks/host_overhead.py out/smollm2-135m-int4 --batches 1 64
 """
