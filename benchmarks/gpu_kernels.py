@@ -1,5 +1,6 @@
 """The Triton kernels on a GPU: each against its torch reference at real model shapes, decode attention's
-bandwidth against the device's copy bandwidth, and the int4 GEMV against torch's fp16 matmul. One JSON file.
+bandwidth against the device's copy bandwidth, the int4 GEMV against torch's fp16 matmul, and the device sampler
+against the host's. One JSON file.
 
     python benchmarks/gpu_kernels.py --out gpu_kernels.json          # on the GPU machine (gpu_check.sh)
     TRITON_INTERPRET=1 python benchmarks/gpu_kernels.py --dry-run    # here: every step on tiny shapes, CPU
@@ -194,6 +195,33 @@ def _int4_cases(rng, dtype, device, sizes):
                                                                                    k).to(dtype)
 
 
+def check_sampling(device, timer, sizes) -> list[dict]:
+    """The device sampler (runtime/device_sampler.py) at batch x vocab: the tokens the host sampler picks for the
+    same rows and uniforms, and its time against the argmax alone and against copying the logits to the host
+    (what a step that samples on the host pays before numpy starts)."""
+    from llmc.runtime.device_sampler import sample_rows
+    from llmc.runtime.sampler import SamplingRows, draw, nucleus
+    from llmc.runtime.sequence import SamplingParams
+
+    rng, results = np.random.default_rng(0), []
+    for batch, vocab in sizes["sampling"]:
+        logits = (torch.randn(batch, vocab, device=device) * 4).to(torch.float16 if device == "cuda" else torch.float32)
+        host_logits = logits.float().cpu().numpy()
+        entry = {"batch": batch, "vocab": vocab,
+                 "argmax_ms": timer(partial(sample_rows, logits, SamplingRows.greedy(batch))),
+                 "logits_to_host_ms": timer(lambda rows=logits: rows.float().cpu())}
+        for name, params in (("top_p", SamplingParams(temperature=0.8, top_p=0.9)),
+                             ("top_k_top_p", SamplingParams(temperature=0.8, top_k=50, top_p=0.95))):
+            rows = SamplingRows(np.full(batch, params.temperature), np.full(batch, params.top_k, np.int64),
+                                np.full(batch, params.top_p), rng.random(batch))
+            got = sample_rows(logits, rows).cpu().numpy()
+            expected = [draw(*nucleus(row, params), u) for row, u in zip(host_logits, rows.uniform)]
+            entry[name] = {"ms": timer(partial(sample_rows, logits, rows)),
+                           "rows_unlike_host": int((got != np.array(expected)).sum())}
+        results.append(entry)
+    return results
+
+
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -218,10 +246,11 @@ def main() -> None:
         raise SystemExit("no CUDA device: run with --dry-run (and TRITON_INTERPRET=1) to check the steps here")
     dtype = torch.float32 if args.dry_run else torch.float16
     sizes = ({"check_context": 37, "bandwidth": [(2, 64)], "sweep_attention": [(2, 64)], "batches": [1],
-              "shrink": 16, "copy_mb": 8}
+              "shrink": 16, "copy_mb": 8, "sampling": [(4, 1000)]}
              if args.dry_run else
              {"check_context": 1037, "bandwidth": [(1, 1024), (16, 1024), (64, 1024), (16, 4096), (64, 4096)],
-              "sweep_attention": [(16, 1024), (64, 4096)], "batches": [1, 16, 64], "shrink": 1, "copy_mb": 1024})
+              "sweep_attention": [(16, 1024), (64, 4096)], "batches": [1, 16, 64], "shrink": 1, "copy_mb": 1024,
+              "sampling": [(64, 49152), (64, 128256)]})
     timer = _timer(device)
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
               "torch": torch.__version__, "dtype": str(dtype)}
@@ -231,6 +260,7 @@ def main() -> None:
     report["int4"] = guarded(check_int4, device, dtype, timer, sizes)
     report["attention_sweep"] = guarded(sweep_attention, device, dtype, timer, sizes)
     report["int4_sweep"] = guarded(sweep_int4, device, dtype, timer, sizes)
+    report["sampling"] = guarded(check_sampling, device, timer, sizes)
     summary = report["summary"] = {}
     if isinstance(report["attention"], list):
         best = max(v["kv_gb_s"] for e in report["attention"] for key, v in e.items() if key.startswith("decode_b"))
@@ -244,6 +274,10 @@ def main() -> None:
         summary["decode_attention_sweep_best"] = {**best, "fraction_of_copy": best["kv_gb_s"] / report["copy_gb_s"]}
     if isinstance(report["int4_sweep"], list):
         summary["int4_gemv_sweep_best"] = max(report["int4_sweep"], key=lambda r: r["speedup_vs_fp16"])
+    if isinstance(report["sampling"], list):
+        summary["sampling"] = [{key: e[key] for key in ("batch", "vocab", "argmax_ms", "logits_to_host_ms")}
+                               | {"top_p_ms": e["top_p"]["ms"], "rows_unlike_host": e["top_p"]["rows_unlike_host"]
+                                  + e["top_k_top_p"]["rows_unlike_host"]} for e in report["sampling"]]
     with open(args.out, "w") as fh:
         json.dump(report, fh, indent=2)
     print(json.dumps(report["summary"], indent=2))
