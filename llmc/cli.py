@@ -235,9 +235,13 @@ def _range(text: str) -> tuple[int, int]:
 @click.option("--structured", default=None, metavar="json_object|SCHEMA.json",
               help="Offline: constrain every request (any JSON object, or a JSON schema file) and report the "
                    "constraints' cost per token.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Every request's temperature (0: greedy); request i is seeded with i.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Every request's top-p.")
 def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_len: str, rate: str, url: str | None,
           engine: EngineConfig, sweep: str | None, seed: int, out_path: Path, profile: bool,
-          structured: str | None) -> None:
+          structured: str | None, temperature: float, top_p: float) -> None:
     """Benchmark BUNDLE: tokens/s, TTFT, TPOT, inter-token latency, KV usage and waste."""
     _setup_logging(1)
     from llmc.artifacts.bundle import load_bundle
@@ -248,6 +252,7 @@ def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_le
     workload = b.make_workload(num_requests, _range(prompt_len), _range(output_len), loaded.geometry.vocab_size, seed)
     settings = {"max_num_seqs": engine.max_num_seqs, "max_num_batched_tokens": engine.max_num_batched_tokens}
     make = lambda profile_dir=None, **kw: LLM(loaded, engine, profile_dir=profile_dir, **kw)  # noqa: E731
+    sampling = b.BenchSampling(temperature, top_p)
     if profile and (sweep or mode != "offline"):
         raise click.BadParameter("--profile goes with --mode offline (no --sweep)")
     if sweep:
@@ -257,7 +262,7 @@ def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_le
         results = []
         for value in (int(v) for v in values.split(",")):
             click.echo(f"sweep {key}={value} ...", err=True)
-            results.append({key: value, **b.run_offline(make(**{key: value}), workload)})
+            results.append({key: value, **b.run_offline(make(**{key: value}), workload, sampling=sampling)})
         plot = b.plot_sweep(results, key, str(out_path.with_suffix(".png")))
         report = {"workload": {"requests": num_requests, "prompt_len": prompt_len, "output_len": output_len},
                   "sweep": results, "plot": plot}
@@ -265,9 +270,10 @@ def bench(bundle: Path, mode: str, num_requests: int, prompt_len: str, output_le
         with tempfile.TemporaryDirectory(prefix="llmc-profile-") as traces:
             llm = make(profile_dir=traces if profile else None)
             report = {"mode": "offline", **settings, "policy": engine.policy,
-                      **b.run_offline(llm, workload, _structured(structured))}
+                      **b.run_offline(llm, workload, _structured(structured), sampling)}
     else:
-        report = {"mode": "online", **_online(b, make, workload, url, float(rate), loaded.manifest.name, seed)}
+        report = {"mode": "online", **_online(b, make, workload, url, float(rate), loaded.manifest.name, seed,
+                                              sampling)}
     out_path.write_text(b.to_json(report))
     click.echo(b.to_json(report))
     click.echo(f"wrote {out_path}", err=True)
@@ -287,14 +293,14 @@ def _structured(option: str | None):
     return StructuredOutput("json_schema", path.read_text())
 
 
-def _online(b, make, workload, url, rate, name, seed) -> dict:
+def _online(b, make, workload, url, rate, name, seed, sampling) -> dict:
     if url:
-        return b.run_online(url.rstrip("/"), workload, rate, None, seed)
+        return b.run_online(url.rstrip("/"), workload, rate, None, seed, sampling)
     from llmc.runtime.async_engine import AsyncEngine
     from llmc.runtime.server import serve_in_thread
 
     with serve_in_thread(AsyncEngine(make(), max_waiting=len(workload)), name) as local_url:
-        return b.run_online(local_url, workload, rate, name, seed)
+        return b.run_online(local_url, workload, rate, name, seed, sampling)
 
 
 @cli.command("kv-size")

@@ -25,6 +25,18 @@ class BenchRequest:
     max_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class BenchSampling:
+    """How every request picks its tokens: temperature 0 is greedy (the default, as in vLLM's benchmarks).
+    Request i of a workload is seeded with i, so runs sample alike."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+
+GREEDY = BenchSampling()
+
+
 def make_workload(num_requests: int, prompt_len: tuple[int, int], output_len: tuple[int, int], vocab_size: int,
                   seed: int = 0) -> list[BenchRequest]:
     """Uniform prompt and output lengths in the given inclusive ranges, seeded."""
@@ -67,7 +79,7 @@ def summarize(traces: list[RequestTrace], duration: float, extra: dict | None = 
             **(extra or {})}
 
 
-def run_offline(llm, workload: list[BenchRequest], structured=None) -> dict:
+def run_offline(llm, workload: list[BenchRequest], structured=None, sampling: BenchSampling = GREEDY) -> dict:
     """All requests queued at once through the Python API; per-token times taken after each step. An LLM
     made with profile_dir also reports `step_time` (runtime/step_profile.py). structured (a StructuredOutput)
     constrains every request: the report then has the constraints' cost per token."""
@@ -77,9 +89,10 @@ def run_offline(llm, workload: list[BenchRequest], structured=None) -> dict:
 
     start = time.perf_counter()
     seqs, traces = [], []
-    for req in workload:
-        seqs.append(llm.add_request(req.prompt_ids, SamplingParams(max_tokens=req.max_tokens, ignore_eos=True,
-                                                                   structured=structured)))
+    for i, req in enumerate(workload):
+        seqs.append(llm.add_request(req.prompt_ids, SamplingParams(
+            max_tokens=req.max_tokens, ignore_eos=True, structured=structured, temperature=sampling.temperature,
+            top_p=sampling.top_p, seed=i)))
         traces.append(RequestTrace(start, num_prompt=len(req.prompt_ids)))
     index = {seq: i for i, seq in enumerate(seqs)}
     usage, waste = [], []
@@ -107,6 +120,7 @@ def run_offline(llm, workload: list[BenchRequest], structured=None) -> dict:
                                c.seconds - before.engine_calls[path].seconds) for path, c in after.engine_calls.items()}
     path_seconds = {path: c.seconds for path, c in calls.items()}
     return summarize(traces, duration, {
+        "sampling": asdict(sampling),
         "kv_usage_peak": max(usage, default=0.0), "kv_usage_mean": float(np.mean(usage)) if usage else 0.0,
         "kv_waste_mean": float(np.mean(waste)) if waste else 0.0,
         "host_overhead_fraction": timing.host_fraction, "attention": llm.engine.attention,
@@ -133,9 +147,10 @@ def spec_delta(before, after) -> dict:
     return delta.to_dict()
 
 
-async def _stream_one(client, url: str, model: str | None, req: BenchRequest, trace: RequestTrace) -> None:
-    body = {"prompt": req.prompt_ids, "max_tokens": req.max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "return_token_ids": True}
+async def _stream_one(client, url: str, model: str | None, req: BenchRequest, trace: RequestTrace,
+                      sampling: BenchSampling, seed: int) -> None:
+    body = {"prompt": req.prompt_ids, "max_tokens": req.max_tokens, "temperature": sampling.temperature,
+            "top_p": sampling.top_p, "seed": seed, "stream": True, "ignore_eos": True, "return_token_ids": True}
     if model:
         body["model"] = model
     trace.arrival = time.perf_counter()
@@ -158,7 +173,8 @@ async def _stream_one(client, url: str, model: str | None, req: BenchRequest, tr
         trace.status = f"error {type(err).__name__}"
 
 
-async def _run_online(url: str, workload: list[BenchRequest], rate: float, model: str | None, seed: int) -> dict:
+async def _run_online(url: str, workload: list[BenchRequest], rate: float, model: str | None, seed: int,
+                      sampling: BenchSampling) -> dict:
     import httpx
 
     rng = np.random.default_rng(seed)
@@ -167,24 +183,24 @@ async def _run_online(url: str, workload: list[BenchRequest], rate: float, model
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         start = time.perf_counter()
         tasks = []
-        for req, trace in zip(workload, traces):
-            tasks.append(asyncio.create_task(_stream_one(client, url, model, req, trace)))
+        for i, (req, trace) in enumerate(zip(workload, traces)):
+            tasks.append(asyncio.create_task(_stream_one(client, url, model, req, trace, sampling, i)))
             if rate != float("inf"):
                 await asyncio.sleep(float(rng.exponential(1.0 / rate)))  # Poisson arrivals
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    return summarize(traces, duration, {"rate": rate})
+    return summarize(traces, duration, {"rate": rate, "sampling": asdict(sampling)})
 
 
 def run_online(url: str, workload: list[BenchRequest], rate: float = float("inf"), model: str | None = None,
-               seed: int = 0) -> dict:
+               seed: int = 0, sampling: BenchSampling = GREEDY) -> dict:
     """Stream every request over HTTP (OpenAI completions API) with Poisson arrivals at `rate` req/s.
 
     llmc reports each chunk's token ids (`return_token_ids`); for other servers each streamed text
     chunk counts as one token (llama.cpp streams a token a chunk). Check `completed` and
     `output_tokens` against the workload to see that nothing was cut short.
     """
-    return asyncio.run(_run_online(url, workload, rate, model, seed))
+    return asyncio.run(_run_online(url, workload, rate, model, seed, sampling))
 
 
 def plot_sweep(results: list[dict], key: str, path: str) -> str | None:

@@ -106,3 +106,27 @@ def test_constrained_offline_report_has_the_constraint_cost(tiny_bundle, workloa
     assert constraint["kind"] == "json_schema" and constraint["tokens"] == report["output_tokens"] > 0
     assert 0 < constraint["fraction_of_step_time"] < 1 and constraint["ms_per_token"] > 0
     assert b.run_offline(llm, workload)["constraint"] is None
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_a_sampled_workload_samples_every_request(tiny_bundle, workload, monkeypatch, mode):
+    """`--temperature` / `--top-p`: every request samples with them, request i seeded with i, and the report says so."""
+    llm = LLM(tiny_bundle, max_num_seqs=4)
+    seen, add = [], llm.add_request
+
+    def spy(prompt, params=None, request_id=None):
+        seen.append(params)
+        return add(prompt, params, request_id)
+
+    monkeypatch.setattr(llm, "add_request", spy)
+    sampling = b.BenchSampling(temperature=0.8, top_p=0.9)
+    if mode == "offline":
+        report = b.run_offline(llm, workload, sampling=sampling)
+    else:
+        with served(llm) as (url, engine):
+            report = b.run_online(url, workload, seed=0, sampling=sampling)
+            wait_idle(engine)
+    assert report["sampling"] == {"temperature": 0.8, "top_p": 0.9}
+    assert report["output_tokens"] == sum(r.max_tokens for r in workload)
+    assert sorted(p.seed for p in seen) == list(range(len(workload)))
+    assert all(p.temperature == 0.8 and p.top_p == 0.9 for p in seen)
