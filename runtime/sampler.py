@@ -14,6 +14,7 @@ import numpy as np
 from llmc.runtime.sequence import GREEDY_TEMPERATURE, SamplingParams, TokenLogprob
 
 _BANDS = 64  # candidate bands: band b holds the probabilities whose binary exponent is b below the largest's
+_FIRST_CUT = 2.0 ** -4  # the first candidates: tokens at least this fraction of the largest probability
 _MASS_MARGIN = 1e-9  # top-p's candidates hold this much more than top_p of the mass (summation order's rounding)
 
 
@@ -36,7 +37,11 @@ def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
 def _candidates(probs: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     """Token ids (ascending) holding every token top-k and top-p can keep: the most likely bands of probability
     (each a factor 2) that hold at least top_k tokens and reach top_p of the mass. Tokens in lower bands rank
-    after all of them, so top-k's k-th largest is among the candidates and top-p's nucleus ends inside them."""
+    after all of them, so top-k's k-th largest is among the candidates and top-p's nucleus ends inside them.
+    A model's distribution is mostly peaked: the tokens within _FIRST_CUT of the largest are tried first."""
+    ids = np.flatnonzero(probs >= probs.max() * _FIRST_CUT)
+    if len(ids) >= top_k and (top_p >= 1.0 or probs[ids].sum() >= top_p + _MASS_MARGIN):  # probs sum to 1
+        return ids
     band = probs.view(np.int64) >> 52  # [vocab] float64's biased exponent (probs >= 0: no sign bit)
     np.subtract(band.max(), band, out=band)  # in place, as below: fresh pages cost more than the arithmetic
     np.minimum(band, _BANDS - 1, out=band)
