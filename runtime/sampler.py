@@ -35,19 +35,22 @@ def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def _candidates(probs: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """Token ids (ascending) holding every token top-k and top-p can keep: the most likely bands of probability
-    (each a factor 2) that hold at least top_k tokens and reach top_p of the mass. Tokens in lower bands rank
-    after all of them, so top-k's k-th largest is among the candidates and top-p's nucleus ends inside them.
-    A model's distribution is mostly peaked: the tokens within _FIRST_CUT of the largest are tried first."""
+    """Token ids (ascending) holding every token the filters can keep: the most likely bands of probability (each a
+    factor 2) that hold top_k tokens (top-p then cuts inside top-k's set) or, without top-k, top_p of the mass.
+    Tokens in lower bands rank after all of them, so top-k's k-th largest is among the candidates and top-p's
+    nucleus ends inside them. A model's distribution is mostly peaked: the tokens within _FIRST_CUT of the
+    largest are tried first."""
     ids = np.flatnonzero(probs >= probs.max() * _FIRST_CUT)
-    if len(ids) >= top_k and (top_p >= 1.0 or probs[ids].sum() >= top_p + _MASS_MARGIN):  # probs sum to 1
+    if len(ids) >= top_k if top_k else probs[ids].sum() >= top_p + _MASS_MARGIN:  # probs sum to 1
         return ids
     band = probs.view(np.int64) >> 52  # [vocab] float64's biased exponent (probs >= 0: no sign bit)
     np.subtract(band.max(), band, out=band)  # in place, as below: fresh pages cost more than the arithmetic
     np.minimum(band, _BANDS - 1, out=band)
-    count = np.cumsum(np.bincount(band, minlength=_BANDS))
-    mass = np.cumsum(np.bincount(band, weights=probs, minlength=_BANDS))
-    enough = (count >= top_k) & ((mass >= (top_p + _MASS_MARGIN) * mass[-1]) if top_p < 1.0 else True)
+    if top_k:
+        enough = np.cumsum(np.bincount(band, minlength=_BANDS)) >= top_k
+    else:
+        mass = np.cumsum(np.bincount(band, weights=probs, minlength=_BANDS))
+        enough = mass >= (top_p + _MASS_MARGIN) * mass[-1]
     last = int(np.argmax(enough)) if enough.any() else _BANDS - 1
     return np.flatnonzero(band <= last)
 
