@@ -28,10 +28,15 @@ class BenchRequest:
 @dataclass(frozen=True, slots=True)
 class BenchSampling:
     """How every request picks its tokens: temperature 0 is greedy (the default, as in vLLM's benchmarks).
-    Request i of a workload is seeded with i, so runs sample alike."""
+    Request i of a workload is seeded with i, so runs sample alike, unless seeded is False."""
 
     temperature: float = 0.0
     top_p: float = 1.0
+    seeded: bool = True
+
+    def seed(self, index: int) -> int | None:
+        """Request index's seed."""
+        return index if self.seeded else None
 
 
 GREEDY = BenchSampling()
@@ -92,7 +97,7 @@ def run_offline(llm, workload: list[BenchRequest], structured=None, sampling: Be
     for i, req in enumerate(workload):
         seqs.append(llm.add_request(req.prompt_ids, SamplingParams(
             max_tokens=req.max_tokens, ignore_eos=True, structured=structured, temperature=sampling.temperature,
-            top_p=sampling.top_p, seed=i)))
+            top_p=sampling.top_p, seed=sampling.seed(i))))
         traces.append(RequestTrace(start, num_prompt=len(req.prompt_ids)))
     index = {seq: i for i, seq in enumerate(seqs)}
     usage, waste = [], []
@@ -148,9 +153,11 @@ def spec_delta(before, after) -> dict:
 
 
 async def _stream_one(client, url: str, model: str | None, req: BenchRequest, trace: RequestTrace,
-                      sampling: BenchSampling, seed: int) -> None:
+                      sampling: BenchSampling, index: int) -> None:
     body = {"prompt": req.prompt_ids, "max_tokens": req.max_tokens, "temperature": sampling.temperature,
-            "top_p": sampling.top_p, "seed": seed, "stream": True, "ignore_eos": True, "return_token_ids": True}
+            "top_p": sampling.top_p, "stream": True, "ignore_eos": True, "return_token_ids": True}
+    if sampling.seeded:
+        body["seed"] = index
     if model:
         body["model"] = model
     trace.arrival = time.perf_counter()

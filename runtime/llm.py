@@ -17,6 +17,7 @@ import numpy as np
 from llmc.artifacts.bundle import Bundle, load_bundle
 from llmc.errors import RequestError
 from llmc.runtime.block_manager import BlockManager, blocks_needed
+from llmc.runtime.device_picks import picks_on_device, sampling_rows
 from llmc.runtime.drafters import ModelDrafter, NgramDrafter
 from llmc.runtime.engine_config import EngineConfig
 from llmc.runtime.engine_ort import FUSED_ATTENTION, OrtEngine
@@ -24,7 +25,7 @@ from llmc.runtime.engine_stats import EngineCalls, EngineStats, StepTiming
 from llmc.runtime.engine_torch_loader import cuda_engine
 from llmc.runtime.kv_pool import KVPool, plan_kv_budget
 from llmc.runtime.logits_processors import changes_logits, draft_rows, process
-from llmc.runtime.sampler import SamplingRows, sample_token, token_logprob
+from llmc.runtime.sampler import sample_token, token_logprob
 from llmc.runtime.scheduler import ScheduledSeq, Scheduler
 from llmc.runtime.sequence import RequestOutput, SamplingParams, Sequence
 from llmc.runtime.spec_policy import PRIOR_ACCEPTANCE, PRIOR_ACCEPTANCE_DRAFT, SpecPolicy
@@ -198,7 +199,8 @@ class LLM:
                 before_engine = None
             engine_start = time.perf_counter()
             if self._picks_on_device(group):
-                logits, picked = None, self.engine.step_sample(inputs, self.pool, self._sampling_rows(group))  # [N]
+                logits, picked = None, self.engine.step_sample(inputs, self.pool, sampling_rows(
+                    group, lambda seq: self._state[seq].rng))  # [N] token ids
             else:
                 logits, picked = self.engine.step(inputs, self.pool), None  # [N, vocab]
             seconds = time.perf_counter() - engine_start
@@ -222,29 +224,8 @@ class LLM:
         return updated
 
     def _picks_on_device(self, group: list[ScheduledSeq]) -> bool:
-        """Whether an engine call's tokens are picked on the engine's device (engines with step_sample: the cuda
-        engine): nothing in it reads logits on the host (logprobs, logits processors, a grammar, drafts to
-        verify), and no sampled prompt forks its n samples (each draws its first token from the prompt's row)."""
-        return hasattr(self.engine, "step_sample") and not any(
-            item.seq.params.logprobs is not None or item.spec_slots or item.seq.wants_prompt_logprobs
-            or changes_logits(item.seq.params) or (item.completes and self._forks_samples(item.seq)) for item in group)
-
-    @staticmethod
-    def _forks_samples(seq: Sequence) -> bool:
-        """Whether seq's next token starts n > 1 samples that each draw their own (not greedy: they would agree)."""
-        return seq.params.n > 1 and not seq.params.greedy and not seq.output_ids and not seq.children
-
-    def _sampling_rows(self, group: list[ScheduledSeq]) -> SamplingRows:
-        """How the device picks each logits row's token (a call _picks_on_device takes has a row only for chunks
-        that complete their sequence): argmax for greedy sequences; the sequence's filters and a uniform drawn
-        from its generator, as sample_token would draw it, for sampled ones."""
-        rows = SamplingRows.greedy(sum(item.num_logits for item in group))
-        for row, seq in enumerate(item.seq for item in group if item.num_logits):
-            params = seq.params
-            if not params.greedy:
-                rows.temperature[row], rows.top_k[row], rows.top_p[row] = params.temperature, params.top_k, params.top_p
-                rows.uniform[row] = self._state[seq].rng.random()
-        return rows
+        """runtime/device_picks.picks_on_device for this LLM's engine."""
+        return picks_on_device(self.engine, group)
 
     def _draft(self, scheduled: list[ScheduledSeq]) -> dict[Sequence, Draft]:
         """Draft tokens for the decodes that have slots; attaches them to their ScheduledSeq."""

@@ -126,7 +126,16 @@ def test_a_sampled_workload_samples_every_request(tiny_bundle, workload, monkeyp
         with served(llm) as (url, engine):
             report = b.run_online(url, workload, seed=0, sampling=sampling)
             wait_idle(engine)
-    assert report["sampling"] == {"temperature": 0.8, "top_p": 0.9}
+    assert report["sampling"] == {"temperature": 0.8, "top_p": 0.9, "seeded": True}
     assert report["output_tokens"] == sum(r.max_tokens for r in workload)
     assert sorted(p.seed for p in seen) == list(range(len(workload)))
     assert all(p.temperature == 0.8 and p.top_p == 0.9 for p in seen)
+
+
+def test_an_unseeded_sampled_workload_sends_no_seed(tiny_bundle, workload, monkeypatch):
+    llm = LLM(tiny_bundle, max_num_seqs=4)
+    seen, add = [], llm.add_request
+    monkeypatch.setattr(llm, "add_request", lambda prompt, params=None, request_id=None: seen.append(params) or add(
+        prompt, params, request_id))
+    b.run_offline(llm, workload, sampling=b.BenchSampling(temperature=0.8, seeded=False))
+    assert len(seen) == len(workload) and all(p.seed is None and p.temperature == 0.8 for p in seen)
