@@ -28,15 +28,15 @@ class BenchRequest:
 @dataclass(frozen=True, slots=True)
 class BenchSampling:
     """How every request picks its tokens: temperature 0 is greedy (the default, as in vLLM's benchmarks).
-    Request i of a workload is seeded with i, so runs sample alike, unless seeded is False."""
+    A sampled request i is seeded with i, so runs sample alike, unless seeded is False."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seeded: bool = True
 
     def seed(self, index: int) -> int | None:
-        """Request index's seed."""
-        return index if self.seeded else None
+        """Request index's seed (None when greedy: a seed would change nothing)."""
+        return index if self.seeded and self.temperature > 0 else None
 
 
 GREEDY = BenchSampling()
@@ -156,8 +156,8 @@ async def _stream_one(client, url: str, model: str | None, req: BenchRequest, tr
                       sampling: BenchSampling, index: int) -> None:
     body = {"prompt": req.prompt_ids, "max_tokens": req.max_tokens, "temperature": sampling.temperature,
             "top_p": sampling.top_p, "stream": True, "ignore_eos": True, "return_token_ids": True}
-    if sampling.seeded:
-        body["seed"] = index
+    if sampling.seed(index) is not None:
+        body["seed"] = sampling.seed(index)
     if model:
         body["model"] = model
     trace.arrival = time.perf_counter()
