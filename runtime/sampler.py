@@ -65,11 +65,12 @@ def nucleus(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray | No
         return None, probs
     ids = _candidates(probs, top_k, params.top_p)
     kept = probs[ids]
-    total = probs.sum()
     if top_k:
         kept_by_k = kept >= np.partition(kept, -top_k)[-top_k]
         ids, kept = ids[kept_by_k], kept[kept_by_k]
-        total = kept.sum()
+        total = kept.sum()  # the mass top-p measures against
+    else:
+        total = probs.sum()
     if params.top_p < 1.0:
         order = np.argsort(-kept, kind="stable")  # most likely first, ties by id
         ranked = kept[order] / total
