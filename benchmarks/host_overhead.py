@@ -1,8 +1,8 @@
 """What the LLM loop costs the host per step with no model: the engine's step returns ready logits (rows the model
-produced for random prompts; or, as the cuda engine's step_sample, ready token ids), so what remains is the
-scheduler, the step layout, sampling and detokenizing. On a GPU this is the time the device waits between steps
-(llmc does not overlap them yet). Greedy and sampled requests (temperature 0.8, top-p 0.9) are measured both
-ways.
+produced for random prompts; or, as the cuda engine's launch_sample, ready token ids), so what remains is the
+scheduler, the step layout, sampling and detokenizing. On a GPU the device-token path runs this while the device
+runs the step before (async scheduling); the logits path makes the device wait for it. Greedy and sampled requests
+(temperature 0.8, top-p 0.9) are measured both ways.
 
     python benchmarks/host_overhead.py out/smollm2-135m-int4 --batches 1 64
 """
@@ -14,6 +14,7 @@ import itertools
 import time
 
 import numpy as np
+import torch
 
 from llmc.runtime.llm import LLM
 from llmc.runtime.sequence import SamplingParams
@@ -52,15 +53,23 @@ def main() -> None:
             ready[n] = real[np.arange(n) % len(real)]
         return ready[n]
 
-    def step_sample(inputs, pool, rows):  # [N] token ids, as the cuda engine's device sampler returns them
-        return rng.integers(10, 1000, len(inputs.logits_index))
+    class ReadyPicks:  # token ids, as the cuda engine's device sampler returns them
+        def __init__(self, n: int):
+            self.ids = rng.integers(10, 1000, n)
+            self.on_device, self.wait_s = torch.from_numpy(self.ids), 0.0
+
+        def tokens(self) -> np.ndarray:
+            return self.ids
+
+    def launch_sample(inputs, pool, rows, previous=None):
+        return ReadyPicks(len(inputs.logits_index))
 
     llm.engine.step = step
     requests = {"greedy": SamplingParams(max_tokens=args.new_tokens, ignore_eos=True),
                "sampled": SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.8, top_p=0.9)}
     for path in ("logits", "device tokens"):
         if path == "device tokens":
-            llm.engine.step_sample = step_sample
+            llm.engine.launch_sample = launch_sample
         for (kind, params), batch in itertools.product(requests.items(), args.batches):
             prompts = [rng.integers(10, 1000, 32).tolist() for _ in range(batch)]
             llm.generate(prompts, params)  # warm

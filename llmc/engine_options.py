@@ -36,6 +36,8 @@ def engine_options(**defaults):
                           "targets: [.., cuda])."),
         click.option("--enforce-eager", is_flag=True,
                      help="--device cuda: run decode steps eagerly, without CUDA graphs."),
+        click.option("--no-async-scheduling", is_flag=True,
+                     help="--device cuda: read each step's tokens before queuing the next (no host/GPU overlap)."),
     ]
 
     def decorate(command):
@@ -48,7 +50,7 @@ def engine_options(**defaults):
                 num_threads=base.num_threads, speculation=not kwargs.pop("no_speculation"),
                 num_spec_tokens=kwargs.pop("num_spec_tokens"),
                 adaptive_speculation=False if kwargs.pop("fixed_speculation") else None, device=kwargs.pop("device"),
-                cuda_graphs=not kwargs.pop("enforce_eager"))
+                cuda_graphs=not kwargs.pop("enforce_eager"), async_scheduling=not kwargs.pop("no_async_scheduling"))
             return command(engine=engine, **kwargs)
 
         for option in reversed(options):

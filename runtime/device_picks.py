@@ -1,4 +1,4 @@
-"""Which engine calls pick their tokens on the engine's device (engines with `step_sample`: the cuda engine),
+"""Which engine calls pick their tokens on the engine's device (engines with `launch_sample`: the cuda engine),
 and the SamplingRows they pick them with. Such a call copies N token ids to the host instead of N x vocab logits."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ def forks_samples(seq: Sequence) -> bool:
 
 
 def picks_on_device(engine, group: list[ScheduledSeq]) -> bool:
-    """Whether the engine picks this call's tokens on its device: it can (step_sample), nothing in the call reads
+    """Whether the engine picks this call's tokens on its device: it can (launch_sample), nothing in the call reads
     logits on the host (logprobs, logits processors, a grammar, drafts to verify), and no sampled prompt forks
     its n samples (each draws its first token from the prompt's row)."""
-    return hasattr(engine, "step_sample") and not any(
+    return hasattr(engine, "launch_sample") and not any(
         item.seq.params.logprobs is not None or item.spec_slots or item.seq.wants_prompt_logprobs
         or changes_logits(item.seq.params) or (item.completes and forks_samples(item.seq)) for item in group)
 

@@ -23,3 +23,4 @@ class EngineConfig:
     adaptive_speculation: bool | None = None  # None: the bundle's choice; False: always k tokens
     device: str = "cpu"  # cpu: the onnxruntime engine; cuda: the torch + Triton engine (the bundle's cuda target)
     cuda_graphs: bool = True  # device cuda: replay decode steps from CUDA graphs (False: vLLM's --enforce-eager)
+    async_scheduling: bool = True  # device cuda: queue the next step before reading this one's tokens

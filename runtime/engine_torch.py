@@ -18,6 +18,7 @@ from llmc.artifacts.bundle import Bundle
 from llmc.artifacts.geometry import ModelGeometry
 from llmc.errors import BundleError, ConfigError
 from llmc.runtime.device_sampler import sample_rows
+from llmc.runtime.device_staging import DevicePicks, DeviceStaging
 from llmc.runtime.sampler import SamplingRows
 from llmc.runtime.step_inputs import StepInputs
 
@@ -84,6 +85,7 @@ class TorchEngine:
         self.w = fuse_projections({name: t if t.dtype == torch.uint8 or name.startswith("rope.") else t.to(self.dtype)
                                    for name, t in tensors.items()}, self.num_layers)
         self.untied_head = any(name.startswith("lm_head.") for name in self.w)  # else the embedding is the head
+        self.staging = DeviceStaging(device)
         self.graphs = None
         if cuda_graphs:  # without CUDA (the tests) its static buffers and padding run eagerly
             from llmc.runtime.cuda_graphs import DecodeGraphs
@@ -124,14 +126,17 @@ class TorchEngine:
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                 lens: torch.Tensor, starts: torch.Tensor, logits_index: torch.Tensor, pool: TorchKVPool,
-                max_query_len: int, max_context: int) -> torch.Tensor:
+                max_query_len: int, max_context: int, previous: torch.Tensor | None = None) -> torch.Tensor:
         """The step on device tensors (no host sync: a CUDA graph captures it as is); logits [N, vocab] on the
-        device. max_query_len 1: every sequence decodes one token."""
+        device. max_query_len 1: every sequence decodes one token. previous [P]: the picks of the calls still in
+        flight (async scheduling); an input id -(j + 1) is their token j."""
         from llmc.kernels.triton.layer_ops import add_rms_norm, rope_write_kv, silu_mul
         from llmc.kernels.triton.paged_attention import paged_decode, paged_prefill
 
         geo, w, dtype = self.geometry, self.w, self.dtype
         eps, scale = geo.rms_norm_eps, geo.head_dim ** -0.5
+        if previous is not None:
+            ids = torch.where(ids < 0, previous[(-1 - ids).clamp(0, len(previous) - 1)], ids)  # [T]
         x = w["embed"][ids]  # [T, hidden]: the residual stream, updated in place by add_rms_norm
         h = add_rms_norm(x, w["layers.0.attn_norm"], eps)
         # each linear's output goes to a layer op that adds up an int4 GEMV's split-K partials as it loads them
@@ -153,34 +158,46 @@ class TorchEngine:
         h = h[logits_index]
         return self.linear(h, "lm_head") if self.untied_head else h @ w["embed"].T
 
-    def _logits(self, inputs: StepInputs, pool: TorchKVPool) -> torch.Tensor:
-        """The step's logits [N, vocab] on the device: a decode graph's replay where one serves, else eager."""
+    def _logits(self, inputs: StepInputs, pool: TorchKVPool, previous: torch.Tensor | None) -> torch.Tensor:
+        """The step's logits [N, vocab] on the device: a decode graph's replay where one serves, else eager. Queued
+        without waiting for the device (inputs go through self.staging)."""
         max_query_len = int(np.diff(inputs.query_start).max())
         max_context = int(inputs.context_lens.max())
-        if self.graphs is not None and max_query_len == 1 and self.graphs.serves(len(inputs.input_ids), max_context):
-            return self.graphs.run(inputs, pool)
-        args = [torch.from_numpy(a).to(self.device) for a in (inputs.input_ids, inputs.positions, inputs.slot_mapping,
-                                                              inputs.block_tables, inputs.context_lens,
-                                                              inputs.query_start, inputs.logits_index)]
-        return self.forward(*args, pool, max_query_len, max_context)
+        num_previous = 0 if previous is None else len(previous)
+        every_row = len(inputs.logits_index) == len(inputs.input_ids)  # a graph gives every row's logits
+        if (self.graphs is not None and max_query_len == 1 and every_row
+                and self.graphs.serves(len(inputs.input_ids), max_context, num_previous)):
+            return self.graphs.run(inputs, pool, previous)
+        args = self.staging.to_device(inputs.input_ids, inputs.positions, inputs.slot_mapping, inputs.block_tables,
+                                      inputs.context_lens, inputs.query_start, inputs.logits_index)
+        placeholders = previous is not None and len(inputs.input_ids) and inputs.input_ids.min() < 0
+        return self.forward(*args, pool, max_query_len, max_context, previous if placeholders else None)
 
     @torch.no_grad()
-    def step(self, inputs: StepInputs, pool: TorchKVPool) -> np.ndarray:
-        """Run one step; returns logits [N, vocab] (float32, on the host) and writes K/V into the pools."""
+    def step(self, inputs: StepInputs, pool: TorchKVPool, previous: torch.Tensor | None = None) -> np.ndarray:
+        """Run one step; returns logits [N, vocab] (float32, on the host) and writes K/V into the pools.
+        previous: as launch_sample's."""
         start = time.perf_counter()
-        out = self._logits(inputs, pool).float().cpu().numpy()
+        out = self._logits(inputs, pool, previous).float().cpu().numpy()
         self._count(len(inputs.input_ids), start)
         return out
 
     @torch.no_grad()
-    def step_sample(self, inputs: StepInputs, pool: TorchKVPool, rows: SamplingRows) -> np.ndarray:
-        """Run one step; returns each logits row's token, int64 [N], picked on the device as rows say
-        (runtime/device_sampler.py: argmax, or the sampler's draw for the row's uniform). N integers cross to the
+    def launch_sample(self, inputs: StepInputs, pool: TorchKVPool, rows: SamplingRows,
+                      previous: torch.Tensor | None = None) -> DevicePicks:
+        """Queue one step that picks each logits row's token on the device as rows say (runtime/device_sampler.py:
+        argmax, or the sampler's draw for the row's uniform), and return at once: the picks [N] are on the device
+        for the next step to read and reach the host when asked (DevicePicks.tokens). previous [P]: the picks of
+        the calls still in flight, which input ids -(j + 1) stand for (async scheduling). N integers cross to the
         host instead of N x vocab floats (32 MB a step for a 128k vocabulary at batch 64)."""
         start = time.perf_counter()
-        out = sample_rows(self._logits(inputs, pool), rows).cpu().numpy()
+        picks = self.staging.to_host(sample_rows(self._logits(inputs, pool, previous), rows, self.staging.to_device))
         self._count(len(inputs.input_ids), start)
-        return out
+        return picks
+
+    def step_sample(self, inputs: StepInputs, pool: TorchKVPool, rows: SamplingRows) -> np.ndarray:
+        """launch_sample, waiting for the tokens: int64 [N] on the host."""
+        return self.launch_sample(inputs, pool, rows).tokens()
 
     def _count(self, num_tokens: int, start: float) -> None:
         self.path_counts["main"][0] += 1

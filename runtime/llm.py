@@ -23,6 +23,7 @@ from llmc.runtime.engine_config import EngineConfig
 from llmc.runtime.engine_ort import FUSED_ATTENTION, OrtEngine
 from llmc.runtime.engine_stats import EngineCalls, EngineStats, StepTiming
 from llmc.runtime.engine_torch_loader import cuda_engine
+from llmc.runtime.inflight import InFlight, stays_in_flight
 from llmc.runtime.kv_pool import KVPool, plan_kv_budget
 from llmc.runtime.logits_processors import changes_logits, draft_rows, process
 from llmc.runtime.sampler import sample_token, token_logprob
@@ -95,6 +96,8 @@ class LLM:
         self.timing = StepTiming()
         self._ids = itertools.count()
         self._state: dict[Sequence, _SeqState] = {}
+        self._inflight = InFlight()
+        self._async = config.async_scheduling and hasattr(self.engine, "launch_sample") and self.speculation is None
 
     def _time_engines(self, sizes: tuple[int, ...] = (1, 64)) -> None:
         """Seed the adaptive policy's cost lines with timed steps of 1 and 64 tokens (a fresh pool's
@@ -177,50 +180,77 @@ class LLM:
         before_engine runs once, just before the step's first target-engine call (onnxruntime releases the GIL
         for the call): the server hands the previous step's tokens to its event loop there, so the loop
         formats and sends them while the engine runs instead of while the step loop waits for the GIL.
+        With async scheduling (runtime/inflight.py) the tokens a step returns are the previous step's, read once
+        this one is queued.
         """
         start = time.perf_counter()
         draft_budget = self.speculation.draft_budget(self.scheduler.running) if self.speculation is not None else None
-        work = self.scheduler.schedule(draft_budget)  # SchedulerOutput
+        work = self.scheduler.schedule(draft_budget, self._inflight.hold(self.geometry.max_position))
         for seq in work.out_of_memory:  # alone, it still outgrows the whole pool: end it with the reason
             log.warning("request %s ended: %d tokens do not fit in the KV cache (%d tokens); raise the KV "
                         "cache memory", seq.request_id, seq.num_tokens, self.pool.num_blocks * self.pool.block_size)
             self.scheduler.finish(seq, KV_CACHE_FULL)
         if not work.scheduled:
-            return list(work.out_of_memory)
+            return list(work.out_of_memory) + self._read_in_flight()
         self.pool.copy_blocks(work.block_copies)
         if self.draft_pool is not None:
             self.draft_pool.copy_blocks(work.block_copies)
         drafts = self._draft(work.scheduled)
-        updated = list(work.out_of_memory)
+        previous = self._inflight.picks()  # [P] on the device: what the placeholders in this step's inputs stand for
+        ran, launched = [], []  # (group, rows of each item, logits, picks)
         for group in self._engine_calls(work.scheduled):
             inputs = build_step_inputs(group, self.pool.block_size)
+            rows = [item.num_logits for item in group]
             if before_engine is not None:
                 before_engine()
                 before_engine = None
             engine_start = time.perf_counter()
             if self._picks_on_device(group):
-                logits, picked = None, self.engine.step_sample(inputs, self.pool, sampling_rows(
-                    group, lambda seq: self._state[seq].rng))  # [N] token ids
+                picks = self.engine.launch_sample(inputs, self.pool, sampling_rows(
+                    group, lambda seq: self._state[seq].rng), previous)
+                if self._async and stays_in_flight(group):
+                    launched.append((group, rows, picks))
+                else:
+                    ran.append((group, rows, None, picks))
             else:
-                logits, picked = self.engine.step(inputs, self.pool), None  # [N, vocab]
+                logits = (self.engine.step(inputs, self.pool) if previous is None
+                          else self.engine.step(inputs, self.pool, previous))  # [N, vocab]
+                ran.append((group, rows, logits, None))
             seconds = time.perf_counter() - engine_start
             self.timing.engine_s += seconds
             if self.speculation is not None:
                 self.speculation.record_target(len(inputs.input_ids), seconds,
                                                any(item.spec_tokens for item in group))
+        updated = list(work.out_of_memory) + self._read_in_flight()
+        for group, rows, logits, picks in ran:
+            tokens = picks.tokens() if picks is not None else None  # [N], or logits [N, vocab]
             row = 0
+            for item, num_rows in zip(group, rows):
+                if not item.seq.is_finished:  # else ended by the token read from the call in flight
+                    updated.extend(self._finish_chunk_isolated(
+                        item, logits[row:row + num_rows] if tokens is None else None, drafts.get(item.seq),
+                        None if tokens is None or not num_rows else int(tokens[row + num_rows - 1])))
+                row += num_rows
+        for group, rows, picks in launched:
             for item in group:
-                rows = item.num_logits
-                updated.extend(self._finish_chunk_isolated(
-                    item, logits[row:row + rows] if picked is None else None, drafts.get(item.seq),
-                    None if picked is None or not rows else int(picked[row + rows - 1])))
-                row += rows
+                if not item.seq.is_finished:
+                    self.scheduler.update_from_output(item)
+            self._inflight.add(group, rows, picks)
         seconds = time.perf_counter() - start
         self.timing.steps += 1
         self.timing.total_s += seconds
         if all(item.num_new_tokens == 1 for item in work.scheduled):
             self.timing.decode_steps += 1
             self.timing.decode_s += seconds
+        return updated
+
+    def _read_in_flight(self) -> list[Sequence]:
+        """Append the tokens of the calls in flight (waiting for them), with the stop checks; the sequences."""
+        tokens, waited = self._inflight.take()
+        self.timing.engine_s += waited
+        updated = []
+        for seq, token in tokens:
+            updated.extend(self._isolated(seq, self._append_tokens, seq, None, token))
         return updated
 
     def _picks_on_device(self, group: list[ScheduledSeq]) -> bool:
@@ -236,15 +266,19 @@ class LLM:
     def _finish_chunk_isolated(self, item: ScheduledSeq, logits: np.ndarray | None, draft: Draft | None,
                                token: int | None = None) -> list[Sequence]:
         """_finish_chunk, but a failure (sampling, detokenizing, stop checks) ends this sequence alone."""
+        return self._isolated(item.seq, self._finish_chunk, item, logits, draft, token)
+
+    def _isolated(self, seq: Sequence, call: Callable[..., list[Sequence]], *args) -> list[Sequence]:
+        """call(*args), the sequences it updated; a failure ends seq (and its samples) alone."""
         try:
-            return self._finish_chunk(item, logits, draft, token)
+            return call(*args)
         except Exception:
             log.exception("request %s failed after its step; ending it alone (finish reason 'error')",
-                          item.seq.request_id)
-            for seq in [item.seq, *item.seq.children]:
-                if not seq.is_finished:
-                    self.scheduler.finish(seq, "error")
-            return [item.seq, *item.seq.children]
+                          seq.request_id)
+            for s in [seq, *seq.children]:
+                if not s.is_finished:
+                    self.scheduler.finish(s, "error")
+            return [seq, *seq.children]
 
     def _finish_chunk(self, item: ScheduledSeq, logits: np.ndarray | None, draft: Draft | None,
                       token: int | None = None) -> list[Sequence]:

@@ -108,7 +108,7 @@ def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
 
 @dataclass(slots=True)
 class SamplingRows:
-    """Per logits row, how an engine picks its token on its device (engine.step_sample): temperature (below
+    """Per logits row, how an engine picks its token on its device (engine.launch_sample): temperature (below
     GREEDY_TEMPERATURE: argmax), top_k (0: none), top_p, and the uniform the request's generator drew for it."""
 
     temperature: np.ndarray  # float64 [N]

@@ -9,7 +9,7 @@ When the pool runs dry, the most recently admitted sequence is preempted (recomp
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 
 from llmc.runtime.block_manager import BlockManager
@@ -195,15 +195,16 @@ class Scheduler:
             budget -= want + slots
         return budget
 
-    def schedule(self, draft_budget: DraftBudget | None = None) -> SchedulerOutput:
+    def schedule(self, draft_budget: DraftBudget | None = None, hold: Set[Sequence] = frozenset()) -> SchedulerOutput:
         """Pick this step's work. draft_budget: the draft tokens each decoding sequence may carry this step
-        (speculative decoding's budget; reserved only from free blocks)."""
+        (speculative decoding's budget; reserved only from free blocks). hold: running sequences that sit this step
+        out (async scheduling: their pending token is their last)."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         if self.policy == "static" and not self.running:
             while self.waiting and len(self.running) < self.max_num_seqs:
                 self.add_running(self.waiting.popleft())  # blocks come as each one is scheduled
-        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        decoding = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1 and s not in hold]
         prefilling = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         if self.policy == "prefill-first":
             budget = self._admit(self._continue(prefilling, budget, out), out)

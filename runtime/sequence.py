@@ -123,6 +123,8 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt tokens 1.. (params.prompt_logprobs)
     num_preemptions: int = 0
     children: list["Sequence"] = field(default_factory=list)  # the other n - 1 samples, once forked
+    pending: int | None = None  # the next token while an engine call in flight picks it: -(its row + 1) among
+    # the in-flight picks (async scheduling, runtime/inflight.py); counted in num_tokens, not in output_ids
 
     @property
     def token_ids(self) -> list[int]:
@@ -130,8 +132,11 @@ class Sequence:
         return self.prompt_ids + self.output_ids
 
     def tokens(self, start: int, end: int) -> list[int]:
-        """token_ids[start:end], without building the whole list (0 <= start <= end <= num_tokens)."""
+        """token_ids[start:end], without building the whole list (0 <= start <= end <= num_tokens); a pending
+        token is its placeholder."""
         n = len(self.prompt_ids)
+        if self.pending is not None and end == self.num_tokens:
+            return self.tokens(start, end - 1) + [self.pending] if start < end else []
         if end <= n:
             return self.prompt_ids[start:end]
         if start >= n:
@@ -140,8 +145,8 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        """Prompt plus output length."""
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt plus output length (a pending token included)."""
+        return len(self.prompt_ids) + len(self.output_ids) + (self.pending is not None)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

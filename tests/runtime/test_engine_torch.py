@@ -86,7 +86,8 @@ def test_steps_match_the_onnxruntime_engine(bundle, cuda_graphs):
 
 
 def test_graph_padding_rows_write_and_read_nothing(bundle):
-    """Decodes of 3 sequences padded to 4 rows: the same logits and the same pools, slot for slot, as eager."""
+    """Decodes of 3 sequences padded to 4 rows: the same logits and the same pools, slot for slot, as eager; a
+    step of one-token chunks where one wants no logits gives the others' rows only."""
     geo, block_size = bundle.geometry, bundle.block_size
     eager = TorchEngine(bundle, device=DEVICE, cuda_graphs=False)
     graphs = TorchEngine(bundle, device=DEVICE, cuda_graphs=True, max_num_seqs=4)
@@ -95,6 +96,8 @@ def test_graph_padding_rows_write_and_read_nothing(bundle):
     prompts = [list(range(10, 19)), [7, 8, 9, 10, 11], list(range(40, 53))]
     steps = [[Chunk(p, 0, t, 1) for p, t in zip(prompts, tables)]]
     steps += [[Chunk([60 + n], len(p) + n, t, 1) for p, t in zip(prompts, tables)] for n in range(2)]
+    # one-token chunks where one wants no logits (a prompt's chunk cut by the token budget): 2 rows, not 3
+    steps.append([Chunk([70 + i], len(p) + 2, t, int(i != 1)) for i, (p, t) in enumerate(zip(prompts, tables))])
     for chunks in steps:
         inputs = layout_step(chunks, block_size)
         np.testing.assert_allclose(graphs.step(inputs, pools[1]), eager.step(inputs, pools[0]), rtol=1e-5, atol=1e-5)
@@ -156,7 +159,7 @@ def test_llm_on_the_cuda_engine_generates_what_the_cpu_engine_does(bundle, monke
 
 
 def test_calls_pick_their_tokens_on_the_device(bundle, monkeypatch):
-    """Calls with nothing that reads logits on the host take step_sample, greedy and seeded sampled requests
+    """Calls with nothing that reads logits on the host take launch_sample, greedy and seeded sampled requests
     together, and generate exactly what the logits path (the host's sampler) generates on the same engine; a call
     with a sequence that asks for logprobs, penalizes, or forks n sampled answers from its prompt takes step."""
     from llmc.runtime import engine_torch_loader
@@ -165,7 +168,7 @@ def test_calls_pick_their_tokens_on_the_device(bundle, monkeypatch):
     if not torch.cuda.is_available():
         monkeypatch.setattr(engine_torch_loader, "TORCH_DEVICE", "cpu")
     llm = LLM(bundle, device="cuda", max_num_seqs=4, max_num_batched_tokens=16, kv_cache_memory="2MiB")
-    calls = {"step": 0, "step_sample": 0}
+    calls = {"step": 0, "launch_sample": 0}
 
     def counting(name):
         run = getattr(llm.engine, name)
@@ -183,7 +186,7 @@ def test_calls_pick_their_tokens_on_the_device(bundle, monkeypatch):
              SamplingParams(max_tokens=6, ignore_eos=True, temperature=1.2, top_p=0.9, seed=seed),
              SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8, top_k=5, seed=seed + 1)]
     on_device = [o.token_ids for o in llm.generate(prompts, mixed)]
-    assert calls["step_sample"] > 0 and calls["step"] == 0
+    assert calls["launch_sample"] > 0 and calls["step"] == 0
     llm._picks_on_device = lambda group: False  # the logits path
     assert [o.token_ids for o in llm.generate(prompts, mixed)] == on_device
     assert calls["step"] > 0
@@ -192,13 +195,13 @@ def test_calls_pick_their_tokens_on_the_device(bundle, monkeypatch):
     for k, other in enumerate((SamplingParams(max_tokens=6, ignore_eos=True, logprobs=1),
                                SamplingParams(max_tokens=6, ignore_eos=True, presence_penalty=0.5),
                                SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8, seed=1, n=2))):
-        calls.update(step=0, step_sample=0)
+        calls.update(step=0, launch_sample=0)
         short = [[40 + k, 41, 42, 43], [50 + k, 51, 52, 53, 54], [60 + k, 61, 62]]  # one call a step, no cache hit
         llm.generate(short, [plain, other, plain])
         assert calls["step"] > 0
-    calls.update(step=0, step_sample=0)
+    calls.update(step=0, launch_sample=0)
     llm.generate([[70, 71, 72]], SamplingParams(max_tokens=4, ignore_eos=True, n=3))  # greedy samples agree
-    assert calls["step_sample"] > 0 and calls["step"] == 0
+    assert calls["launch_sample"] > 0 and calls["step"] == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -207,3 +210,80 @@ def test_llm_device_cuda_without_cuda_is_a_clear_error(bundle):
 
     with pytest.raises(ConfigError, match="--device cuda: torch sees no CUDA device"):
         LLM(bundle, device="cuda")
+
+
+def _cuda_llm(bundle, monkeypatch, **fields):
+    from llmc.runtime import engine_torch_loader
+    from llmc.runtime.llm import LLM
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(engine_torch_loader, "TORCH_DEVICE", "cpu")
+    return LLM(bundle, device="cuda", **{"max_num_seqs": 4, "max_num_batched_tokens": 16, "kv_cache_memory": "2MiB",
+                                        **fields})
+
+
+def _placeholder_steps(llm) -> list[int]:
+    """Counts, per launch_sample call, the input ids that are placeholders for tokens still in flight."""
+    seen, launch = [], llm.engine.launch_sample
+
+    def counted(inputs, pool, rows, previous=None):
+        seen.append(int((inputs.input_ids < 0).sum()))
+        return launch(inputs, pool, rows, previous)
+
+    llm.engine.launch_sample = counted
+    return seen
+
+
+def test_async_scheduling_generates_what_synchronous_steps_do(bundle, monkeypatch):
+    """With the next step queued before this one's tokens are read (placeholders in its inputs, resolved on the
+    device), a batch with chunked prefill, prefix-cache hits, greedy and seeded sampled requests, and sequences
+    ending mid-flight (max_tokens, a stop token, a stop string, n = 2 greedy samples) generates the same tokens,
+    texts and finish reasons as synchronous steps on the same engine."""
+    sync = _cuda_llm(bundle, monkeypatch, async_scheduling=False)
+    overlapped = _cuda_llm(bundle, monkeypatch)
+    seen = _placeholder_steps(overlapped)
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, 300, n).tolist() for n in (5, 21, 9, 3, 14)]
+    prompts[3] = prompts[1][:12] + prompts[3]  # shares a cached block with prompt 1
+    seed = int(rng.integers(2**31))
+    params = [SamplingParams(max_tokens=7, ignore_eos=True),
+              SamplingParams(max_tokens=5, ignore_eos=True, temperature=1.1, top_p=0.9, seed=seed),
+              SamplingParams(max_tokens=9, ignore_eos=True, temperature=0.7, top_k=4, seed=seed + 1),
+              SamplingParams(max_tokens=6, ignore_eos=True, n=2),
+              SamplingParams(max_tokens=8, ignore_eos=True)]
+    free_run = sync.generate(prompts, params)
+    params[0] = SamplingParams(max_tokens=7, ignore_eos=True, stop_token_ids=[free_run[0].token_ids[2]])
+    text = free_run[-1].text
+    params[4] = SamplingParams(max_tokens=8, ignore_eos=True, stop=[text[len(text) // 2:][:2]] if text.strip() else [])
+    expected = sync.generate(prompts, params)
+    got = overlapped.generate(prompts, params)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
+        (o.token_ids, o.text, o.finish_reason) for o in expected]
+    assert expected[0].finish_reason == "stop" and len(expected[0].token_ids) <= 3
+    assert max(seen) > 0  # steps did read tokens still in flight
+    assert not any(s.pending is not None for s in overlapped.scheduler.running)
+
+
+def test_async_scheduling_survives_preemption_and_abort(bundle, monkeypatch):
+    """A pool too small for the batch preempts sequences whose next token is in flight: they finish with the tokens
+    synchronous steps give them. A request aborted with its token in flight ends without it and frees its blocks."""
+    sync = _cuda_llm(bundle, monkeypatch, async_scheduling=False, kv_cache_memory="40KiB")
+    overlapped = _cuda_llm(bundle, monkeypatch, kv_cache_memory="40KiB")
+    seen = _placeholder_steps(overlapped)
+    rng = np.random.default_rng()
+    prompts = [rng.integers(3, 300, 10).tolist() for _ in range(4)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    expected = sync.generate(prompts, params)
+    got = overlapped.generate(prompts, params)
+    assert overlapped.scheduler.num_preemptions > 0 and max(seen) > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+
+    seq = overlapped.add_request(prompts[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    while len(seq.output_ids) < 3:
+        overlapped.step()
+    assert seq.pending is not None
+    overlapped.abort(seq)
+    overlapped.step()  # reads the call in flight: the aborted request's token is dropped
+    assert seq.pending is None and seq.finish_reason == "abort" and len(seq.output_ids) == 3
+    assert overlapped.block_manager.num_free_blocks == overlapped.block_manager.num_blocks
+    overlapped.release(seq)
