@@ -1,7 +1,9 @@
 """End-to-end decode throughput on a GPU: llmc's CUDA engine (through LLM: scheduler, sampler, Triton kernels)
 against transformers' generate with a static cache and torch.compile, on the same random weights of
 SmolLM2-135M's and a 1B Llama's shapes, at batch 1 / 16 / 64. llmc runs the float16 build (the same weights)
-and an int4 build (RTN, groups of 128) of them. One JSON file, written after every measurement.
+and an int4 build (RTN, groups of 128) of them; the int4 build also with synchronous steps (async scheduling off:
+what overlapping the host with the GPU is worth, and a check that it changes no token). One JSON file, written
+after every measurement.
 
     python benchmarks/gpu_e2e.py --out gpu_e2e.json --budget-s 330     # on the GPU machine (gpu_check.sh)
     TRITON_INTERPRET=1 python benchmarks/gpu_e2e.py --dry-run          # here: tiny shapes on the CPU
@@ -62,16 +64,18 @@ def build_bundle(checkpoint: Path, out: Path, name: str, int4: bool) -> Path:
 
 
 def llmc_decode(bundle: Path, batch: int, prompt_len: int, new_tokens: int, device: str,
-                cuda_graphs: bool = True) -> dict:
+                cuda_graphs: bool = True, async_scheduling: bool = True) -> dict:
     from llmc.runtime import engine_torch_loader
     from llmc.runtime.llm import LLM
     from llmc.runtime.sequence import SamplingParams
 
     engine_torch_loader.TORCH_DEVICE = device
     llm = LLM(bundle, device="cuda", max_num_seqs=max(batch, 1), max_num_batched_tokens=max(batch * prompt_len, 256),
-              kv_cache_memory="4GiB" if device == "cuda" else "16MiB", speculation=False, cuda_graphs=cuda_graphs)
+              kv_cache_memory="4GiB" if device == "cuda" else "16MiB", speculation=False, cuda_graphs=cuda_graphs,
+              async_scheduling=async_scheduling)
     vocab = min(llm.geometry.vocab_size, 300)
-    prompts = torch.randint(3, vocab, (batch, prompt_len)).tolist()
+    same = torch.Generator().manual_seed(batch)  # the same prompts for every llmc run of this batch
+    prompts = torch.randint(3, vocab, (batch, prompt_len), generator=same).tolist()
     llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))  # Triton's compiles, first allocations
     before = llm.stats().timing
     start = time.perf_counter()
@@ -80,7 +84,9 @@ def llmc_decode(bundle: Path, batch: int, prompt_len: int, new_tokens: int, devi
     timing = llm.stats().timing.since(before)
     return {"output_tok_s": sum(len(o.token_ids) for o in outputs) / wall,
             "decode_tok_s": batch * timing.decode_steps / timing.decode_s if timing.decode_s else None,
-            "decode_step_ms": 1e3 * timing.decode_s / max(timing.decode_steps, 1)}
+            "decode_step_ms": 1e3 * timing.decode_s / max(timing.decode_steps, 1),
+            "host_share": 1 - timing.engine_s / timing.total_s if timing.total_s else None,  # outside engine calls
+            "tokens": [o.token_ids for o in outputs]}
 
 
 def transformers_decode(checkpoint: Path, batch: int, prompt_len: int, new_tokens: int, device: str) -> dict:
@@ -139,18 +145,26 @@ def main() -> None:
             checkpoint, bundles = built[name]
             row = {"model": name, "batch": batch, "transformers_compile": guarded(
                 transformers_decode, checkpoint, batch, prompt_len, new_tokens, device)}
-            runs = [(label, bundle, True) for label, bundle in bundles.items()]
+            runs = [(label, bundle, True, True) for label, bundle in bundles.items()]
+            # what async scheduling is worth (the host's work under the GPU's) at the targets' batches
+            runs.append(("llmc-int4-sync", bundles["llmc-int4"], True, False))
             if batch == 1:  # what the decode CUDA graphs are worth where the host matters most
-                runs.append(("llmc-int4-eager", bundles["llmc-int4"], False))
-            for label, bundle, graphs in runs:
-                row[label] = guarded(llmc_decode, bundle, batch, prompt_len, new_tokens, device, graphs)
+                runs.append(("llmc-int4-eager", bundles["llmc-int4"], False, True))
+            for label, bundle, graphs, overlap in runs:
+                row[label] = guarded(llmc_decode, bundle, batch, prompt_len, new_tokens, device, graphs, overlap)
                 if "decode_tok_s" in row[label] and "decode_tok_s" in row["transformers_compile"]:
                     row[f"{label}_vs_transformers"] = (row[label]["decode_tok_s"] or 0) / row[
                         "transformers_compile"]["decode_tok_s"]
+            tokens = {label: row[label].pop("tokens", None) for label in ("llmc-int4", "llmc-int4-sync")}
+            if None not in tokens.values():  # greedy on the same weights: overlapping steps changes no token
+                row["async_tokens_match_sync"] = tokens["llmc-int4"] == tokens["llmc-int4-sync"]
+            for label, _, _, _ in runs:
+                row[label].pop("tokens", None)
             report["results"].append(row)
             Path(args.out).write_text(json.dumps(report, indent=2))
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(json.dumps([{k: v for k, v in r.items() if k.endswith("_vs_transformers") or k in ("model", "batch")}
+    print(json.dumps([{k: v for k, v in r.items() if k.endswith(("_vs_transformers", "_match_sync"))
+                       or k in ("model", "batch")}
                       for r in report["results"]], indent=2))
 
 

@@ -18,21 +18,17 @@ from llmc.artifacts.bundle import Bundle, load_bundle
 from llmc.errors import RequestError
 from llmc.runtime.block_manager import BlockManager, blocks_needed
 from llmc.runtime.device_picks import picks_on_device, sampling_rows
-from llmc.runtime.drafters import ModelDrafter, NgramDrafter
 from llmc.runtime.engine_config import EngineConfig
-from llmc.runtime.engine_ort import FUSED_ATTENTION, OrtEngine
+from llmc.runtime.engine_ort import FUSED_ATTENTION
+from llmc.runtime.engine_setup import load_engines
 from llmc.runtime.engine_stats import EngineCalls, EngineStats, StepTiming
-from llmc.runtime.engine_torch_loader import cuda_engine
 from llmc.runtime.inflight import InFlight, stays_in_flight
-from llmc.runtime.kv_pool import KVPool, plan_kv_budget
 from llmc.runtime.logits_processors import changes_logits, draft_rows, process
 from llmc.runtime.sampler import sample_token, token_logprob
 from llmc.runtime.scheduler import ScheduledSeq, Scheduler
 from llmc.runtime.sequence import RequestOutput, SamplingParams, Sequence
-from llmc.runtime.spec_policy import PRIOR_ACCEPTANCE, PRIOR_ACCEPTANCE_DRAFT, SpecPolicy
-from llmc.runtime.speculation import Speculation
 from llmc.runtime.speculative import Draft, verify
-from llmc.runtime.step_inputs import Chunk, build_step_inputs, layout_step
+from llmc.runtime.step_inputs import build_step_inputs
 from llmc.runtime.structured_output import GrammarCompiler, SequenceGrammar
 from llmc.runtime.tokenizer import BundleTokenizer, IncrementalDetokenizer
 
@@ -66,30 +62,7 @@ class LLM:
         self.tokenizer = BundleTokenizer(self.bundle)
         self.grammars = GrammarCompiler(self.bundle.tokenizer_dir / "tokenizer.json", self.geometry.vocab_size,
                                         self.tokenizer.eos_token_ids)
-        budget = plan_kv_budget(config.kv_cache_memory, config.kv_cache_fraction)
-        spec = self.bundle.manifest.speculative if config.speculation else None
-        drafts_with_model = spec is not None and spec.method == "draft"
-        draft_engine = None
-        if config.device == "cuda":
-            self.engine, self.pool, self.draft_pool = cuda_engine(self.bundle, budget, drafts_with_model, config)
-        else:
-            self.engine = OrtEngine(self.bundle, config.num_threads, profile_dir=profile_dir)
-            draft_engine = OrtEngine(self.bundle, config.num_threads, draft=True) if drafts_with_model else None
-            self.pool, self.draft_pool = KVPool.from_budget(self.geometry, self.bundle.block_size, budget,
-                                                            draft=draft_engine and draft_engine.geometry,
-                                                            dtype=self.bundle.kv_dtype)
-        self.speculation: Speculation | None = None
-        if spec:
-            drafter = (ModelDrafter(draft_engine, self.draft_pool, self.geometry.vocab_size) if draft_engine
-                       else NgramDrafter(spec.ngram.min_n, spec.ngram.max_n))
-            adaptive = spec.adaptive if config.adaptive_speculation is None else config.adaptive_speculation
-            policy = SpecPolicy(config.num_spec_tokens or spec.num_tokens, adaptive,
-                                PRIOR_ACCEPTANCE_DRAFT if draft_engine else PRIOR_ACCEPTANCE)
-            max_position = min(self.geometry.max_position, (draft_engine or self.engine).geometry.max_position)
-            self.speculation = Speculation(drafter, policy, max_position)
-        self.engine.calibrate_int8(self.pool)
-        if self.speculation is not None and self.speculation.policy.adaptive:
-            self._time_engines()
+        self.engine, self.pool, self.draft_pool, self.speculation = load_engines(self.bundle, config, profile_dir)
         self.block_manager = BlockManager(self.pool.num_blocks, self.pool.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.policy)
@@ -98,24 +71,6 @@ class LLM:
         self._state: dict[Sequence, _SeqState] = {}
         self._inflight = InFlight()
         self._async = config.async_scheduling and hasattr(self.engine, "launch_sample") and self.speculation is None
-
-    def _time_engines(self, sizes: tuple[int, ...] = (1, 64)) -> None:
-        """Seed the adaptive policy's cost lines with timed steps of 1 and 64 tokens (a fresh pool's
-        blocks are scratch space: no sequence reads a slot it has not written)."""
-        policy = self.speculation.policy
-        engines = [(self.engine, self.pool, policy.target)]
-        if self.draft_pool is not None:
-            engines.append((self.speculation.drafter.engine, self.draft_pool, policy.draft))
-        for engine, pool, cost in engines:
-            for tokens in sorted({min(t, pool.num_blocks * pool.block_size) for t in sizes}):
-                chunk = Chunk([0] * tokens, 0, list(range(blocks_needed(tokens, pool.block_size))), 1)
-                inputs = layout_step([chunk], pool.block_size)
-                timings = []
-                for _ in range(2):
-                    start = time.perf_counter()
-                    engine.step(inputs, pool)
-                    timings.append(time.perf_counter() - start)
-                cost.add(tokens, min(timings))
 
     # -- requests ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:
