@@ -197,7 +197,7 @@ class LLM:
         if all(item.num_new_tokens == 1 for item in work.scheduled):
             self.timing.decode_steps += 1
             self.timing.decode_s += seconds
-        return updated
+        return list(dict.fromkeys(updated))  # a sequence may take the in-flight token and this step's
 
     def _read_in_flight(self) -> list[Sequence]:
         """Append the tokens of the calls in flight (waiting for them), with the stop checks; the sequences."""

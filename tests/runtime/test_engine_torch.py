@@ -237,25 +237,35 @@ def _placeholder_steps(llm) -> list[int]:
 def test_async_scheduling_generates_what_synchronous_steps_do(bundle, monkeypatch):
     """With the next step queued before this one's tokens are read (placeholders in its inputs, resolved on the
     device), a batch with chunked prefill, prefix-cache hits, greedy and seeded sampled requests, and sequences
-    ending mid-flight (max_tokens, a stop token, a stop string, n = 2 greedy samples) generates the same tokens,
-    texts and finish reasons as synchronous steps on the same engine."""
+    ending mid-flight (max_tokens, a stop token, a stop string, n = 2 greedy samples), and one asking for logprobs
+    (its calls read logits on the host) generates the same tokens, texts and finish reasons as synchronous steps
+    on the same engine."""
     sync = _cuda_llm(bundle, monkeypatch, async_scheduling=False)
     overlapped = _cuda_llm(bundle, monkeypatch)
     seen = _placeholder_steps(overlapped)
     rng = np.random.default_rng()
-    prompts = [rng.integers(3, 300, n).tolist() for n in (5, 21, 9, 3, 14)]
+    prompts = [rng.integers(3, 300, n).tolist() for n in (5, 21, 9, 3, 14, 4)]
     prompts[3] = prompts[1][:12] + prompts[3]  # shares a cached block with prompt 1
     seed = int(rng.integers(2**31))
     params = [SamplingParams(max_tokens=7, ignore_eos=True),
               SamplingParams(max_tokens=5, ignore_eos=True, temperature=1.1, top_p=0.9, seed=seed),
               SamplingParams(max_tokens=9, ignore_eos=True, temperature=0.7, top_k=4, seed=seed + 1),
               SamplingParams(max_tokens=6, ignore_eos=True, n=2),
-              SamplingParams(max_tokens=8, ignore_eos=True)]
+              SamplingParams(max_tokens=8, ignore_eos=True),
+              SamplingParams(max_tokens=3, ignore_eos=True, logprobs=1)]  # its calls read logits on the host
     free_run = sync.generate(prompts, params)
     params[0] = SamplingParams(max_tokens=7, ignore_eos=True, stop_token_ids=[free_run[0].token_ids[2]])
     text = free_run[-1].text
     params[4] = SamplingParams(max_tokens=8, ignore_eos=True, stop=[text[len(text) // 2:][:2]] if text.strip() else [])
     expected = sync.generate(prompts, params)
+    step = overlapped.step
+
+    def each_once():  # a sequence may take its in-flight token and a host-picked call's in one step
+        updated = step()
+        assert len(set(updated)) == len(updated)
+        return updated
+
+    overlapped.step = each_once
     got = overlapped.generate(prompts, params)
     assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
         (o.token_ids, o.text, o.finish_reason) for o in expected]
