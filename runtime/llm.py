@@ -70,6 +70,7 @@ class LLM:
         self._ids = itertools.count()
         self._state: dict[Sequence, _SeqState] = {}
         self._inflight = InFlight()
+        self._decoded = False  # whether the last step only decoded
         self._async = config.async_scheduling and hasattr(self.engine, "launch_sample") and self.speculation is None
 
     # -- requests ---------------------------------------------------------------------------
@@ -146,7 +147,11 @@ class LLM:
                         "cache memory", seq.request_id, seq.num_tokens, self.pool.num_blocks * self.pool.block_size)
             self.scheduler.finish(seq, KV_CACHE_FULL)
         if not work.scheduled:
-            return list(work.out_of_memory) + self._read_in_flight()
+            in_flight = bool(self._inflight.calls)
+            updated = list(work.out_of_memory) + self._read_in_flight()
+            if in_flight:  # the wait for the last step's tokens is that step's time
+                self._time_step(time.perf_counter() - start, self._decoded, count=False)
+            return updated
         self.pool.copy_blocks(work.block_copies)
         if self.draft_pool is not None:
             self.draft_pool.copy_blocks(work.block_copies)
@@ -191,13 +196,17 @@ class LLM:
                 if not item.seq.is_finished:
                     self.scheduler.update_from_output(item)
             self._inflight.add(group, rows, picks)
-        seconds = time.perf_counter() - start
-        self.timing.steps += 1
-        self.timing.total_s += seconds
-        if all(item.num_new_tokens == 1 for item in work.scheduled):
-            self.timing.decode_steps += 1
-            self.timing.decode_s += seconds
+        self._decoded = all(item.num_new_tokens == 1 for item in work.scheduled)
+        self._time_step(time.perf_counter() - start, self._decoded)
         return list(dict.fromkeys(updated))  # a sequence may take the in-flight token and this step's
+
+    def _time_step(self, seconds: float, decoded: bool, count: bool = True) -> None:
+        """Add a step's wall time (count=False: more of the last step's) to the totals, and to the decode steps'."""
+        self.timing.steps += count
+        self.timing.total_s += seconds
+        if decoded:
+            self.timing.decode_steps += count
+            self.timing.decode_s += seconds
 
     def _read_in_flight(self) -> list[Sequence]:
         """Append the tokens of the calls in flight (waiting for them), with the stop checks; the sequences."""
