@@ -52,11 +52,12 @@ class TorchKVPool:
         self.keys = torch.zeros(shape, dtype=TORCH_DTYPES[dtype], device=device)
         self.values = torch.zeros_like(self.keys)
         self.num_blocks, self.block_size = num_blocks, block_size
+        self._staging = DeviceStaging(device)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write of shared blocks)."""
         if copies:
-            src, dst = (torch.tensor(c, device=self.keys.device) for c in zip(*copies))
+            src, dst = self._staging.to_device(*np.array(copies, dtype=np.int64).T.copy())  # [C] each, no sync
             self.keys[:, dst] = self.keys[:, src]
             self.values[:, dst] = self.values[:, src]
 

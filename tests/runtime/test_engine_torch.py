@@ -297,3 +297,16 @@ def test_async_scheduling_survives_preemption_and_abort(bundle, monkeypatch):
     assert seq.pending is None and seq.finish_reason == "abort" and len(seq.output_ids) == 3
     assert overlapped.block_manager.num_free_blocks == overlapped.block_manager.num_blocks
     overlapped.release(seq)
+
+
+def test_pool_copies_whole_blocks_in_every_layer(bundle):
+    """Copy-on-write: each (src, dst) block pair is copied in every layer's K and V pool; other blocks stay."""
+    pool = _torch_pool(bundle.geometry, bundle.block_size)
+    pool.keys.copy_(torch.randn(pool.keys.shape))
+    pool.values.copy_(torch.randn(pool.values.shape))
+    before = pool.keys.clone(), pool.values.clone()
+    pool.copy_blocks([(3, 9), (12, 4)])
+    for now, then in zip((pool.keys, pool.values), before):
+        expected = then.clone()
+        expected[:, 9], expected[:, 4] = then[:, 3], then[:, 12]
+        torch.testing.assert_close(now, expected, rtol=0, atol=0)
