@@ -63,6 +63,24 @@ def build_bundle(checkpoint: Path, out: Path, name: str, int4: bool) -> Path:
     return build(parse_spec(data, out))
 
 
+def host_syncs(llm, prompts: list[list[int]]) -> dict:
+    """Where the host waited for the GPU during 8 steps (torch's sync debug mode: each synchronizing operation
+    warns from its call site). With async scheduling only the reads of the picks in flight should."""
+    import warnings
+
+    from llmc.runtime.sequence import SamplingParams
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = sorted({f"{Path(w.filename).name}:{w.lineno}: {str(w.message).splitlines()[0][:120]}" for w in caught})
+    return {"warnings": len(caught), "sites": sites[:12]}
+
+
 def llmc_decode(bundle: Path, batch: int, prompt_len: int, new_tokens: int, device: str,
                 cuda_graphs: bool = True, async_scheduling: bool = True) -> dict:
     from llmc.runtime import engine_torch_loader
@@ -82,7 +100,8 @@ def llmc_decode(bundle: Path, batch: int, prompt_len: int, new_tokens: int, devi
     outputs = llm.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     wall = time.perf_counter() - start
     timing = llm.stats().timing.since(before)
-    return {"output_tok_s": sum(len(o.token_ids) for o in outputs) / wall,
+    syncs = guarded(host_syncs, llm, prompts) if device == "cuda" and async_scheduling and cuda_graphs else None
+    return {"host_syncs": syncs, "output_tok_s": sum(len(o.token_ids) for o in outputs) / wall,
             "decode_tok_s": batch * timing.decode_steps / timing.decode_s if timing.decode_s else None,
             "decode_step_ms": 1e3 * timing.decode_s / max(timing.decode_steps, 1),
             "host_share": 1 - timing.engine_s / timing.total_s if timing.total_s else None,  # outside engine calls
