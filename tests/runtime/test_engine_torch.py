@@ -310,3 +310,45 @@ def test_pool_copies_whole_blocks_in_every_layer(bundle):
         expected = then.clone()
         expected[:, 9], expected[:, 4] = then[:, 3], then[:, 12]
         torch.testing.assert_close(now, expected, rtol=0, atol=0)
+
+
+def test_streams_over_http_with_async_scheduling(bundle, monkeypatch):
+    """The server's step loop on the cuda engine with async scheduling: concurrent streams of different lengths
+    each get the text synchronous steps give them, and a stream hung up on mid-flight is aborted with its blocks
+    freed."""
+    import asyncio
+    import json
+
+    import httpx
+
+    from tests.server_harness import served, wait_idle
+
+    sync = _cuda_llm(bundle, monkeypatch, async_scheduling=False, max_num_batched_tokens=64)
+    prompt, lengths = "The capital of", [2, 9, 5, 14]
+    expected = [sync.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].text for n in lengths]
+
+    async def stream(client, url, n, hang_up=False):
+        body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True}
+        text, finish = "", None
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"]
+                    finish = choice["finish_reason"] or finish
+                    if hang_up:
+                        break
+        return text, finish
+
+    async def go(url):
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*[stream(client, url, n) for n in lengths],
+                                        stream(client, url, 200, hang_up=True))
+
+    with served(_cuda_llm(bundle, monkeypatch, max_num_batched_tokens=64)) as (url, engine):
+        assert engine.llm._async
+        results = asyncio.run(go(url))
+        wait_idle(engine, timeout=120)
+        assert results[:-1] == [(text, "length") for text in expected]
+        assert engine.metrics.requests["aborted"] >= 1
+        assert engine.llm.block_manager.num_free_blocks == engine.llm.block_manager.num_blocks
