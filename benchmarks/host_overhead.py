@@ -2,7 +2,7 @@
 produced for random prompts; or, as the cuda engine's launch_sample, ready token ids), so what remains is the
 scheduler, the step layout, sampling and detokenizing. On a GPU the device-token path runs this while the device
 runs the step before (async scheduling); the logits path makes the device wait for it. Greedy and sampled requests
-(temperature 0.8, top-p 0.9) are measured both ways.
+(temperature 0.8 with top-p 0.9; temperature 1 alone, the OpenAI API's default) are measured both ways.
 
     python benchmarks/host_overhead.py out/smollm2-135m-int4 --batches 1 64
 """
@@ -66,7 +66,8 @@ def main() -> None:
 
     llm.engine.step = step
     requests = {"greedy": SamplingParams(max_tokens=args.new_tokens, ignore_eos=True),
-               "sampled": SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.8, top_p=0.9)}
+               "sampled": SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=0.8, top_p=0.9),
+               "t=1": SamplingParams(max_tokens=args.new_tokens, ignore_eos=True, temperature=1.0)}  # OpenAI's default
     for path in ("logits", "device tokens"):
         if path == "device tokens":
             llm.engine.launch_sample = launch_sample

@@ -15,6 +15,7 @@ from llmc.runtime.sequence import GREEDY_TEMPERATURE, SamplingParams, TokenLogpr
 
 _BANDS = 64  # candidate bands: band b holds the probabilities whose binary exponent is b below the largest's
 _FIRST_CUT = 2.0 ** -4  # the first candidates: tokens at least this fraction of the largest probability
+_DRAW_BLOCK = 256  # tokens a block in draw's two-level search
 _MASS_MARGIN = 1e-9  # top-p's candidates hold this much more than top_p of the mass (summation order's rounding)
 
 
@@ -91,12 +92,36 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 
 
 def draw(ids: np.ndarray | None, probs: np.ndarray, uniform: float) -> int:
-    """(Overwrites probs.) The token whose cumulative probability (in id order) first exceeds uniform in [0, 1): what
-    `rng.choice(vocab, p=dense_probs)` returns for the same uniform."""
-    cdf = np.cumsum(probs, out=probs)  # probs is consumed: a vocabulary-long array is not allocated again
-    cdf /= cdf[-1]
-    index = int(cdf.searchsorted(uniform, side="right"))
+    """(May overwrite probs.) The token whose cumulative probability (in id order) first exceeds uniform in [0, 1):
+    what `rng.choice(vocab, p=dense_probs)` returns for the same uniform. A long distribution (temperature alone:
+    the whole vocabulary) is searched in two levels, blocks then tokens, instead of a cumulative sum over all of
+    it (numpy's cumsum: ~3.5 ns a token, 170 us for 49k); the sums' order differs from rng.choice's only in
+    rounding (a uniform within ~1e-16 of a boundary)."""
+    index = _two_level(probs, uniform) if len(probs) >= 4 * _DRAW_BLOCK else None
+    if index is None:
+        cdf = np.cumsum(probs, out=probs)  # probs is consumed: a vocabulary-long array is not allocated again
+        cdf /= cdf[-1]
+        index = int(cdf.searchsorted(uniform, side="right"))
     return index if ids is None else int(ids[index])
+
+
+def _two_level(probs: np.ndarray, uniform: float) -> int | None:
+    """draw's search by block sums, then within the block found; None where rounding leaves the block (the flat
+    search decides)."""
+    full = len(probs) // _DRAW_BLOCK * _DRAW_BLOCK
+    sums = probs[:full].reshape(-1, _DRAW_BLOCK).sum(axis=1)  # [blocks]
+    if full < len(probs):
+        sums = np.append(sums, probs[full:].sum())
+    block_cdf = np.cumsum(sums)  # [blocks]
+    target = uniform * block_cdf[-1]
+    block = int(block_cdf.searchsorted(target, side="right"))
+    if block >= len(sums):
+        return None
+    start = block * _DRAW_BLOCK
+    inner = np.cumsum(probs[start:start + _DRAW_BLOCK])  # [<= BLOCK]
+    inner += block_cdf[block - 1] if block else 0.0
+    offset = int(inner.searchsorted(target, side="right"))
+    return start + offset if offset < len(inner) else None
 
 
 def sample_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from llmc.runtime.sampler import filtered_probs, sample_token, token_logprob
+from llmc.runtime.sampler import draw, filtered_probs, sample_token, token_logprob
 from llmc.runtime.sequence import SamplingParams
 
 
@@ -75,3 +75,24 @@ def test_filters_and_draws_match_the_definitions_and_rng_choice():
         seed = int(rng.integers(2**63))
         expected = int(np.random.default_rng(seed).choice(vocab, p=reference))
         assert sample_token(logits, params, np.random.default_rng(seed)) == expected
+
+
+def test_long_draws_match_one_cumulative_sum():
+    """draw's two-level search (blocks, then tokens) picks the token a single cumulative sum in id order picks
+    (rng.choice's computation): long vocabularies with a partial last block, spans of zero probability (low
+    temperatures underflow). At the very end of [0, 1) the sums' rounding decides: there the token has
+    probability and its cumulative range holds the uniform, to rounding."""
+    rng = np.random.default_rng()
+    for _ in range(200):
+        vocab = int(rng.choice([1024, 1100, 5000, 49152, 128256]))
+        probs = np.exp((rng.standard_normal(vocab) * rng.choice([0.5, 3.0, 40.0])).astype(np.float64))
+        probs[rng.integers(vocab, size=vocab // 3)] = 0.0  # holes, and whole blocks of zeros at times
+        probs[: rng.integers(0, vocab // 2)] *= rng.choice([0.0, 1.0])
+        cdf = np.cumsum(probs)
+        cdf /= cdf[-1]
+        for uniform in [0.0, *rng.random(20)]:
+            expected = int(cdf.searchsorted(uniform, side="right"))
+            assert draw(None, probs.copy(), uniform) == expected
+            assert probs[expected] > 0
+        last = draw(None, probs.copy(), 1.0 - 2.0**-53)
+        assert probs[last] > 0 and cdf[last] >= 1.0 - 1e-12 and (last == 0 or cdf[last - 1] <= 1.0 - 2.0**-53 + 1e-12)
