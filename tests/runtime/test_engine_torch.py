@@ -352,3 +352,12 @@ def test_streams_over_http_with_async_scheduling(bundle, monkeypatch):
         assert results[:-1] == [(text, "length") for text in expected]
         assert engine.metrics.requests["aborted"] >= 1
         assert engine.llm.block_manager.num_free_blocks == engine.llm.block_manager.num_blocks
+
+
+def test_async_scheduling_queues_no_step_past_max_tokens(bundle, monkeypatch):
+    """A sequence whose token in flight is its last by max_tokens sits the next step out: one prefill and five
+    decodes for six tokens, as synchronous steps take (without the hold a seventh step would be queued)."""
+    overlapped = _cuda_llm(bundle, monkeypatch)
+    seen = _placeholder_steps(overlapped)
+    out = overlapped.generate([[5, 6, 7]], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert len(out[0].token_ids) == 6 and len(seen) == 6 and seen[1:] == [1] * 5
