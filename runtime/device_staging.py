@@ -47,7 +47,8 @@ class _Ring:
 
 
 def _aligned(nbytes: int) -> int:
-    return -(-nbytes // 8) * 8
+    """nbytes rounded up to 16: each array starts where Triton's pointer specialization (divisible by 16) holds."""
+    return -(-nbytes // 16) * 16
 
 
 class DeviceStaging:

@@ -28,6 +28,7 @@ def test_arrays_arrive_whole_through_a_reused_and_growing_ring():
         handed_out.append((arrays, tensors))
         for array, tensor in zip(arrays, tensors):
             assert tensor.dtype == torch.from_numpy(array[:0]).dtype and tuple(tensor.shape) == array.shape
+            assert tensor.data_ptr() % 16 == 0  # as a fresh tensor would be, for the kernels' pointer alignment
             np.testing.assert_array_equal(tensor.numpy(), array)
     for arrays, tensors in handed_out:  # device tensors are their own, not views of a reused host buffer
         for array, tensor in zip(arrays, tensors):
