@@ -184,6 +184,7 @@ class LLM:
         updated = list(work.out_of_memory) + self._read_in_flight()
         for group, rows, logits, picks in ran:
             tokens = picks.tokens() if picks is not None else None  # [N], or logits [N, vocab]
+            self.timing.engine_s += picks.wait_s if picks is not None else 0.0
             row = 0
             for item, num_rows in zip(group, rows):
                 if not item.seq.is_finished:  # else ended by the token read from the call in flight
