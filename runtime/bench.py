@@ -156,8 +156,8 @@ async def _stream_one(client, url: str, model: str | None, req: BenchRequest, tr
                       sampling: BenchSampling, index: int) -> None:
     body = {"prompt": req.prompt_ids, "max_tokens": req.max_tokens, "temperature": sampling.temperature,
             "top_p": sampling.top_p, "stream": True, "ignore_eos": True, "return_token_ids": True}
-    if sampling.seed(index) is not None:
-        body["seed"] = sampling.seed(index)
+    if (seed := sampling.seed(index)) is not None:
+        body["seed"] = seed
     if model:
         body["model"] = model
     trace.arrival = time.perf_counter()

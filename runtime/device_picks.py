@@ -15,7 +15,7 @@ from llmc.runtime.sequence import Sequence
 
 def forks_samples(seq: Sequence) -> bool:
     """Whether seq's next token starts n > 1 samples that each draw their own (not greedy: they would agree)."""
-    return seq.params.n > 1 and not seq.params.greedy and not seq.output_ids and not seq.children
+    return seq.forks_next and not seq.params.greedy
 
 
 def picks_on_device(engine, group: list[ScheduledSeq]) -> bool:

@@ -24,8 +24,7 @@ if TYPE_CHECKING:  # the CPU serving path never imports torch
 def stays_in_flight(group: list[ScheduledSeq]) -> bool:
     """Whether a call picked on the device may stay in flight: no sequence in it needs its token read at once (a
     prompt forking its n samples, a prompt only scored)."""
-    return not any(item.completes and (item.seq.params.max_tokens == 0 or (
-        item.seq.params.n > 1 and not item.seq.output_ids and not item.seq.children)) for item in group)
+    return not any(item.completes and (item.seq.params.max_tokens == 0 or item.seq.forks_next) for item in group)
 
 
 class InFlight:
@@ -44,8 +43,7 @@ class InFlight:
 
     def hold(self, max_position: int) -> set[Sequence]:
         """Sequences whose pending token ends them by length (max_tokens or the context): they skip the next step."""
-        return {seq for seqs, _ in self.calls for seq in seqs if seq is not None and (
-            len(seq.output_ids) + 1 >= seq.params.max_tokens or seq.num_tokens >= max_position)}
+        return {seq for seqs, _ in self.calls for seq in seqs if seq is not None and seq.ends_by_length(max_position)}
 
     def add(self, group: list[ScheduledSeq], rows: list[int], picks: DevicePicks) -> None:
         """A call just queued: each live sequence's chunk counts as computed, and the ones that pick a token get

@@ -294,7 +294,7 @@ class LLM:
         """Sample seq's next token (or append token, picked on the device); on a prompt's first token with n > 1,
         fork the other samples."""
         targets = [seq]
-        if seq.params.n > 1 and not seq.output_ids and not seq.children:
+        if seq.forks_next:
             for index in range(1, seq.params.n):
                 child = Sequence(seq.request_id, seq.prompt_ids, seq.params, arrival=seq.arrival, index=index)
                 child.prompt_logprobs = seq.prompt_logprobs
@@ -339,7 +339,7 @@ class LLM:
                 return
         if state.grammar is not None and state.grammar.done:  # the structured output is complete
             self.scheduler.finish(seq, "stop")
-        elif len(seq.output_ids) >= params.max_tokens or seq.num_tokens >= self.geometry.max_position:
+        elif seq.ends_by_length(self.geometry.max_position):
             self.scheduler.finish(seq, "length")
 
     def _stop_ids(self, params: SamplingParams) -> list[int]:

@@ -149,6 +149,16 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids) + (self.pending is not None)
 
     @property
+    def forks_next(self) -> bool:
+        """Whether the next token starts the request's n > 1 samples (the others fork from this one then)."""
+        return self.params.n > 1 and not self.output_ids and not self.children
+
+    def ends_by_length(self, max_position: int) -> bool:
+        """Whether its tokens (a pending one included) reach max_tokens or the context, max_position."""
+        generated = len(self.output_ids) + (self.pending is not None)
+        return generated >= self.params.max_tokens or self.num_tokens >= max_position
+
+    @property
     def wants_prompt_logprobs(self) -> bool:
         """Whether prompt tokens still need their log-probabilities (so every prompt row needs logits)."""
         return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
